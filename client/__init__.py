@@ -1,0 +1,1 @@
+"""Python clients for the adapterctl gRPC API and the adapterctl CLI."""

@@ -1,0 +1,1 @@
+"""The adapterctl command line: one module per noun, assembled in :mod:`main`."""

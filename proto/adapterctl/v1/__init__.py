@@ -1,0 +1,1 @@
+"""Generated gRPC code for adapterctl.v1 (run `make proto`; do not edit)."""

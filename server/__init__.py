@@ -1,0 +1,1 @@
+"""Inference server: engine, scheduler, adapter cache, gRPC servicer, metrics."""

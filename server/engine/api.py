@@ -1,0 +1,151 @@
+"""The contract between the gRPC layer and an inference engine.
+
+The servicer turns a request into a :class:`GenerationRequest` and iterates
+``engine.generate(req)``: zero or more :class:`TokenEvent` then exactly one
+:class:`GenerationResult`. Cancelling the consuming task (or ``aclose()`` on the
+iterator) cancels the request at the next decode step and frees its batch slot.
+Engines raise :mod:`adapterctl.errors` domain errors (NotFound for an unknown
+adapter, FailedPrecondition for an incompatible one, ResourceExhausted when the
+wait queue is full, InvalidArgument for a prompt over the window); the
+servicer maps them to gRPC status codes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Protocol
+
+from adapterctl.errors import InvalidArgument
+
+FINISH_LENGTH = "length"
+FINISH_STOP = "stop"
+FINISH_EOS = "eos"
+FINISH_CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def validate(self, max_new_tokens_limit: int) -> "SamplingParams":
+        """Raise InvalidArgument naming the first bad field; return self."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise InvalidArgument(f"max_new_tokens must be in [1, {max_new_tokens_limit}], got {self.max_new_tokens}")
+        if math.isnan(self.temperature) or self.temperature < 0 or math.isinf(self.temperature):
+            raise InvalidArgument(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if math.isnan(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop sequences must not be empty strings")
+        return self
+
+
+@dataclass
+class GenerationRequest:
+    """``prompt_ids`` are already tokenised (chat templates applied by the caller);
+    ``adapter`` is a reference string (``name``, ``name:3``, ``name:prod``,
+    ``name@sha256:…``) or None for the base model."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """Exactly which adapter version served a request."""
+
+    name: str
+    version: int
+    digest: str
+
+
+@dataclass
+class TokenEvent:
+    """New tokens for one request; ``text`` is the decoded delta (may be "")."""
+
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class GenerationResult:
+    """The final item of a generation: whole completion plus accounting."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # one of FINISH_*
+    prompt_tokens: int
+    adapter: ServedAdapter | None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class AdapterStatus:
+    """One row of ``ListAdapters``: a version and where it is resident."""
+
+    name: str
+    version: int
+    digest: str
+    tier: str  # "device" | "host" | "disk" | "registry"
+    pinned: bool = False
+    bytes: int = 0
+    rank: int = 0
+    active_requests: int = 0
+    aliases: tuple[str, ...] = ()
+
+
+class Engine(Protocol):
+    """What the gRPC layer needs from an engine."""
+
+    tokenizer: object
+    max_new_tokens_limit: int
+    max_prompt_tokens: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | GenerationResult]: ...
+
+    async def list_adapters(self, name: str | None = None) -> list[AdapterStatus]: ...
+
+    async def load_adapter(self, ref: str) -> AdapterStatus: ...
+
+    async def unload_adapter(self, ref: str) -> AdapterStatus: ...
+
+    async def pin_adapter(self, ref: str, pinned: bool) -> AdapterStatus: ...
+
+    async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
+        """Re-resolve aliases in use; returns (name, alias, old_version, new_version) changes."""
+        ...
+
+
+class EngineObserver:
+    """Hooks an engine calls so the server can export metrics without the engine
+    importing Prometheus. Every method is a no-op here; the metrics module overrides."""
+
+    def on_step(self, batch_size: int, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None: ...
+
+    def on_cache(self, tier: str, event: str, adapter: str) -> None:
+        """``event`` is "hit", "miss" or "evict"; ``tier`` device|host|disk|registry."""
+
+    def on_load(self, source: str, seconds: float, adapter: str) -> None: ...
+
+    def on_residency(self, tier: str, adapters: int, nbytes: int, pinned: int) -> None: ...
+
+    def on_queue_rejected(self) -> None: ...

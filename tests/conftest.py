@@ -1,0 +1,120 @@
+"""Shared fixtures: an isolated ADAPTERCTL_HOME, a real moto S3 server over HTTP on
+127.0.0.1, a tiny random-weight Gemma 3 (real tokenizer) and the real Gemma 3 270M.
+
+The converted base models are cached across runs in ``$ADAPTERCTL_TEST_CACHE``
+(default ``~/.cache/adapterctl-test``) because converting the GGUF takes ~1 min;
+everything else a test writes lives under pytest's tmp_path.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+TEST_CACHE = Path(os.environ.get("ADAPTERCTL_TEST_CACHE") or Path.home() / ".cache" / "adapterctl-test")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def adapterctl_home(tmp_path_factory) -> Path:
+    """Every test session gets its own home (registry, adapter caches) but shares
+    the converted models through a symlinked ``models/`` cache."""
+    home = tmp_path_factory.mktemp("adapterctl-home")
+    (TEST_CACHE / "models").mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(TEST_CACHE / "models", target_is_directory=True)
+    os.environ["ADAPTERCTL_HOME"] = str(home)
+    os.environ.pop("ADAPTERCTL_REGISTRY", None)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """A real S3 endpoint (moto's ThreadedMotoServer) speaking HTTP on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server) -> str:
+    """A fresh, empty bucket on the moto server; returns its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_registry_uri(s3_bucket, moto_server, monkeypatch) -> str:
+    """An ``s3://`` registry URI on the moto server (AWS_ENDPOINT_URL points at it)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server)
+    return f"s3://{s3_bucket}/adapters"
+
+
+@pytest.fixture(scope="session")
+def gemma_base(adapterctl_home):
+    """The real Gemma 3 270M (converted from the packaged GGUF once, then cached)."""
+    from adapterctl.basemodel import resolve_base_model
+
+    return resolve_base_model("gemma-3-270m", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(gemma_base):
+    """A tiny random-weight Gemma 3 (2 layers, hidden 64) with the real tokenizer and chat template."""
+    from adapterctl.basemodel import resolve_base_model
+
+    target = TEST_CACHE / "models" / "tiny-gemma3"
+    if not (target / "config.json").is_file():
+        _build_tiny_gemma(gemma_base.path, target)
+    return resolve_base_model(str(target), progress=False)
+
+
+def _build_tiny_gemma(real_dir: Path, target: Path) -> None:
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    # Random init gives near-uniform logits; scale up so greedy decoding is decisive
+    # and parity tests compare real token choices, not ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.generation_config.eos_token_id = [1, 106]
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
+    model.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(real_dir)).save_pretrained(str(tmp))
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
