@@ -1,0 +1,7 @@
+"""Tiered adapter cache: one LRU class (:mod:`.lru`) for every tier, host-RAM
+adapter weights (:mod:`.loaded`) and the host <- disk <- registry store (:mod:`.store`)."""
+from __future__ import annotations
+
+from adapterctl.server.cache.lru import LRUCache
+
+__all__ = ["LRUCache"]
