@@ -2,6 +2,7 @@
 adapter weights (:mod:`.loaded`) and the host <- disk <- registry store (:mod:`.store`)."""
 from __future__ import annotations
 
+from adapterctl.server.cache.loaded import LoadedAdapter, load_peft_dir
 from adapterctl.server.cache.lru import LRUCache
 
-__all__ = ["LRUCache"]
+__all__ = ["LRUCache", "LoadedAdapter", "load_peft_dir"]
