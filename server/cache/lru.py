@@ -127,13 +127,15 @@ class LRUCache(Generic[K, V]):
             return sum(1 for e in self._entries.values() if e.pinned)
 
     # ---- writes ------------------------------------------------------------------
-    def put(self, key: K, value: V) -> None:
+    def put(self, key: K, value: V, *, pin: bool = False, acquire: bool = False) -> None:
         """Insert or replace ``key`` as most recently used, evicting LRU entries that
         are neither pinned nor in use until both budgets hold.
 
         Replacing keeps the key's pin and refcount; replacing an in-use entry with a
         different value raises FailedPrecondition. Raises ResourceExhausted (and
-        changes nothing) when the value cannot fit.
+        changes nothing) when the value cannot fit. ``pin`` / ``acquire`` pin the entry
+        or take a reference in the same atomic step (no window for another put to
+        evict it in between).
         """
         size = int(self._sizeof(value))
         if size < 0:
@@ -167,6 +169,9 @@ class LRUCache(Generic[K, V]):
             else:
                 self._entries[key] = _Entry(value, size)
             self._nbytes += size
+            entry = self._entries[key]
+            entry.pinned = entry.pinned or pin
+            entry.refs += int(acquire)
         self._notify(removed)
 
     def pop(self, key: K) -> V | None:

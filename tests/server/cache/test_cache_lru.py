@@ -105,6 +105,18 @@ def test_release_and_unpin_make_entries_evictable_again():
     assert evicted == [("a", 1)] and cache.keys() == ["b"]
 
 
+def test_put_can_pin_or_acquire_atomically():
+    cache, evicted = _sized(max_items=2)
+    cache.put("a", 1, pin=True)
+    cache.put("b", 1, acquire=True)
+    with pytest.raises(ResourceExhausted):
+        cache.put("c", 1)
+    assert cache.is_pinned("a") and cache.refcount("b") == 1 and evicted == []
+    cache.release("b")
+    cache.put("c", 1)
+    assert evicted == [("b", 1)]
+
+
 def test_acquire_release_pin_errors():
     cache, _ = _sized()
     with pytest.raises(NotFound):
