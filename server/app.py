@@ -1,0 +1,227 @@
+"""Server process lifecycle: bind (health NOT_SERVING) -> load the model -> SERVING ->
+on SIGTERM drain (NOT_SERVING, new RPCs UNAVAILABLE, in-flight get --shutdown-grace) -> exit 0.
+
+:class:`AdapterctlServer` runs on the caller's event loop; :func:`run` is the CLI
+entry point; :class:`BackgroundServer` runs one on a thread (tests, notebooks).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import threading
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adapterctl.errors import Unavailable
+from adapterctl.server.config import BATCHED_ENGINE_MODULE, ServerConfig
+from adapterctl.server.engine.api import Engine, EngineObserver
+from adapterctl.server.interceptors import (DRAINING, SERVING, AccessInterceptor, ErrorInterceptor, ServingState,
+                                            TokenTable)
+from adapterctl.server.metrics import ServerMetrics
+from adapterctl.server.servicer import AdminServicer, InferenceServicer
+from adapterctl.v1 import adapterctl_pb2 as pb
+from adapterctl.v1 import adapterctl_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
+EngineFactory = Callable[[ServerConfig, EngineObserver], Engine]
+
+
+def build_engine(config: ServerConfig, observer: EngineObserver) -> Engine:
+    """The engine ``config`` asks for, over the configured base model and registry."""
+    from adapterctl.basemodel import resolve_base_model
+    from adapterctl.registry import open_registry
+
+    base = resolve_base_model(config.base_model, progress=False)
+    reader = open_registry(config.registry)
+    if config.resolved_engine == "batched":
+        return importlib.import_module(BATCHED_ENGINE_MODULE).build_engine(config, base, reader, observer)
+    from adapterctl.server.reference_engine import PeftEngine, PeftEngineConfig
+
+    return PeftEngine(base, reader, PeftEngineConfig(
+        max_adapters=config.max_adapters, max_lora_rank=config.max_lora_rank, max_waiting=config.max_waiting,
+        max_new_tokens_limit=config.max_new_tokens_limit, device=config.device, dtype=config.dtype,
+        cache_dir=config.cache_dir), observer)
+
+
+class AdapterctlServer:
+    """One gRPC server + metrics endpoint + engine, driven by :meth:`start` / :meth:`stop`."""
+
+    def __init__(self, config: ServerConfig, engine_factory: EngineFactory = build_engine,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or ServerMetrics(config.metrics_max_adapters)
+        self.state = ServingState()
+        self.engine: Engine | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._engine_factory = engine_factory
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind and answer health NOT_SERVING at once; return once the model is loaded and SERVING."""
+        cfg = self.config
+        tokens = TokenTable.from_file(cfg.auth_token_file) if cfg.auth_token_file else None
+        access = AccessInterceptor(self.state, tokens, lambda code: self.metrics.auth_failures.labels(code=code).inc())
+        self._server = grpc.aio.server(interceptors=[access, ErrorInterceptor()],
+                                       options=[("grpc.so_reuseport", 0)])
+        # Services are registered before start (grpc needs that); they see the engine once loaded.
+        inference = InferenceServicer(None, self.metrics, cfg.default_max_new_tokens, cfg.max_new_tokens_limit)
+        admin = AdminServicer(None)
+        pb_grpc.add_InferenceServicer_to_server(inference, self._server)
+        pb_grpc.add_AdminServicer_to_server(admin, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._bind()
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(cfg.metrics_host or cfg.host, cfg.metrics_port)
+        await self._server.start()
+        log.info("listening on %s:%s (tls=%s, auth=%s), metrics on %s; loading the model", cfg.host, self.port,
+                 cfg.tls, tokens is not None, self.metrics_port)
+        self.engine = await asyncio.to_thread(self._engine_factory, cfg, self.metrics)
+        await self.engine.start()
+        if cfg.chat_template:
+            self.engine.tokenizer.chat_template = cfg.chat_template.read_text()
+        inference.engine = admin.engine = self.engine
+        base = getattr(self.engine, "base", None)
+        self.metrics.set_base_model(getattr(base, "id", cfg.base_model or ""), getattr(base, "fingerprint", ""),
+                                    str(getattr(self.engine, "device", cfg.device or "")), cfg.dtype,
+                                    type(self.engine).__name__)
+        if cfg.alias_refresh > 0:
+            self._tasks.append(asyncio.create_task(self._refresh_loop(cfg.alias_refresh)))
+        self.state.phase = SERVING
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._announce()
+
+    def _bind(self) -> int:
+        cfg, address = self.config, f"{self.config.host}:{self.config.port}"
+        try:
+            if cfg.tls:
+                ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+                creds = grpc.ssl_server_credentials([(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+                                                    root_certificates=ca, require_client_auth=ca is not None)
+                port = self._server.add_secure_port(address, creds)
+            else:
+                port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise Unavailable(f"cannot listen on {address}: {exc}") from exc
+        if not port:
+            raise Unavailable(f"cannot listen on {address}")
+        return port
+
+    def _announce(self) -> None:
+        info = {"pid": os.getpid(), "host": self.config.host, "port": self.port, "metrics_port": self.metrics_port}
+        if self.config.ready_file:
+            tmp = self.config.ready_file.with_name(self.config.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, self.config.ready_file)
+        log.info("serving %s", json.dumps(info))
+
+    async def _set_health(self, status: int) -> None:
+        for service in ("", *SERVICES):
+            await self._health.set(service, status)
+
+    async def _refresh_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for name, alias, old, new in await self.engine.refresh_aliases():
+                    log.info("hot reload: %s:%s now version %s (was %s)", name, alias, new, old)
+            except Exception as exc:  # registry down: keep serving the versions we have
+                log.warning("alias refresh failed: %s", exc)
+
+    def request_stop(self) -> None:
+        """Signal-safe: ask :meth:`serve_forever` to drain and return."""
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        await self._stopped.wait()
+        await self.stop()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds, stop the engine."""
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.state.phase = DRAINING
+        await self._health.enter_graceful_shutdown()
+        log.info("draining: in-flight requests have %.1fs", grace)
+        for task in self._tasks:
+            task.cancel()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self.engine is not None:
+            await self.engine.stop()
+        self.metrics.stop_http()
+        log.info("stopped")
+
+
+def run(config: ServerConfig) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; returns the process exit code."""
+
+    async def main() -> None:
+        server = AdapterctlServer(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop)
+        try:
+            await server.start()
+        except BaseException:
+            await server.stop(0)
+            raise
+        print(f"adapterctl serving grpc={config.host}:{server.port} metrics={server.metrics_port}", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+    return 0
+
+
+class BackgroundServer:
+    """An :class:`AdapterctlServer` on its own thread and event loop: ``start()`` blocks until SERVING."""
+
+    def __init__(self, config: ServerConfig, engine_factory: EngineFactory = build_engine) -> None:
+        self.config = config
+        self._factory = engine_factory
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="adapterctl-server", daemon=True)
+        self.server: AdapterctlServer | None = None
+
+    def start(self, timeout: float = 120) -> "BackgroundServer":
+        self._thread.start()
+        self.server = self.call(self._make(), timeout)
+        return self
+
+    async def _make(self) -> AdapterctlServer:
+        server = AdapterctlServer(self.config, self._factory)
+        try:
+            await server.start()
+        except BaseException:
+            await server.stop(0)
+            raise
+        return server
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run ``coro`` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.server.port}"
+
+    def stop(self, grace: float = 0) -> None:
+        with contextlib.suppress(Exception):
+            if self.server is not None:
+                self.call(self.server.stop(grace), timeout=grace + 60)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)

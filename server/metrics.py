@@ -1,0 +1,157 @@
+"""Prometheus metrics (prefix ``adapterctl_``) on a private registry, and the
+:class:`EngineObserver` the engine and cache report through.
+
+Per-adapter series use the label ``adapter``: the base model is ``__base__``, the
+first ``max_adapters`` adapter names that served a request keep their own value,
+everything else is ``__other__`` (so label cardinality is bounded).
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from adapterctl.server.engine.api import EngineObserver
+
+BASE_LABEL = "__base__"
+OTHER_LABEL = "__other__"
+TIERS = ("device", "host", "disk", "registry")
+
+# Buckets for LLM serving: a request takes 50 ms .. minutes, the first token 10 ms
+# .. tens of seconds (queueing + prefill), one output token 5 ms .. 1 s.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BATCH_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384)
+TOKEN_COUNT_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 32768)
+
+
+class AdapterLabels:
+    """Maps adapter names to bounded label values (first come, first kept)."""
+
+    def __init__(self, max_adapters: int) -> None:
+        self.max_adapters = max_adapters
+        self._kept: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, name: str | None, claim: bool = True) -> str:
+        """Label for ``name`` (None/"" = base model). ``claim=False`` never takes a new
+        slot: used for failed requests, so unknown names cannot fill the cap."""
+        if not name:
+            return BASE_LABEL
+        with self._lock:
+            if name in self._kept:
+                return name
+            if claim and len(self._kept) < self.max_adapters:
+                self._kept.add(name)
+                return name
+        return OTHER_LABEL
+
+
+class ServerMetrics(EngineObserver):
+    """Every adapterctl metric, registered on ``self.registry``."""
+
+    def __init__(self, max_adapters: int = 50, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.labels = AdapterLabels(max_adapters)
+        reg, a = self.registry, ["adapter"]
+        self.requests = Counter("adapterctl_requests", "Generate requests finished, by adapter and gRPC status code.",
+                                ["adapter", "code"], registry=reg)
+        self.prompt_tokens = Counter("adapterctl_prompt_tokens", "Prompt tokens of finished requests.", a, registry=reg)
+        self.generated_tokens = Counter("adapterctl_generated_tokens", "Tokens generated.", a, registry=reg)
+        self.latency = Histogram("adapterctl_request_duration_seconds", "Generate request latency, end to end.", a,
+                                 buckets=LATENCY_BUCKETS, registry=reg)
+        self.ttft = Histogram("adapterctl_time_to_first_token_seconds", "Time from request to its first token.", a,
+                              buckets=TTFT_BUCKETS, registry=reg)
+        self.tpot = Histogram("adapterctl_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.", a,
+                              buckets=TPOT_BUCKETS, registry=reg)
+        self.cache_hits = Counter("adapterctl_adapter_cache_hits", "Adapter cache hits by tier.", ["tier"], registry=reg)
+        self.cache_misses = Counter("adapterctl_adapter_cache_misses", "Adapter cache misses by tier.", ["tier"],
+                                    registry=reg)
+        self.evictions = Counter("adapterctl_adapter_evictions", "Adapters evicted, by tier.", ["tier"], registry=reg)
+        self.loads = Counter("adapterctl_adapter_loads", "Adapter loads, by source tier.", ["source"], registry=reg)
+        self.load_seconds = Histogram("adapterctl_adapter_load_duration_seconds", "Adapter load latency by source.",
+                                      ["source"], buckets=LOAD_BUCKETS, registry=reg)
+        self.resident = Gauge("adapterctl_adapters_resident", "Adapters resident, by tier.", ["tier"], registry=reg)
+        self.resident_bytes = Gauge("adapterctl_adapter_resident_bytes", "Bytes of resident adapters, by tier.",
+                                    ["tier"], registry=reg)
+        self.pinned = Gauge("adapterctl_adapters_pinned", "Adapters pinned, by tier.", ["tier"], registry=reg)
+        self.running = Gauge("adapterctl_engine_running_requests", "Requests in the running batch.", registry=reg)
+        self.waiting = Gauge("adapterctl_engine_waiting_requests", "Requests waiting for a batch slot.", registry=reg)
+        self.batch_size = Histogram("adapterctl_engine_batch_size", "Sequences per engine step.",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=reg)
+        self.batch_tokens = Histogram("adapterctl_engine_batch_tokens", "Tokens processed per engine step.",
+                                      buckets=BATCH_TOKEN_BUCKETS, registry=reg)
+        self.kv_usage = Gauge("adapterctl_engine_kv_cache_usage_ratio", "Fraction of KV-cache memory in use (0..1).",
+                              registry=reg)
+        self.rejections = Counter("adapterctl_engine_queue_rejections", "Requests refused because the queue was full.",
+                                  registry=reg)
+        self.auth_failures = Counter("adapterctl_auth_failures", "RPCs refused by authentication/authorisation.",
+                                     ["code"], registry=reg)
+        self.base_model = Info("adapterctl_base_model", "The base model this server serves.", registry=reg)
+        for tier in TIERS:  # export zeros so dashboards and rules see every tier from the start
+            for family in (self.cache_hits, self.cache_misses, self.evictions):
+                family.labels(tier=tier)
+        self._http: Any = None
+
+    # ---- requests (servicer) ----------------------------------------------------------
+    def observe_request(self, adapter: str | None, code: str, prompt_tokens: int, completion_tokens: int,
+                        latency: float, ttft: float | None) -> None:
+        """One finished Generate/GenerateStream call; ``code`` is a grpc.StatusCode name."""
+        label = self.labels.label(adapter, claim=code == "OK")
+        self.requests.labels(adapter=label, code=code).inc()
+        self.latency.labels(adapter=label).observe(latency)
+        if prompt_tokens:
+            self.prompt_tokens.labels(adapter=label).inc(prompt_tokens)
+        if completion_tokens:
+            self.generated_tokens.labels(adapter=label).inc(completion_tokens)
+        if ttft is not None:
+            self.ttft.labels(adapter=label).observe(ttft)
+            if completion_tokens > 1:
+                self.tpot.labels(adapter=label).observe(max(0.0, latency - ttft) / (completion_tokens - 1))
+
+    def set_base_model(self, model_id: str, fingerprint: str, device: str, dtype: str, engine: str) -> None:
+        self.base_model.info({"id": model_id, "fingerprint": fingerprint, "device": device, "dtype": dtype,
+                              "engine": engine})
+
+    # ---- EngineObserver ---------------------------------------------------------------
+    def on_step(self, batch_size: int, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None:
+        self.batch_size.observe(batch_size)
+        self.batch_tokens.observe(batch_tokens)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_used)
+
+    def on_cache(self, tier: str, event: str, adapter: str) -> None:
+        family = {"hit": self.cache_hits, "miss": self.cache_misses, "evict": self.evictions}.get(event)
+        if family is not None:
+            family.labels(tier=tier).inc()
+
+    def on_load(self, source: str, seconds: float, adapter: str) -> None:
+        self.loads.labels(source=source).inc()
+        self.load_seconds.labels(source=source).observe(seconds)
+
+    def on_residency(self, tier: str, adapters: int, nbytes: int, pinned: int) -> None:
+        self.resident.labels(tier=tier).set(adapters)
+        self.resident_bytes.labels(tier=tier).set(nbytes)
+        self.pinned.labels(tier=tier).set(pinned)
+
+    def on_queue_rejected(self) -> None:
+        self.rejections.inc()
+
+    # ---- exposition -------------------------------------------------------------------
+    def serve_http(self, host: str, port: int) -> int:
+        """Start ``/metrics`` on ``host:port`` (0 = any free port); return the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
