@@ -281,3 +281,28 @@ def test_config_validation(tmp_path, adapterctl_home):
         AdapterStoreConfig(host_max_bytes=-1)
     with pytest.raises(InvalidArgument):
         AdapterStoreConfig(max_lora_rank=0)
+
+
+def test_watch_aliases_refreshes_until_cancelled(new_store, monkeypatch):
+    store = new_store(alias_refresh_seconds=0.001)
+    calls: list[int] = []
+
+    async def go():
+        done = asyncio.Event()
+
+        async def refresh():
+            calls.append(1)
+            if len(calls) == 1:
+                raise Unavailable("first round fails; the watch keeps going")
+            done.set()
+            return []
+
+        monkeypatch.setattr(store, "refresh_aliases", refresh)
+        watch = asyncio.create_task(store.watch_aliases())
+        await asyncio.wait_for(done.wait(), timeout=10)
+        watch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watch
+
+    asyncio.run(go())
+    assert len(calls) >= 2
