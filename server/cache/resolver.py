@@ -90,6 +90,8 @@ class RefResolver:
         except NotFound:
             self._aliases.pop(key)
             raise
+        if entry is not None and entry.manifest.digest != manifest.digest:
+            log.info("alias %s:%s moved from version %d to %d", *key, entry.manifest.version, manifest.version)
         self._aliases.put(key, _AliasEntry(manifest, self._clock()))
         return manifest
 
