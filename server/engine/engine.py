@@ -1,0 +1,346 @@
+"""``BatchingEngine``: the Engine protocol over one decode thread that runs continuous,
+heterogeneous-adapter batches (scheduler -> model runner -> per-row sampling).
+
+Threads: the asyncio side validates, resolves and loads adapter weights (through the
+adapter store, off the decode loop), then queues a :class:`Sequence`; the decode
+thread owns the model, KV cache and device slots, and streams events back with
+``loop.call_soon_threadsafe``. Admin operations that touch slots run on the decode
+thread between steps.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, Protocol
+
+import torch
+
+from adapterctl.basemodel import BaseModel
+from adapterctl.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterStatus,
+                                          EngineObserver, GenerationRequest, GenerationResult, ServedAdapter,
+                                          TokenEvent)
+from adapterctl.server.engine.config import EngineConfig
+from adapterctl.server.engine.runner import ModelRunner
+from adapterctl.server.engine.sampling import make_generator, sample
+from adapterctl.server.engine.scheduler import Scheduler, Sequence
+from adapterctl.server.engine.slots import DeviceSlots, HostAdapter
+from adapterctl.server.textstream import StopTextStream
+
+log = logging.getLogger(__name__)
+
+
+class AdapterSource(Protocol):
+    """What the engine needs from the adapter store (``adapterctl.server.cache.AdapterStore``)."""
+
+    async def resolve(self, ref: str) -> ServedAdapter: ...
+
+    async def get(self, served: ServedAdapter) -> HostAdapter: ...
+
+
+class BatchingEngine:
+    """Continuous batching of many adapters in one forward; see the module docstring."""
+
+    def __init__(self, base: BaseModel, store: AdapterSource | None = None, config: EngineConfig | None = None,
+                 observer: EngineObserver | None = None, *, model: Any = None, tokenizer: Any = None) -> None:
+        self.base = base
+        self.store = store
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self.tokenizer = tokenizer
+        self.max_new_tokens_limit = self.config.max_new_tokens_limit
+        self.max_prompt_tokens = self.config.max_prompt_tokens
+        self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._model = model
+        self.runner: ModelRunner | None = None
+        self.scheduler: Scheduler | None = None
+        self.slots: DeviceSlots | None = None
+        self._eos: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._commands_lock = threading.Lock()
+        # Test/debug hook: called on the decode thread with (sampled sequences, their logits [n, vocab]).
+        self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load tokenizer and model off the event loop, then start the decode thread."""
+        if self._thread is not None:
+            return
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._loop, name="batching-engine", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        from adapterctl.basemodel import load_model, load_tokenizer
+
+        cfg = self.config
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.base)
+        model = self._model if self._model is not None else load_model(self.base, self.device, cfg.dtype)
+        self._model = None  # the runner owns it now
+        max_len = cfg.max_prompt_tokens + cfg.max_new_tokens_limit
+        self.runner = ModelRunner(model, max_rows=cfg.max_running_requests, max_positions=max_len,
+                                  num_slots=cfg.num_slots, max_rank=cfg.max_lora_rank, lora_modules=cfg.lora_modules,
+                                  backend=cfg.lora_backend)
+        self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
+        self.slots = DeviceSlots(self.runner.bank, self.observer)
+        self.scheduler = Scheduler(cfg, self.runner.kv, self.slots)
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            self._eos.add(int(self.tokenizer.eos_token_id))
+        log.info("batching engine ready: %s on %s (%s), %d slots, max rank %d, %d running", self.base.id,
+                 self.device, cfg.dtype, cfg.num_slots, cfg.max_lora_rank, cfg.max_running_requests)
+
+    async def stop(self) -> None:
+        """Finish every request as cancelled and stop the decode thread."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        sched = self.scheduler
+        for seq in list(sched.waiting) + list(sched.running):
+            self._finish(seq, FINISH_CANCELLED)
+        sched.waiting.clear()
+        if self.store is not None and hasattr(self.store, "close"):
+            self.store.close()
+
+    # ---- generation --------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | GenerationResult]:
+        """Zero or more TokenEvents, then one GenerationResult (see api.Engine)."""
+        if self.scheduler is None or self._stopping.is_set():
+            raise Unavailable("the engine is not running")
+        params = request.sampling.validate(self.max_new_tokens_limit)
+        self._check_prompt(request.prompt_ids, params.max_new_tokens)
+        served, adapter = None, None
+        if request.adapter:
+            served, adapter = await self._fetch(request.adapter)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        seq = Sequence(request=request, params=params, served=served, adapter=adapter,
+                       sink=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+                       text=StopTextStream(self.tokenizer, params.stop),
+                       generator=make_generator(params.seed) if params.temperature > 0 else None)
+        try:
+            self.scheduler.submit(seq)
+        except ResourceExhausted:
+            self.observer.on_queue_rejected()
+            raise
+        self._wake.set()
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            if seq.finish_reason is None:
+                seq.cancelled = True
+                self._wake.set()
+
+    def _check_prompt(self, ids: list[int], max_new: int) -> None:
+        if not ids:
+            raise InvalidArgument("prompt is empty")
+        if len(ids) > self.max_prompt_tokens:
+            raise InvalidArgument(f"prompt has {len(ids)} tokens; this server accepts at most {self.max_prompt_tokens}")
+        vocab = self.runner.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) + max_new > self.config.max_kv_tokens:
+            raise InvalidArgument(f"prompt + max_new_tokens ({len(ids) + max_new}) exceeds the KV budget "
+                                  f"({self.config.max_kv_tokens} tokens)")
+
+    async def _fetch(self, ref: str) -> tuple[ServedAdapter, HostAdapter]:
+        if self.store is None:
+            raise NotFound(f"adapter {ref!r}: this engine serves the base model only (no adapter store)")
+        started = time.perf_counter()
+        served = await self.store.resolve(ref)
+        adapter = await self.store.get(served)
+        self.runner.bank.check(adapter)
+        log.debug("adapter %s:%d ready on host in %.1f ms", served.name, served.version,
+                  1e3 * (time.perf_counter() - started))
+        return served, adapter
+
+    # ---- decode thread -------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stopping.is_set():
+            self._wake.clear()
+            self._run_commands()
+            sched = self.scheduler
+            for seq in sched.drop_cancelled():
+                self._finish(seq, FINISH_CANCELLED)
+            sched.admit()
+            for seq, error in sched.take_rejected():
+                seq.finish_reason = FINISH_CANCELLED
+                seq.sink(error)
+            plan = sched.plan()
+            if not plan:
+                self._report(0, 0)
+                self._wake.wait(self.config.idle_poll_s)
+                continue
+            try:
+                self._step(plan)
+            except Exception as exc:  # fail this step's sequences, keep serving the rest
+                log.exception("decode step failed; failing %d requests", len(plan))
+                for seq, _ in plan:
+                    if seq in sched.running:
+                        sched.release(seq)
+                    seq.finish_reason = FINISH_CANCELLED
+                    seq.sink(Unavailable(f"engine step failed: {exc}"))
+
+    def _step(self, plan: list) -> None:
+        logits = self.runner.forward([c for _, c in plan])
+        sampled = []
+        for seq, chunk in plan:
+            seq.computed += len(chunk.tokens)
+            if chunk.sample:
+                sampled.append(seq)
+        if self.logits_hook is not None:
+            self.logits_hook(sampled, logits)
+        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        self._report(len(plan), sum(len(c.tokens) for _, c in plan))
+        now = time.monotonic()
+        for seq, token in zip(sampled, tokens):
+            self._append(seq, token, now)
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        if seq.cancelled:
+            return  # dropped at the next step
+        seq.output.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+        delta = seq.text.push([token])
+        reason = None
+        if token in self._eos:
+            reason = FINISH_EOS
+        elif seq.text.stopped:
+            reason = FINISH_STOP
+        elif len(seq.output) >= seq.params.max_new_tokens:
+            reason = FINISH_LENGTH
+        seq.sink(TokenEvent([token], delta))
+        if reason is not None:
+            self.scheduler.release(seq)
+            self._finish(seq, reason)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finish_reason is not None:
+            return
+        seq.finish_reason = reason
+        tail = seq.text.finish()
+        if tail:
+            seq.sink(TokenEvent([], tail))
+        seq.sink(GenerationResult(seq.request.request_id, seq.text.text, list(seq.output), reason,
+                                  len(seq.request.prompt_ids), seq.served))
+
+    def _report(self, batch: int, tokens: int) -> None:
+        sched = self.scheduler
+        self.observer.on_step(batch, tokens, len(sched.running), sched.num_waiting, sched.kv_used())
+
+    def _run_commands(self) -> None:
+        with self._commands_lock:
+            commands, self._commands = self._commands, []
+        for fn, future in commands:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+
+    async def _on_decode_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the decode thread between steps (slot state is single-threaded)."""
+        if self._thread is None:
+            raise Unavailable("the engine is not running")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._commands_lock:
+            self._commands.append((fn, future))
+        self._wake.set()
+        return await asyncio.wrap_future(future)
+
+    # ---- admin ---------------------------------------------------------------------------
+    def _device_status(self, served: ServedAdapter) -> AdapterStatus | None:
+        entry = self.slots.lru.peek(served)
+        if entry is None:
+            return None
+        return AdapterStatus(served.name, served.version, served.digest, "device", self.slots.lru.is_pinned(served),
+                             entry.nbytes, entry.rank, self.slots.lru.refcount(served))
+
+    async def list_adapters(self, name: str | None = None) -> list[AdapterStatus]:
+        """Store rows (host/disk/registry) with device-resident versions overlaid."""
+        rows: dict[str, AdapterStatus] = {}
+        if self.store is not None and hasattr(self.store, "status"):
+            for row in await self.store.status(name, include_registry=True):
+                rows[row.digest] = row
+        for served in self.slots.lru.keys():
+            dev = self._device_status(served)
+            if dev is None or name not in (None, served.name):
+                continue
+            if served.digest in rows:
+                dev.aliases = rows[served.digest].aliases
+            rows[served.digest] = dev
+        return sorted(rows.values(), key=lambda r: (r.name, r.version))
+
+    async def load_adapter(self, ref: str) -> AdapterStatus:
+        """Fetch into host RAM and a device slot ahead of traffic."""
+        served, adapter = await self._fetch(ref)
+
+        def load() -> AdapterStatus:
+            if self.slots.ensure(adapter) is None:
+                raise ResourceExhausted("every device slot is pinned or in use; retry when requests finish")
+            return self._device_status(served)
+
+        return await self._on_decode_thread(load)
+
+    async def unload_adapter(self, ref: str) -> AdapterStatus:
+        """Drop from the device and host tiers; FailedPrecondition while pinned or in use."""
+        served = await self._resolve(ref)
+
+        def unload() -> AdapterStatus:
+            status = self._device_status(served)
+            if status is not None:
+                if status.active_requests:
+                    raise FailedPrecondition(f"adapter {served.name}:{served.version} is serving "
+                                             f"{status.active_requests} requests")
+                self.slots.unload(served)
+            return status
+
+        status = await self._on_decode_thread(unload)
+        if self.store is not None and hasattr(self.store, "unload"):
+            self.store.unload(served)
+        return status or AdapterStatus(served.name, served.version, served.digest, "registry")
+
+    async def pin_adapter(self, ref: str, pinned: bool) -> AdapterStatus:
+        """Pin keeps the adapter in a device slot (and host RAM) until unpinned."""
+        if pinned:
+            await self.load_adapter(ref)
+        served = await self._resolve(ref)
+        if self.store is not None and hasattr(self.store, "pin"):
+            await self.store.pin(served) if pinned else self.store.unpin(served)
+
+        def pin() -> AdapterStatus:
+            if served in self.slots.lru:
+                self.slots.pin(served, pinned)
+            return self._device_status(served) or AdapterStatus(served.name, served.version, served.digest, "host")
+
+        return await self._on_decode_thread(pin)
+
+    async def _resolve(self, ref: str) -> ServedAdapter:
+        if self.store is None:
+            raise NotFound(f"adapter {ref!r}: no adapter store")
+        return await self.store.resolve(ref)
+
+    async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
+        if self.store is None or not hasattr(self.store, "refresh_aliases"):
+            return []
+        return await self.store.refresh_aliases()
+

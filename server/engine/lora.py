@@ -1,0 +1,154 @@
+"""LoRA compute for heterogeneous batches: one backend interface, two CPU implementations,
+and the LoRA-aware linear that wraps a base ``nn.Linear``.
+
+Semantics every backend implements, for each token ``t`` with slot ``s = token_slots[t] != 0``::
+
+    y[t] += scale[s] * (x[t] @ A[s].T) @ B[s].T
+
+``A[s]`` is ``[max_rank, in]`` and ``B[s]`` is ``[out, max_rank]``, zero beyond the
+adapter's rank, so adapters of different ranks share one bank exactly.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from adapterctl.server.engine.batch import LoraBatch, current_batch
+
+
+@dataclass
+class LoraWeights:
+    """The slot bank of one targeted linear (slot 0 = no adapter, always zero)."""
+
+    A: torch.Tensor  # [num_slots + 1, max_rank, in_features]
+    B: torch.Tensor  # [num_slots + 1, out_features, max_rank]
+    scale: torch.Tensor  # [num_slots + 1] float, shared by all modules (per adapter)
+    ranks: list[int] = field(default_factory=list)  # [num_slots + 1] rank written per slot; 0 = not targeted
+
+    def batch_rank(self, batch: LoraBatch) -> int:
+        """Largest rank this module has among the slots of ``batch`` (0: nothing to add)."""
+        return max((self.ranks[s] for s in batch.slots), default=0)
+
+
+class LoraBackend(ABC):
+    """Adds the LoRA delta of every token's slot to the base output, in place."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def apply(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, meta: LoraBatch) -> None:
+        """``y`` [num_tokens, out] += per-token delta of ``x`` [num_tokens, in] (see module docstring)."""
+
+
+class SegmentBackend(LoraBackend):
+    """One pair of matmuls per run of equal slots, on views (no gather): best when few
+    distinct adapters share many tokens (prefill, popular adapters)."""
+
+    name = "segment"
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, meta: LoraBatch) -> None:
+        bounds = meta.seg_bounds
+        for i, slot in enumerate(meta.seg_slots):
+            rank = w.ranks[slot] if slot else 0
+            if rank == 0:
+                continue
+            lo, hi = bounds[i], bounds[i + 1]
+            h = x[lo:hi] @ w.A[slot, :rank].T  # [n, r]
+            delta = h @ w.B[slot, :, :rank].T  # [n, out]
+            y[lo:hi].add_(delta, alpha=float(w.scale[slot]))
+
+
+class GatherBackend(LoraBackend):
+    """Gathers each token's (A, B) and runs two batched matmuls over all tokens at once:
+    best when many different adapters each have one token (decode of many adapters)."""
+
+    name = "gather"
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, meta: LoraBatch) -> None:
+        rank = w.batch_rank(meta)
+        if rank == 0:
+            return
+        if meta.all_tokens_lora:
+            slots, xs = meta.token_slots, x
+        else:
+            slots, xs = meta.lora_token_slots, x.index_select(0, meta.lora_tokens)
+        a = w.A[:, :rank].index_select(0, slots)  # [n, r, in]
+        b = w.B[:, :, :rank].index_select(0, slots)  # [n, out, r]
+        h = torch.bmm(a, xs.unsqueeze(-1))  # [n, r, 1]
+        delta = torch.bmm(b, h).squeeze(-1) * w.scale.index_select(0, slots).unsqueeze(-1)  # [n, out]
+        if meta.all_tokens_lora:
+            y.add_(delta)
+        else:
+            y.index_add_(0, meta.lora_tokens, delta)
+
+
+class AutoBackend(LoraBackend):
+    """Segment matmuls for multi-token runs, one gathered bmm for the single-token runs
+    (decode rows of distinct adapters) — the measured best on CPU (see BENCHMARKS.md)."""
+
+    name = "auto"
+
+    def __init__(self, min_segment_tokens: int = 4) -> None:
+        self.min_segment_tokens = min_segment_tokens
+        self._segment = SegmentBackend()
+        self._gather = GatherBackend()
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, meta: LoraBatch) -> None:
+        bounds = meta.seg_bounds
+        long_segs = [i for i, s in enumerate(meta.seg_slots) if s and bounds[i + 1] - bounds[i] >= self.min_segment_tokens]
+        if not long_segs:
+            return self._gather.apply(y, x, w, meta)
+        if len(long_segs) == len(meta.slots):
+            return self._segment.apply(y, x, w, meta)
+        for i in long_segs:  # mixed: long runs by segment, the rest gathered
+            slot, (lo, hi) = meta.seg_slots[i], (bounds[i], bounds[i + 1])
+            rank = w.ranks[slot]
+            if rank:
+                y[lo:hi].add_((x[lo:hi] @ w.A[slot, :rank].T) @ w.B[slot, :, :rank].T, alpha=float(w.scale[slot]))
+        rest = meta.short_view(self.min_segment_tokens)
+        if rest is not None:
+            self._gather.apply(y, x, w, rest)
+
+
+BACKENDS: dict[str, type[LoraBackend]] = {"auto": AutoBackend, "segment": SegmentBackend, "gather": GatherBackend}
+
+
+def make_backend(name: str) -> LoraBackend:
+    """Backend by name (``auto``, ``segment``, ``gather``); a CUDA kernel would register here."""
+    return BACKENDS[name]()
+
+
+class LoraLinear(nn.Module):
+    """``base(x)`` plus the LoRA delta of the current :class:`LoraBatch` (if any).
+
+    ``weights`` is None until some adapter targets this module; the base layer's
+    parameters are shared, not copied. Accepts ``x`` of shape ``[..., in]``.
+    """
+
+    def __init__(self, base: nn.Linear, path: str, backend: LoraBackend) -> None:
+        super().__init__()
+        self.base = base
+        self.path = path
+        self.backend = backend
+        self.weights: LoraWeights | None = None
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code reads .weight of projections
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        meta = current_batch()
+        if meta is None or self.weights is None or not meta.has_lora:
+            return y
+        flat_x = x.reshape(-1, x.shape[-1])
+        if flat_x.shape[0] != meta.num_tokens:
+            raise RuntimeError(f"{self.path}: batch has {meta.num_tokens} tokens but input has {flat_x.shape[0]}")
+        flat_y = y.view(-1, y.shape[-1])
+        self.backend.apply(flat_y, flat_x, self.weights, meta)
+        return y

@@ -1,0 +1,242 @@
+"""Model runner: one forward over a packed, heterogeneous batch of sequence chunks,
+using the HF model's own modules (embeddings, norms, projections, MLP, LM head) with
+a KV cache it manages per sequence and LoRA-aware linears.
+
+Supported decoder families share the pre-norm attention/MLP layout: ``gemma3_text``
+(sandwich norms, q/k norms, per-layer-type RoPE, sliding windows), ``llama``,
+``mistral``, ``qwen2`` and ``qwen3``. Any other model type is refused with
+FailedPrecondition naming it.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapterctl.errors import FailedPrecondition
+from adapterctl.server.engine.batch import LoraBatch, use_batch
+from adapterctl.server.engine.kv import KVCache
+from adapterctl.server.engine.lora import LoraLinear, make_backend
+from adapterctl.server.engine.slots import SlotBank
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class Chunk:
+    """One sequence's tokens in a step: positions ``start_pos .. start_pos+len(tokens)-1``."""
+
+    row: int  # KV row of the sequence
+    start_pos: int
+    tokens: list[int]  # [n] token ids
+    slot: int  # LoRA slot, 0 = base model
+    sample: bool  # return logits for the last token
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ModelRunner:
+    """Wraps ``model`` (an HF ``*ForCausalLM``) in place: its target linears become
+    :class:`LoraLinear` backed by ``self.bank``; ``forward`` reads and writes ``self.kv``."""
+
+    def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
+                 lora_modules: tuple[str, ...], backend: str = "auto") -> None:
+        cfg = model.config
+        model_type = getattr(cfg, "model_type", "?")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise FailedPrecondition(f"the batching engine does not support model type {model_type!r} "
+                                     f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        if getattr(cfg, "attn_logit_softcapping", None):
+            raise FailedPrecondition(f"model type {model_type!r} with attention logit softcapping is not supported")
+        self.model = model.eval()
+        self.config = cfg
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.num_heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
+        self.windows = [self._window(layer.self_attn, model_type) for layer in self.layers]
+        self._rope_by_type = "layer_type" in inspect.signature(self.inner.rotary_emb.forward).parameters
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.backend = make_backend(backend)
+        self.lora_modules = self._wrap(lora_modules)
+        self.bank = SlotBank(self.lora_modules, num_slots, max_rank, self.device, self.dtype)
+        self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
+        self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
+                          self.dtype, self.device)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+
+    @staticmethod
+    def _window(attn: nn.Module, model_type: str) -> int | None:
+        if model_type == "mistral":
+            return getattr(attn.config, "sliding_window", None)
+        return getattr(attn, "sliding_window", None)
+
+    def _wrap(self, lora_modules: tuple[str, ...]) -> dict[str, LoraLinear]:
+        wrapped: dict[str, LoraLinear] = {}
+        for i, layer in enumerate(self.layers):
+            for parent_name in ("self_attn", "mlp"):
+                parent = getattr(layer, parent_name)
+                for name in lora_modules:
+                    base = getattr(parent, name, None)
+                    if isinstance(base, LoraLinear):
+                        base = base.base
+                    if isinstance(base, nn.Linear):
+                        path = f"model.layers.{i}.{parent_name}.{name}"
+                        wrapped[path] = LoraLinear(base, path, self.backend)
+                        setattr(parent, name, wrapped[path])
+        return wrapped
+
+    # ---- forward ---------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Run one step over ``chunks`` (ordered so equal slots are adjacent) and return the
+        logits ``[num_sampling_chunks, vocab]`` of each sampling chunk's last token, in order.
+        Writes the chunks' K/V at their positions and updates ``kv.lengths``."""
+        dev = self.device
+        ids, positions, rows, slots = [], [], [], []
+        for c in chunks:
+            n = len(c.tokens)
+            ids += c.tokens
+            positions += range(c.start_pos, c.start_pos + n)
+            rows += [c.row] * n
+            slots += [c.slot] * n
+        n_tok = len(ids)
+        pos_t = torch.tensor(positions, device=dev)
+        rows_t = torch.tensor(rows, device=dev)
+        lora = LoraBatch.from_token_slots(slots, dev)
+        plan = _AttentionPlan(chunks, self.kv.num_rows, self.windows, dev)
+        h = self.inner.embed_tokens(torch.tensor(ids, device=dev))  # [N, hidden]
+        rope = self._rope(h, pos_t)
+        with use_batch(lora if lora.has_lora else None):
+            for i, layer in enumerate(self.layers):
+                h = self._layer(i, layer, h, rope[self.layer_types[i]], plan, pos_t, rows_t, n_tok)
+        for c in chunks:
+            self.kv.lengths[c.row] = c.start_pos + len(c.tokens)
+        last = [off + len(c.tokens) - 1 for c, off in zip(chunks, plan.offsets) if c.sample]
+        if not last:
+            return h.new_zeros(0, self.config.vocab_size)
+        hs = self.inner.norm(h.index_select(0, torch.tensor(last, device=dev)))
+        logits = self.model.lm_head(hs)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _rope(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        out = {}
+        for t in set(self.layer_types):
+            if self._rope_by_type:
+                cos, sin = self.inner.rotary_emb(h, pos[None], t)
+            else:
+                cos, sin = self.inner.rotary_emb(h, pos[None])
+            out[t] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [N, 1, head_dim]
+        return out
+
+    def _layer(self, i: int, layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               plan: "_AttentionPlan", pos: torch.Tensor, rows: torch.Tensor, n_tok: int) -> torch.Tensor:
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(n_tok, self.num_heads, self.head_dim)
+        k = attn.k_proj(x).view(n_tok, self.kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(n_tok, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        cos, sin = rope
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kc, vc = self.kv.k[i], self.kv.v[i]
+        kc[rows, :, pos] = k
+        vc[rows, :, pos] = v
+        o = plan.attend(q, kc, vc, self.windows[i], attn.scaling)  # [N, H, D]
+        a = attn.o_proj(o.reshape(n_tok, self.num_heads * self.head_dim))
+        if self.sandwich:
+            h = h + layer.post_attention_layernorm(a)
+            return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        h = h + a
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+class _AttentionPlan:
+    """Per-step attention bookkeeping shared by all layers: single-token chunks attend
+    in one batched call over the dense KV rows; multi-token chunks attend row by row."""
+
+    def __init__(self, chunks: list[Chunk], num_rows: int, windows: list[int | None], dev: torch.device) -> None:
+        self.offsets, off = [], 0
+        dec_tok, dec_rows, dec_pos = [], [], []
+        self.prefill: list[tuple[int, Chunk]] = []
+        for c in chunks:
+            self.offsets.append(off)
+            if len(c.tokens) == 1:
+                dec_tok.append(off)
+                dec_rows.append(c.row)
+                dec_pos.append(c.start_pos)
+            else:
+                self.prefill.append((off, c))
+            off += len(c.tokens)
+        self.num_tokens = off
+        self.num_rows = num_rows
+        self.has_decode = bool(dec_tok)
+        if not self.has_decode:
+            return
+        self.identity = dec_rows == list(range(num_rows)) and dec_tok == list(range(num_rows))
+        self.dec_tok = torch.tensor(dec_tok, device=dev)
+        self.dec_rows = torch.tensor(dec_rows, device=dev)
+        qpos = torch.full((num_rows,), -1, dtype=torch.long, device=dev)
+        qpos[self.dec_rows] = torch.tensor(dec_pos, device=dev)
+        self.hi = max(dec_pos) + 1
+        self.masks: dict[int | None, tuple[int, torch.Tensor]] = {}
+        for w in set(windows):
+            lo = 0 if w is None else max(0, min(dec_pos) - w + 1)
+            kpos = torch.arange(lo, self.hi, device=dev)
+            mask = kpos[None, :] <= qpos[:, None]  # [rows, L]
+            if w is not None:
+                mask &= kpos[None, :] > (qpos[:, None] - w)
+            mask[qpos < 0, 0] = True  # rows not decoding this step: any finite row, output unused
+            self.masks[w] = (lo, mask[:, None, None, :])  # [rows, 1, 1, L]
+
+    def attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, window: int | None,
+               scale: float) -> torch.Tensor:
+        """``q`` [N, H, D] against the cache (this step's K/V already written) -> [N, H, D]."""
+        n, heads, d = q.shape
+        kvh = kc.shape[1]
+        out = torch.empty_like(q) if (self.prefill or not self.identity) else None
+        if self.has_decode:
+            lo, mask = self.masks[window]
+            if self.identity:
+                qd = q
+            else:
+                qd = q.new_zeros(self.num_rows, heads, d)
+                qd[self.dec_rows] = q.index_select(0, self.dec_tok)
+            k = kc[: self.num_rows, :, lo: self.hi]
+            v = vc[: self.num_rows, :, lo: self.hi]
+            o = F.scaled_dot_product_attention(qd.view(self.num_rows, kvh, heads // kvh, d), k, v,
+                                               attn_mask=mask, scale=scale)
+            o = o.reshape(self.num_rows, heads, d)
+            if out is None:
+                return o
+            out[self.dec_tok] = o.index_select(0, self.dec_rows)
+        for off, c in self.prefill:
+            t, end = len(c.tokens), c.start_pos + len(c.tokens)
+            lo = 0 if window is None else max(0, c.start_pos - window + 1)
+            qpos = torch.arange(c.start_pos, end, device=q.device)
+            kpos = torch.arange(lo, end, device=q.device)
+            mask = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                mask &= kpos[None, :] > qpos[:, None] - window
+            qc = q[off: off + t].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
+            o = F.scaled_dot_product_attention(qc, kc[c.row: c.row + 1, :, lo:end], vc[c.row: c.row + 1, :, lo:end],
+                                               attn_mask=mask, scale=scale, enable_gqa=kvh != heads)
+            out[off: off + t] = o[0].transpose(0, 1)
+        return out

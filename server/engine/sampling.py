@@ -1,0 +1,72 @@
+"""Per-row token selection: greedy, temperature, top-k, top-p and per-request seeds.
+
+Reproducibility: each sampled request owns a ``torch.Generator``; a row draws exactly
+one uniform number per token from it and picks by inverse CDF over its own
+(sorted) distribution, so the choice never depends on batch neighbours.
+"""
+from __future__ import annotations
+
+import torch
+
+from adapterctl.server.engine.api import SamplingParams
+
+_TOPP_PROBE = 1024  # candidates tried before falling back to a full sort for top-p
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (or a random seed when None)."""
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` ``[rows, vocab]``; row i uses ``params[i]``."""
+    out = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    if greedy:
+        idx = torch.tensor(greedy, device=logits.device)
+        picks = logits.index_select(0, idx).argmax(-1).tolist() if len(greedy) < len(params) else logits.argmax(-1).tolist()
+        for i, t in zip(greedy, picks):
+            out[i] = int(t)
+    for i, p in enumerate(params):
+        if p.temperature != 0:
+            out[i] = _sample_row(logits[i], p, generators[i])
+    return out
+
+
+def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> int:
+    """temperature -> top-k -> top-p (HF's order), then inverse CDF with one uniform draw."""
+    scaled = row.float() / p.temperature
+    vocab = scaled.shape[-1]
+    k = p.top_k if 0 < p.top_k < vocab else vocab
+    if k < vocab:
+        values, index = _top(scaled, k)
+        logz = torch.logsumexp(values, dim=-1)
+    else:
+        logz = torch.logsumexp(scaled, dim=-1)
+        values, index = scaled, None  # full, unsorted distribution
+    if p.top_p < 1.0:
+        probe = min(k, _TOPP_PROBE)
+        values, index = _top(scaled, probe)
+        cum = torch.cumsum(torch.exp(values - logz), dim=-1)
+        if probe < k and float(cum[-1]) < p.top_p:  # the probe did not reach top_p: sort all k
+            values, index = _top(scaled, k)
+            cum = torch.cumsum(torch.exp(values - logz), dim=-1)
+        # the smallest prefix whose mass reaches top_p (at least one token)
+        keep = min(int(torch.searchsorted(cum, torch.tensor([p.top_p], dtype=cum.dtype)).item()) + 1, len(cum))
+        values, index = values[:keep], index[:keep]
+    cdf = torch.cumsum(torch.exp(values - logz), dim=-1)
+    u = torch.rand(1, generator=gen, dtype=torch.float64).item() * float(cdf[-1])
+    pick = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True).item()), len(cdf) - 1)
+    return pick if index is None else int(index[pick])
+
+
+def _top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k values (descending, ties by lower index first) and their indices."""
+    if k >= x.shape[-1]:
+        return torch.sort(x, descending=True, stable=True)
+    return torch.topk(x, k, sorted=True)

@@ -1,0 +1,215 @@
+"""Iteration-level scheduling: a bounded wait queue, admission under row / KV / device-slot
+limits with a fairness bound, and the chunk list of each forward step.
+
+Fairness: admission walks the queue oldest first. A request that cannot be admitted
+(no free row, KV budget, or every device slot busy with other adapters) may be
+overtaken by at most ``max_bypass`` later admissions; after that nothing behind it is
+admitted, so running sequences drain (each is bounded by max_new_tokens), slots and
+KV free up, and it gets in. Waiting time is therefore bounded for every adapter,
+unlike "skip what does not fit", which can starve a cold adapter forever.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from adapterctl.errors import ResourceExhausted
+from adapterctl.server.engine.api import GenerationRequest, SamplingParams, ServedAdapter
+from adapterctl.server.engine.config import EngineConfig
+from adapterctl.server.engine.kv import KVCache
+from adapterctl.server.engine.runner import Chunk
+from adapterctl.server.engine.slots import DeviceSlots, HostAdapter
+from adapterctl.server.textstream import StopTextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's scheduling and decoding state (owned by the decode thread once submitted)."""
+
+    request: GenerationRequest
+    params: SamplingParams
+    served: ServedAdapter | None
+    adapter: HostAdapter | None  # host weights, needed until the adapter is in a slot
+    sink: Callable[[object], None]  # delivers TokenEvent / GenerationResult / exception to the consumer
+    text: StopTextStream
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    row: int = -1  # KV row while running
+    slot: int = 0  # device slot while running (0 = base)
+    computed: int = 0  # tokens whose K/V are cached
+    output: list[int] = field(default_factory=list)
+    bypassed: int = 0
+    cancelled: bool = False  # set from any thread; acted on at the next step
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_ids
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt) + self.params.max_new_tokens
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.computed < len(self.prompt)
+
+    def next_chunk(self, budget: int) -> Chunk:
+        """The next tokens to feed (prompt chunk of at most ``budget``, or the last output)."""
+        if self.in_prefill:
+            end = min(len(self.prompt), self.computed + budget)
+            return Chunk(self.row, self.computed, self.prompt[self.computed: end], self.slot, end == len(self.prompt))
+        return Chunk(self.row, self.computed, [self.output[-1]], self.slot, True)
+
+
+class Scheduler:
+    """Waiting queue + running set. ``submit``/``cancel`` are thread-safe; everything else
+    runs on the decode thread."""
+
+    def __init__(self, config: EngineConfig, kv: KVCache, slots: DeviceSlots) -> None:
+        self.config = config
+        self.kv = kv
+        self.slots = slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._lock = threading.Lock()
+        self._reserved = 0  # sum of reserved_tokens over running
+        self._last_was_prefill = False
+        self._rejected: list[tuple[Sequence, Exception]] = []
+
+    # ---- any thread ----------------------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        """Queue ``seq``; ResourceExhausted when the wait queue is full."""
+        with self._lock:
+            if len(self.waiting) >= self.config.max_queue:
+                raise ResourceExhausted(f"the wait queue is full ({self.config.max_queue} requests); retry later")
+            self.waiting.append(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self.waiting)
+
+    # ---- decode thread -------------------------------------------------------------
+    def drop_cancelled(self) -> list[Sequence]:
+        """Remove cancelled sequences (waiting or running), freeing their rows and slots."""
+        with self._lock:
+            gone = [s for s in self.waiting if s.cancelled]
+            for s in gone:
+                self.waiting.remove(s)
+        for s in [s for s in self.running if s.cancelled]:
+            self.release(s)
+            gone.append(s)
+        return gone
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into the running set, oldest first, within the limits
+        and the bypass bound (see module docstring). Returns the admitted ones."""
+        admitted: list[Sequence] = []
+        blocked: list[Sequence] = []
+        with self._lock:
+            queue = list(self.waiting)
+        for seq in queue:
+            if seq.cancelled:
+                continue
+            if blocked and blocked[0].bypassed >= self.config.max_bypass:
+                break  # the oldest blocked request has been overtaken enough: let resources drain
+            if self._try_admit(seq):
+                admitted.append(seq)
+                for b in blocked:
+                    b.bypassed += 1
+            elif seq.served is not None and self._all_slots_pinned(seq.served):
+                self._rejected.append((seq, ResourceExhausted(
+                    f"every device slot is pinned; adapter {seq.served.name}:{seq.served.version} cannot be loaded")))
+            else:
+                blocked.append(seq)
+        gone = admitted + [s for s, _ in self._rejected]
+        if gone:
+            with self._lock:
+                for seq in gone:
+                    if seq in self.waiting:
+                        self.waiting.remove(seq)
+        return admitted
+
+    def take_rejected(self) -> list[tuple[Sequence, Exception]]:
+        """Sequences refused for good at admission, with the error to deliver."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
+
+    def _all_slots_pinned(self, served: ServedAdapter) -> bool:
+        lru = self.slots.lru
+        return served not in lru and lru.pinned_count >= self.slots.bank.num_slots
+
+    def _try_admit(self, seq: Sequence) -> bool:
+        cfg = self.config
+        if len(self.running) >= cfg.max_running_requests or self._reserved + seq.reserved_tokens > cfg.max_kv_tokens:
+            return False
+        if seq.served is not None:
+            resident = self.slots.lookup(seq.served)
+            if resident is None:
+                if not self.slots.can_load():
+                    return False
+                resident = self.slots.ensure(seq.adapter)
+                if resident is None:
+                    return False
+            self.slots.acquire(seq.served)
+            seq.slot = resident.slot
+            seq.adapter = None  # the slot holds the weights now
+        seq.row = self.kv.alloc_row(seq.reserved_tokens)
+        self._reserved += seq.reserved_tokens
+        self.running.append(seq)
+        return True
+
+    def release(self, seq: Sequence) -> None:
+        """Take a running sequence out: free its KV row (compacting) and its slot reference."""
+        self.running.remove(seq)
+        moved = self.kv.free_row(seq.row)
+        if moved is not None:
+            for other in self.running:
+                if other.row == moved:
+                    other.row = seq.row
+                    break
+        seq.row = -1
+        self._reserved -= seq.reserved_tokens
+        if seq.served is not None:
+            self.slots.release(seq.served)
+
+    def plan(self) -> list[tuple[Sequence, Chunk]]:
+        """The chunks of the next step, ordered by slot so LoRA segments are contiguous.
+
+        ``separate`` mode: a step with pending prompts prefills only (lowest TTFT), but
+        never twice in a row while rows are decoding. ``mixed``: prompt chunks ride
+        along with the decode rows. Either way at most ``max_batch_tokens`` tokens.
+        """
+        decode = [s for s in self.running if not s.in_prefill]
+        prefill = [s for s in self.running if s.in_prefill]
+        prefill.sort(key=lambda s: s.arrival)
+        budget = self.config.max_batch_tokens
+        chosen: list[tuple[Sequence, Chunk]] = []
+        separate = self.config.prefill_mode == "separate"
+        prefill_only = bool(prefill) and separate and not (self._last_was_prefill and decode)
+        if not prefill_only:
+            chosen = [(s, s.next_chunk(1)) for s in decode]
+            budget -= len(chosen)
+        if prefill_only or not separate:
+            for s in prefill:
+                if budget <= 0:
+                    break
+                chunk = s.next_chunk(budget)
+                chosen.append((s, chunk))
+                budget -= len(chunk.tokens)
+        self._last_was_prefill = prefill_only
+        chosen.sort(key=lambda sc: sc[1].slot)
+        return chosen
+
+    def kv_used(self) -> float:
+        return self._reserved / self.config.max_kv_tokens

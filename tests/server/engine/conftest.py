@@ -1,0 +1,145 @@
+"""Fixtures for the batching-engine tests: PEFT adapters saved from the tiny base, an
+in-memory adapter source, and helpers that run an engine and collect its outputs."""
+from __future__ import annotations
+
+import asyncio
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapterctl.errors import NotFound
+from adapterctl.server.engine.api import GenerationRequest, GenerationResult, SamplingParams, ServedAdapter
+
+# name -> LoraConfig kwargs; covers ranks {4, 8, 16, 64}, targets {q,v}, {q,k,v,o}, all linear, rsLoRA.
+ADAPTER_SPECS: dict[str, dict[str, Any]] = {
+    "r4-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "r8-qkvo": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "r16-all-rslora": dict(r=16, lora_alpha=8, target_modules="all-linear", use_rslora=True),
+    "r64-all": dict(r=64, lora_alpha=32, target_modules="all-linear"),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_base):
+    """The tiny base model loaded once (fp32, CPU); deep-copy before changing it."""
+    from adapterctl.basemodel import load_model
+
+    return load_model(tiny_base, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_base):
+    from adapterctl.basemodel import load_tokenizer
+
+    return load_tokenizer(tiny_base)
+
+
+def save_peft_adapter(model, out: Path, seed: int, **lora_kwargs) -> Path:
+    """A PEFT LoRA with random (non-zero) A and B, saved with ``save_pretrained``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(init_lora_weights=False, **lora_kwargs))
+    with torch.no_grad():  # PEFT's random B is small; make adapters change greedy choices
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(4.0)
+    peft_model.save_pretrained(str(out))
+    (out / "README.md").unlink(missing_ok=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def peft_dirs(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("engine-adapters")
+    return {name: save_peft_adapter(tiny_model, root / name, seed=i, **spec)
+            for i, (name, spec) in enumerate(ADAPTER_SPECS.items())}
+
+
+class DictStore:
+    """In-memory stand-in for AdapterStore: ``name`` or ``name:version`` -> LoadedAdapter."""
+
+    def __init__(self, adapters: dict[str, Any]) -> None:
+        self.adapters = dict(adapters)
+        self.gets = 0
+
+    async def resolve(self, ref: str) -> ServedAdapter:
+        name = ref.split(":")[0].split("@")[0]
+        if name not in self.adapters:
+            raise NotFound(f"adapter {name!r} not found")
+        return self.adapters[name].served
+
+    async def get(self, served: ServedAdapter):
+        self.gets += 1
+        return self.adapters[served.name]
+
+
+def load_dir(path: Path, base, name: str, max_rank: int = 64, version: int = 1):
+    from adapterctl.server.cache.loaded import load_peft_dir
+
+    served = ServedAdapter(name, version, "sha256:" + (name.encode().hex() * 64)[:64])
+    return load_peft_dir(path, base, max_rank, served=served)
+
+
+@pytest.fixture(scope="session")
+def loaded_adapters(peft_dirs, tiny_base) -> dict[str, Any]:
+    return {name: load_dir(path, tiny_base, name) for name, path in peft_dirs.items()}
+
+
+@pytest.fixture
+def make_engine(tiny_base, tiny_model, tiny_tokenizer):
+    """``make_engine(store=None, **EngineConfig)`` -> a started BatchingEngine on a copy of
+    the tiny model; stopped at teardown."""
+    from adapterctl.server.engine.config import EngineConfig
+    from adapterctl.server.engine.engine import BatchingEngine
+
+    engines: list[BatchingEngine] = []
+    loop = asyncio.new_event_loop()
+
+    def make(store=None, **config):
+        config.setdefault("device", "cpu")
+        engine = BatchingEngine(tiny_base, store, EngineConfig(**config), model=copy.deepcopy(tiny_model),
+                                tokenizer=tiny_tokenizer)
+        loop.run_until_complete(engine.start())
+        engines.append(engine)
+        return engine
+
+    make.loop = loop
+    yield make
+    for engine in engines:
+        loop.run_until_complete(engine.stop())
+    loop.close()
+
+
+async def _collect(engine, request: GenerationRequest) -> tuple[list, GenerationResult]:
+    events = []
+    async for item in engine.generate(request):
+        if isinstance(item, GenerationResult):
+            return events, item
+        events.append(item)
+    raise AssertionError("generate ended without a GenerationResult")
+
+
+@pytest.fixture
+def collect():
+    """``await collect(engine, request) -> (token events, GenerationResult)``."""
+    return _collect
+
+
+@pytest.fixture
+def request_for():
+    """``request_for(prompt, max_new, adapter=None, rid="r", **SamplingParams) -> GenerationRequest``."""
+
+    def make(prompt: list[int], max_new: int, adapter: str | None = None, rid: str = "r", **kw) -> GenerationRequest:
+        return GenerationRequest(rid, list(prompt), SamplingParams(max_new_tokens=max_new, **kw), adapter)
+
+    return make
+
+
+@pytest.fixture
+def dict_store(loaded_adapters) -> DictStore:
+    """A fresh in-memory store over the four test adapters."""
+    return DictStore(loaded_adapters)
