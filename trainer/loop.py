@@ -6,6 +6,8 @@ outside a distributed launch it re-launches itself under ``torch.distributed.run
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -25,6 +27,7 @@ from adapterctl.trainer.callbacks import InterruptCallback, ProgressCallback
 from adapterctl.trainer.collate import ExampleDataset, RightPadCollator
 from adapterctl.trainer.config import TrainConfig
 from adapterctl.trainer.data import PreparedData, prepare_data
+from adapterctl.trainer.launch import write_result
 from adapterctl.trainer.manifest import build_manifest, perplexity, resolved_target_modules, save_adapter, write_manifest
 from adapterctl.trainer.model import build_model
 
@@ -99,15 +102,19 @@ class AdapterTrainer(Trainer):
         return metrics
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train a LoRA adapter per ``config``; write it to ``config.output``; optionally publish."""
+def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResult:
+    """Train a LoRA adapter per ``config``; write it to ``config.output``; optionally publish.
+
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects (single-process runs).
+    Raises TrainingInterrupted after Ctrl-C (a checkpoint is saved), InvalidArgument for bad
+    data/options, FailedPrecondition for checkpoint/resume mismatches."""
     if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from adapterctl.trainer.launch import launch_distributed
 
         return launch_distributed(config)
     started = time.perf_counter()
     base = resolve_base_model(config.base_model, progress=config.progress)
-    tokenizer = load_tokenizer(base, config.chat_template)
+    tokenizer = _tokenizer(base, config.chat_template)
     data = prepare_data(config, tokenizer)
     _check_resume(config)
     model = build_model(config, str(base.path))
@@ -118,7 +125,7 @@ def train(config: TrainConfig) -> TrainResult:
     trainer = AdapterTrainer(
         model=model, args=training_arguments(config, has_eval=eval_set is not None),
         train_dataset=train_set, eval_dataset=eval_set, eval_examples=eval_set,
-        data_collator=RightPadCollator(tokenizer.pad_token_id), callbacks=[interrupt, progress],
+        data_collator=RightPadCollator(tokenizer.pad_token_id), callbacks=[*(callbacks or []), interrupt, progress],
     )
     progress.trainer = trainer
     trainer.remove_callback(_default_progress_callback())
@@ -126,6 +133,8 @@ def train(config: TrainConfig) -> TrainResult:
     with interrupt.installed():
         trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            write_result({"interrupted_at": interrupt.stopped_at})
         raise TrainingInterrupted(interrupt.stopped_at, config.checkpoint_dir)
     metrics = _final_metrics(trainer, data)
     wall = time.perf_counter() - started
@@ -144,8 +153,15 @@ def train(config: TrainConfig) -> TrainResult:
             shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
         if config.publish:
             result.published = publish(out, config.publish, config.registry)
+        write_result(dataclasses.asdict(result))
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(base: Any, chat_template: str | None) -> Any:
+    """Tokenizers of large vocabularies take seconds to parse; reuse them across runs in one process."""
+    return load_tokenizer(base, chat_template)
 
 
 def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
