@@ -69,6 +69,7 @@ class AdapterctlServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self.listening = asyncio.Event()  # set once bound (health answers NOT_SERVING from then on)
 
     async def start(self) -> None:
         """Bind and answer health NOT_SERVING at once; return once the model is loaded and SERVING."""
@@ -78,7 +79,8 @@ class AdapterctlServer:
         self._server = grpc.aio.server(interceptors=[access, ErrorInterceptor()],
                                        options=[("grpc.so_reuseport", 0)])
         # Services are registered before start (grpc needs that); they see the engine once loaded.
-        inference = InferenceServicer(None, self.metrics, cfg.default_max_new_tokens, cfg.max_new_tokens_limit)
+        inference = InferenceServicer(None, self.metrics, cfg.default_max_new_tokens, cfg.max_new_tokens_limit,
+                                      self.state)
         admin = AdminServicer(None)
         pb_grpc.add_InferenceServicer_to_server(inference, self._server)
         pb_grpc.add_AdminServicer_to_server(admin, self._server)
@@ -89,6 +91,7 @@ class AdapterctlServer:
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_host or cfg.host, cfg.metrics_port)
         await self._server.start()
+        self.listening.set()
         log.info("listening on %s:%s (tls=%s, auth=%s), metrics on %s; loading the model", cfg.host, self.port,
                  cfg.tls, tokens is not None, self.metrics_port)
         self.engine = await asyncio.to_thread(self._engine_factory, cfg, self.metrics)
@@ -160,7 +163,11 @@ class AdapterctlServer:
         for task in self._tasks:
             task.cancel()
         if self._server is not None:
-            await self._server.stop(grace)
+            try:  # generations get the grace period; then anything left (e.g. health watches) is cancelled
+                await asyncio.wait_for(self.state.wait_idle(), grace)
+            except asyncio.TimeoutError:
+                log.warning("grace period over with %d request(s) in flight; cancelling them", self.state.inflight)
+            await self._server.stop(0)
         if self.engine is not None:
             await self.engine.stop()
         self.metrics.stop_http()
@@ -188,7 +195,7 @@ def run(config: ServerConfig) -> int:
 
 
 class BackgroundServer:
-    """An :class:`AdapterctlServer` on its own thread and event loop: ``start()`` blocks until SERVING."""
+    """An :class:`AdapterctlServer` on its own thread and event loop (tests, notebooks)."""
 
     def __init__(self, config: ServerConfig, engine_factory: EngineFactory = build_engine) -> None:
         self.config = config
@@ -196,20 +203,31 @@ class BackgroundServer:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="adapterctl-server", daemon=True)
         self.server: AdapterctlServer | None = None
+        self._starting: Any = None
 
-    def start(self, timeout: float = 120) -> "BackgroundServer":
+    def start(self, timeout: float = 120, wait: bool = True) -> "BackgroundServer":
+        """Start; return once SERVING, or with ``wait=False`` once bound (still loading)."""
         self._thread.start()
-        self.server = self.call(self._make(), timeout)
+        self.server = self.call(self._create())
+        self._starting = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
+        if wait:
+            self.wait_serving(timeout)
+        else:
+            self.call(self.server.listening.wait(), timeout)
         return self
 
-    async def _make(self) -> AdapterctlServer:
-        server = AdapterctlServer(self.config, self._factory)
+    def wait_serving(self, timeout: float = 120) -> None:
+        self._starting.result(timeout)
+
+    async def _create(self) -> AdapterctlServer:
+        return AdapterctlServer(self.config, self._factory)
+
+    async def _start(self) -> None:
         try:
-            await server.start()
+            await self.server.start()
         except BaseException:
-            await server.stop(0)
+            await self.server.stop(0)
             raise
-        return server
 
     def call(self, coro: Any, timeout: float = 60) -> Any:
         """Run ``coro`` on the server's loop and return its result."""

@@ -41,14 +41,30 @@ def status_code(exc: BaseException, context: Any = None) -> grpc.StatusCode:
 
 
 class ServingState:
-    """Process phase: ``loading`` -> ``serving`` -> ``draining``; only ``serving`` accepts RPCs."""
+    """Process phase: ``loading`` -> ``serving`` -> ``draining``; only ``serving`` accepts RPCs.
+    Also counts in-flight generations (event-loop thread only) so a drain can end early."""
 
     def __init__(self) -> None:
         self.phase = LOADING
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def accepting(self) -> bool:
         return self.phase == SERVING
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
 
 class TokenTable:

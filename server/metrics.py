@@ -120,8 +120,9 @@ class ServerMetrics(EngineObserver):
 
     # ---- EngineObserver ---------------------------------------------------------------
     def on_step(self, batch_size: int, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None:
-        self.batch_size.observe(batch_size)
-        self.batch_tokens.observe(batch_tokens)
+        if batch_size > 0:  # an empty step only reports the gauges
+            self.batch_size.observe(batch_size)
+            self.batch_tokens.observe(batch_tokens)
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_used)

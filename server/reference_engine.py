@@ -142,6 +142,8 @@ class PeftEngine:
                 self._waiting -= 1
         if job.manifest is not None:
             self._adapters.release(job.manifest.digest)
+        if started:
+            self._step(0, batch=0)  # an empty step: reports the new running/waiting counts
 
     def _run(self, job: _Job) -> GenerationResult:
         with self._count_lock:
@@ -166,11 +168,11 @@ class PeftEngine:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        if sp.seed is not None:
-            torch.manual_seed(sp.seed)
         ids = torch.tensor([req.prompt_ids], device=self.device)
         streamer = _Streamer(job, stream, self)
         with self._adapters.use(job.manifest) as model, torch.inference_mode():
+            if sp.seed is not None:  # after use(): loading an adapter draws from the RNG
+                torch.manual_seed(sp.seed)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                  stopping_criteria=[_StopWhen(job.cancel, stream)], **kwargs)
         tokens = out[0, ids.shape[1]:].tolist()
@@ -191,10 +193,10 @@ class PeftEngine:
         served = served_of(job.manifest) if job.manifest is not None else None
         return GenerationResult(job.request.request_id, text, tokens, reason, len(job.request.prompt_ids), served)
 
-    def _step(self, tokens: int) -> None:
+    def _step(self, tokens: int, batch: int = 1) -> None:
         with self._count_lock:
             running, waiting = self._running, self._waiting
-        self.observer.on_step(1, tokens, running, waiting, 0.0)
+        self.observer.on_step(batch, tokens, running, waiting, 0.0)
 
     # ---- admin ----------------------------------------------------------------------
     async def _on_worker(self, fn, *args):

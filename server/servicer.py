@@ -17,7 +17,7 @@ from adapterctl.errors import InvalidArgument
 from adapterctl.refs import parse_ref
 from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterStatus,
                                           Engine, GenerationRequest, GenerationResult, SamplingParams, TokenEvent)
-from adapterctl.server.interceptors import status_code
+from adapterctl.server.interceptors import ServingState, status_code
 from adapterctl.server.metrics import ServerMetrics
 from adapterctl.v1 import adapterctl_pb2 as pb
 from adapterctl.v1 import adapterctl_pb2_grpc as pb_grpc
@@ -92,8 +92,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     """Generate and GenerateStream over one engine."""
 
     def __init__(self, engine: Engine | None, metrics: ServerMetrics, default_max_new_tokens: int,
-                 max_new_tokens_limit: int) -> None:
+                 max_new_tokens_limit: int, state: ServingState | None = None) -> None:
         self.engine = engine  # set once loaded; the access interceptor refuses calls until then
+        self._state = state or ServingState()
         self._metrics = metrics
         self._default_max_new_tokens = default_max_new_tokens
         self._limit = max_new_tokens_limit
@@ -129,6 +130,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         first_token: float | None = None
         result: GenerationResult | None = None
         code, prompt_len = "OK", 0
+        self._state.enter()
         try:
             gen_request = self._request(request, request_id)
             prompt_len = len(gen_request.prompt_ids)
@@ -139,13 +141,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     elif first_token is None and event.token_ids:
                         first_token = time.monotonic()
                     yield event
-        except GeneratorExit:  # the consumer went away (cancelled mid-stream)
-            code = status_code(asyncio.CancelledError(), context).name
+        except GeneratorExit:  # closed by the consumer: done after the result, else it went away
+            if result is None:
+                code = status_code(asyncio.CancelledError(), context).name
             raise
         except BaseException as exc:
             code = status_code(exc, context).name
             raise
         finally:
+            self._state.exit()
             self._record(request, request_id, result, code, prompt_len, started, first_token)
 
     def _record(self, request: pb.GenerateRequest, request_id: str, result: GenerationResult | None, code: str,

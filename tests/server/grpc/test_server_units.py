@@ -1,0 +1,81 @@
+"""Unit tests without a server: ServerConfig (validation, CLI options, env vars), the
+streaming detokeniser with stop sequences, and the metrics label cap."""
+from __future__ import annotations
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from adapterctl.errors import InvalidArgument
+from adapterctl.server.config import ServerConfig
+from adapterctl.server.metrics import AdapterLabels
+from adapterctl.server.textstream import StopTextStream
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"port": 70000}, {"metrics_port": -2}, {"max_adapters": 0}, {"max_waiting": -1}, {"engine": "fast"},
+    {"default_max_new_tokens": 2000}, {"tls_cert": "c.pem"}, {"tls_client_ca": "ca.pem"}, {"shutdown_grace": -1},
+])
+def test_config_validation(kwargs):
+    with pytest.raises(InvalidArgument):
+        ServerConfig(**kwargs)
+
+
+def test_config_options_and_env(monkeypatch, tmp_path):
+    seen = {}
+
+    @click.command()
+    @ServerConfig.click_options()
+    def cmd(**options):
+        seen["config"] = ServerConfig.from_options(options)
+
+    monkeypatch.setenv("ADAPTERCTL_METRICS_MAX_ADAPTERS", "7")
+    monkeypatch.setenv("ADAPTERCTL_REGISTRY", "s3://b/p")
+    result = CliRunner().invoke(cmd, ["--port", "0", "--engine", "reference", "--log-json",
+                                      "--ready-file", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.port, config.engine, config.log_json, config.metrics_max_adapters) == (0, "reference", True, 7)
+    assert config.registry == "s3://b/p" and config.ready_file == tmp_path / "r.json"
+    assert config.resolved_engine == "reference"
+
+
+class _CharTok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def _stream(text: str, stop: tuple[str, ...]) -> tuple[list[str], StopTextStream]:
+    s = StopTextStream(_CharTok(), stop)
+    deltas = [s.push([ord(c)]) for c in text]
+    deltas.append(s.finish())
+    return deltas, s
+
+
+def test_stop_sequence_is_cut_and_never_streamed():
+    deltas, s = _stream("hello END world", ("END",))
+    assert s.stopped and s.text == "hello " and "".join(deltas) == "hello "
+    assert all("E" not in d for d in deltas)
+
+
+def test_partial_stop_prefix_is_held_then_released():
+    deltas, s = _stream("an ENigma", ("END",))
+    assert not s.stopped and "".join(deltas) == "an ENigma"
+    assert deltas[4] == ""  # "E" held back: it might start "END"
+
+
+def test_incomplete_character_is_held_back():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    s = StopTextStream(Bytes())
+    euro = "€".encode()
+    assert s.push([euro[0]]) == "" and s.push([euro[1]]) == "" and s.push([euro[2]]) == "€"
+
+
+def test_label_cap_keeps_first_successful_names():
+    labels = AdapterLabels(2)
+    assert labels.label(None) == "__base__"
+    assert labels.label("junk", claim=False) == "__other__"
+    assert [labels.label(n) for n in ("a", "b", "c", "a")] == ["a", "b", "__other__", "a"]
