@@ -1,0 +1,199 @@
+"""Registry commands: publish, list, show, pull, promote, rollback, delete, gc.
+
+The common registry options come from :class:`adapterctl.registry.RegistryConfig`'s
+fields (one definition: name, help, envvar). Errors are domain errors; the CLI
+root prints them as one line and exits 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from adapterctl.errors import InvalidArgument
+from adapterctl.refs import parse_ref
+from adapterctl.registry import Manifest, Registry, RegistryConfig
+
+
+def registry_options(func):
+    """Add ``--registry``, ``--s3-endpoint-url``, ``--s3-path-style``, ``--s3-region``
+    and ``--quiet``; the command receives ``registry: Registry`` instead."""
+    fields = dataclasses.fields(RegistryConfig)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        config = RegistryConfig(**{f.name: kwargs.pop(f.name) for f in fields})
+        return func(*args, registry=config.open(), **kwargs)
+
+    for f in reversed(fields):
+        meta = f.metadata
+        flag = meta.get("option") or "--" + f.name.replace("_", "-")
+        if meta.get("flag") and f.default is None:  # tri-state: unset means "decide automatically"
+            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=meta["help"])
+        elif meta.get("flag"):
+            option = click.option(flag, f.name, is_flag=True, default=f.default, help=meta["help"])
+        else:
+            option = click.option(flag, f.name, default=None, envvar=meta.get("envvar"),
+                                  show_envvar=bool(meta.get("envvar")), help=meta["help"])
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _labels(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx=ctx, param=param)
+        out[key] = value
+    return out
+
+
+@click.command()
+@click.argument("adapter_dir", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Adapter name; the version is the next integer.")
+@click.option("--label", "labels", multiple=True, callback=_labels, metavar="KEY=VALUE", help="Free-form label (repeatable).")
+@click.option("--base-model", default=None, help="Base model id or directory, when adapterctl.json does not name one.")
+@registry_options
+def publish(adapter_dir: Path, name: str, labels: dict[str, str], base_model: str | None, registry: Registry) -> None:
+    """Publish ADAPTER_DIR (a PEFT LoRA directory) and print NAME:VERSION."""
+    manifest = registry.publish(adapter_dir, name, labels=labels, base_model=base_model, progress=not registry.quiet)
+    click.echo(manifest.ref)
+
+
+@click.command("list")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@registry_options
+def list_(name: str | None, as_json: bool, registry: Registry) -> None:
+    """List adapter names, or the versions of NAME."""
+    if name is None:
+        rows = [{"name": n, "latest": registry.latest_version(n)} for n in registry.list_names()]
+        lines = [json.dumps(rows, indent=2)] if as_json else [f"{r['name']}\t{r['latest'] or '-'}" for r in rows]
+        for line in lines:
+            click.echo(line)
+        return
+    manifests = registry.list_versions(name)
+    aliases = registry.aliases(name)
+    if as_json:
+        click.echo(json.dumps([{**m.to_dict(), "aliases": _aliases_of(m, aliases)} for m in manifests], indent=2))
+        return
+    click.echo("VERSION\tCREATED\tSIZE\tRANK\tTARGETS\tALIASES\tDIGEST")
+    for m in manifests:
+        click.echo(f"{m.version}\t{m.created[:19]}\t{_size(m.total_bytes)}\t{m.lora.get('rank')}\t"
+                   f"{','.join(m.lora.get('target_modules', []))}\t{','.join(_aliases_of(m, aliases)) or '-'}\t"
+                   f"{m.digest[:19]}")
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@registry_options
+def show(ref: str, as_json: bool, registry: Registry) -> None:
+    """Show the manifest REF names (NAME, NAME:VERSION, NAME:ALIAS, NAME@sha256:...)."""
+    manifest = registry.resolve(ref)
+    aliases = _aliases_of(manifest, registry.aliases(manifest.name))
+    if as_json:
+        click.echo(json.dumps({**manifest.to_dict(), "aliases": aliases}, indent=2, sort_keys=True))
+        return
+    lora, base = manifest.lora, manifest.base_model
+    lines = [
+        ("ref", manifest.ref), ("digest", manifest.digest), ("aliases", ", ".join(aliases) or "-"),
+        ("created", f"{manifest.created} by {manifest.publisher.get('user')}@{manifest.publisher.get('host')} "
+                    f"({manifest.publisher.get('tool')})"),
+        ("base model", f"{base.get('id')} ({base.get('fingerprint')})"),
+        ("lora", f"rank {lora.get('rank')}, alpha {lora.get('alpha')}, rsLoRA {'yes' if lora.get('use_rslora') else 'no'}, "
+                 f"targets {','.join(lora.get('target_modules', []))}, {lora.get('dtype')}"),
+        ("size", f"{_size(manifest.total_bytes)} in {len(manifest.files)} files"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(manifest.labels.items())) or "-"),
+    ]
+    training = manifest.training or {}
+    if training:
+        metrics = ", ".join(f"{k} {v}" for k, v in (training.get("metrics") or {}).items() if v is not None)
+        dataset = (training.get("dataset") or {}).get("train_sha256")
+        lines.append(("training", f"{metrics or '-'}; dataset {dataset or '-'}"))
+    for key, value in lines:
+        click.echo(f"{key + ':':<12}{value}")
+    for entry in manifest.files:
+        click.echo(f"  {entry.path:<28}{_size(entry.size):>10}  {entry.digest}")
+
+
+@click.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@registry_options
+def pull(ref: str, dest: Path, registry: Registry) -> None:
+    """Download REF into DEST (a new or empty directory), verifying every sha256."""
+    manifest = registry.resolve(ref)
+    click.echo(str(registry.pull(manifest, dest, progress=not registry.quiet)))
+
+
+@click.command()
+@click.argument("ref", metavar="NAME:VERSION")
+@click.argument("alias")
+@registry_options
+def promote(ref: str, alias: str, registry: Registry) -> None:
+    """Point ALIAS at NAME:VERSION (compare-and-swap: fails if it moved meanwhile)."""
+    name, version = _name_version(ref, "promote")
+    previous = registry.promote(name, version, alias)
+    click.echo(f"{name}:{alias} -> {name}:{version}" + (f" (was {previous})" if previous else ""))
+
+
+@click.command()
+@click.argument("name")
+@click.argument("alias")
+@registry_options
+def rollback(name: str, alias: str, registry: Registry) -> None:
+    """Move ALIAS of NAME back to the version it pointed to before."""
+    version = registry.rollback(name, alias)
+    click.echo(f"{name}:{alias} -> {name}:{version}")
+
+
+@click.command()
+@click.argument("ref", metavar="NAME:VERSION")
+@click.option("--force", is_flag=True, help="Delete even if an alias points at the version.")
+@registry_options
+def delete(ref: str, force: bool, registry: Registry) -> None:
+    """Delete one version (its number is never reused; run gc to free its blobs)."""
+    name, version = _name_version(ref, "delete")
+    registry.delete(name, version, force=force)
+    click.echo(f"deleted {name}:{version}")
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Only report what would be deleted.")
+@click.option("--grace", "grace_seconds", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+              help="Keep unreferenced blobs younger than this many seconds (in-flight publishes).")
+@registry_options
+def gc(dry_run: bool, grace_seconds: float, registry: Registry) -> None:
+    """Delete blobs that no version references."""
+    report = registry.gc(dry_run=dry_run, grace_seconds=grace_seconds)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {len(report.deleted)} blobs ({_size(report.freed_bytes)}); "
+               f"kept {len(report.kept_recent)} recent, {report.referenced} referenced")
+    for digest in report.deleted:
+        click.echo(f"  {digest}")
+
+
+def _name_version(ref: str, verb: str) -> tuple[str, int]:
+    parsed = parse_ref(ref)
+    if parsed.version is None:
+        raise InvalidArgument(f"{verb} needs NAME:VERSION with a version number, got {ref!r}")
+    return parsed.name, parsed.version
+
+
+def _aliases_of(manifest: Manifest, aliases: dict[str, int]) -> list[str]:
+    return sorted(a for a, v in aliases.items() if v == manifest.version)
+
+
+def _size(n: float) -> str:
+    units = ("B", "KiB", "MiB", "GiB")
+    i = 0
+    while n >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
+
+COMMANDS = [publish, list_, show, pull, promote, rollback, delete, gc]
