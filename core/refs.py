@@ -31,7 +31,7 @@ def validate_name(name: str, what: str = "adapter name") -> str:
         raise InvalidArgument(f"{what} must not be empty")
     if len(name) > MAX_NAME_LEN:
         raise InvalidArgument(f"{what} {name[:20]!r}... is longer than {MAX_NAME_LEN} characters")
-    if ".." in name or not _NAME_RE.match(name):
+    if ".." in name or not _NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid {what} {name!r}: use letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..' or '/'"
@@ -41,7 +41,7 @@ def validate_name(name: str, what: str = "adapter name") -> str:
 
 def validate_alias(alias: str) -> str:
     """Aliases start with a letter (so they never look like a version number)."""
-    if not isinstance(alias, str) or not _ALIAS_RE.match(alias):
+    if not isinstance(alias, str) or not _ALIAS_RE.fullmatch(alias):
         raise InvalidArgument(
             f"invalid alias {alias!r}: start with a letter, then letters, digits, '_' or '-' (max 64)"
         )
@@ -49,7 +49,7 @@ def validate_alias(alias: str) -> str:
 
 
 def validate_digest(digest: str) -> str:
-    if not _DIGEST_RE.match(digest or ""):
+    if not _DIGEST_RE.fullmatch(digest or ""):
         raise InvalidArgument(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
     return digest
 
