@@ -53,6 +53,12 @@ def save_peft_adapter(model, out: Path, seed: int, **lora_kwargs) -> Path:
 
 
 @pytest.fixture(scope="session")
+def save_adapter():
+    """``save_adapter(model, out_dir, seed, **LoraConfig kwargs) -> out_dir``."""
+    return save_peft_adapter
+
+
+@pytest.fixture(scope="session")
 def peft_dirs(tiny_model, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("engine-adapters")
     return {name: save_peft_adapter(tiny_model, root / name, seed=i, **spec)
@@ -112,6 +118,16 @@ def make_engine(tiny_base, tiny_model, tiny_tokenizer):
     for engine in engines:
         loop.run_until_complete(engine.stop())
     loop.close()
+
+
+@pytest.fixture
+def run(make_engine):
+    """``run(coro, timeout=60)``: run a coroutine on the engines' event loop, bounded in time."""
+
+    def run_(coro, timeout: float = 60):
+        return make_engine.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    return run_
 
 
 async def _collect(engine, request: GenerationRequest) -> tuple[list, GenerationResult]:

@@ -41,7 +41,7 @@ def peft_reference(tiny_model, peft_dirs):
 
 
 @pytest.mark.parametrize("backend,prefill_mode", [("auto", "separate"), ("gather", "mixed"), ("segment", "separate")])
-def test_mixed_batch_matches_peft(backend, prefill_mode, make_engine, dict_store, collect, request_for, peft_reference):
+def test_mixed_batch_matches_peft(backend, prefill_mode, run, make_engine, dict_store, collect, request_for, peft_reference):
     engine = make_engine(dict_store, lora_backend=backend, prefill_mode=prefill_mode, num_slots=4,
                          max_running_requests=16, max_batch_tokens=48)
     logits: dict[str, list[torch.Tensor]] = {}
@@ -53,7 +53,7 @@ def test_mixed_batch_matches_peft(backend, prefill_mode, make_engine, dict_store
     engine.logits_hook = hook
     prompts = _prompts()
 
-    async def run():
+    async def scenario():
         third_token = asyncio.Event()
 
         async def one(i: int, wait: bool):
@@ -70,9 +70,9 @@ def test_mixed_batch_matches_peft(backend, prefill_mode, make_engine, dict_store
 
         first = [one(i, False) for i in range(len(WAVE_1))]
         second = [one(len(WAVE_1) + j, True) for j in range(len(WAVE_2))]
-        return await asyncio.wait_for(asyncio.gather(*first, *second), 120)
+        return await asyncio.gather(*first, *second)
 
-    results = make_engine.loop.run_until_complete(run())
+    results = run(scenario(), timeout=120)
     joined_late = [r for r in results[len(WAVE_1):]]
     assert all(r.finish_reason in ("length", "eos") for r in results)
     for i, (result, (want_tokens, want_logits)) in enumerate(zip(results, peft_reference)):

@@ -1,0 +1,48 @@
+"""More distinct adapters than device slots: a cold adapter queued behind a flood of hot
+ones is admitted after at most ``max_bypass`` later requests (bounded wait), whereas
+unbounded skipping (vLLM-style) lets the flood overtake it entirely."""
+from __future__ import annotations
+
+import asyncio
+import pytest
+
+PROMPT = [2, 651, 7344, 691, 1590]
+
+
+def _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass: int) -> int:
+    """How many requests queued after the cold one got their first token before it."""
+    engine = make_engine(dict_store, num_slots=2, max_running_requests=6, max_batch_tokens=32, max_bypass=max_bypass)
+    hot = ["r4-qv", "r8-qkvo"]
+    first_step: dict[str, int] = {}  # request id -> index of the step that sampled its first token
+    steps = iter(range(10**9))
+
+    def hook(seqs, logits):
+        step = next(steps)
+        for seq in seqs:
+            first_step.setdefault(seq.request.request_id, step)
+
+    engine.logits_hook = hook
+
+    async def one(rid: str, adapter: str, n: int):
+        async for _ in engine.generate(request_for(PROMPT, n, adapter, rid=rid)):
+            pass
+
+    async def scenario():
+        tasks = [asyncio.create_task(one(f"early{i}", hot[i % 2], 4 + i % 5)) for i in range(8)]
+        await asyncio.sleep(0)  # queue them first, in order
+        tasks.append(asyncio.create_task(one("cold", "r64-all", 6)))
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(one(f"late{i}", hot[i % 2], 4 + (i * 3) % 7)) for i in range(24)]
+        await asyncio.gather(*tasks)
+
+    run(scenario(), timeout=120)
+    return sum(1 for rid, step in first_step.items() if rid.startswith("late") and step < first_step["cold"])
+
+
+@pytest.mark.parametrize("max_bypass", [0, 4])
+def test_cold_adapter_waits_a_bounded_time(max_bypass, run, make_engine, dict_store, collect, request_for):
+    assert _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass) <= max_bypass
+
+
+def test_unbounded_skipping_starves_the_cold_adapter(run, make_engine, dict_store, collect, request_for):
+    assert _overtakers(run, make_engine, dict_store, collect, request_for, 10_000) > 4

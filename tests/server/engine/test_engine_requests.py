@@ -1,0 +1,162 @@
+"""Per-request behaviour inside shared batches: seeds reproducible whatever the
+neighbours, stop sequences, cancellation freeing slot and KV, the bounded queue,
+and refusals of adapters the slots cannot hold."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapterctl.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+PROMPT = [2, 651, 7344, 691, 1590, 236761, 108, 2094]
+
+
+def test_seed_is_reproducible_regardless_of_neighbours(run, make_engine, dict_store, collect, request_for):
+    engine = make_engine(dict_store, num_slots=4)
+    sampled = dict(temperature=1.5, top_p=0.95, top_k=50, seed=1234)
+    _, alone = run(collect(engine, request_for(PROMPT, 16, "r8-qkvo", **sampled)))
+
+    async def crowded():
+        neighbours = [collect(engine, request_for(PROMPT[:n], 20, a, temperature=t, seed=n))
+                      for n, a, t in ((3, None, 0.0), (5, "r4-qv", 1.0), (7, "r64-all", 2.0), (8, "r8-qkvo", 0.7))]
+        target = collect(engine, request_for(PROMPT, 16, "r8-qkvo", **sampled))
+        results = await asyncio.gather(*neighbours[:2], target, *neighbours[2:])
+        return results[2][1]
+
+    again = run(crowded())
+    assert again.token_ids == alone.token_ids
+    other_seed = run(collect(engine, request_for(PROMPT, 16, "r8-qkvo", **dict(sampled, seed=99))))[1]
+    greedy = run(collect(engine, request_for(PROMPT, 16, "r8-qkvo")))[1]
+    assert len({tuple(alone.token_ids), tuple(other_seed.token_ids), tuple(greedy.token_ids)}) > 1
+
+
+def test_stop_sequence_trims_text_and_streams_consistently(run, make_engine, collect, request_for, tiny_tokenizer):
+    engine = make_engine(None)
+    _, full = run(collect(engine, request_for(PROMPT, 24)))
+    text = full.text
+    assert len(text) > 8, text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    events, cut = run(collect(engine, request_for(PROMPT, 24, stop=("zzqq-never", stop))))
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+    assert "".join(e.text for e in events) == cut.text
+    assert cut.token_ids == full.token_ids[: len(cut.token_ids)] and len(cut.token_ids) < len(full.token_ids)
+
+
+def test_max_new_tokens_and_eos_finish_reasons(run, make_engine, collect, request_for):
+    engine = make_engine(None)
+    _, result = run(collect(engine, request_for(PROMPT, 12)))
+    assert result.finish_reason == "length" and result.completion_tokens == 12
+    assert result.prompt_tokens == len(PROMPT) and result.adapter is None
+    ids = result.token_ids
+    first_new = next((i for i in range(1, len(ids)) if ids[i] not in ids[:i]), 0)
+    engine._eos.add(ids[first_new])  # make a later token an end-of-sequence token
+    _, result = run(collect(engine, request_for(PROMPT, 12)))
+    assert result.finish_reason == "eos" and result.token_ids == ids[: first_new + 1]
+
+
+def test_cancel_frees_slot_and_kv_for_the_next_request(run, make_engine, dict_store, collect, request_for):
+    engine = make_engine(dict_store, num_slots=1, max_running_requests=2, max_batch_tokens=64)
+
+    async def scenario():
+        gen = engine.generate(request_for(PROMPT, 500, "r4-qv", rid="long"))
+        for _ in range(3):
+            await gen.__anext__()
+        assert engine.runner.kv.num_rows == 1 and engine.slots.lru.refcount(dict_store.adapters["r4-qv"].served) == 1
+        await gen.aclose()  # the consumer goes away
+        # the only slot is needed by another adapter: it must be freed by the cancel
+        return await collect(engine, request_for(PROMPT, 4, "r64-all", rid="next"))
+
+    _, result = run(scenario())
+    assert result.finish_reason == "length" and result.adapter.name == "r64-all"
+    assert engine.runner.kv.num_rows == 0 and engine.scheduler.running == []
+    assert [r.served.name for _, r in engine.slots.lru.items()] == ["r64-all"]
+
+
+def test_task_cancellation_cancels_the_request(run, make_engine, collect, request_for):
+    engine = make_engine(None, max_running_requests=1, max_batch_tokens=32)
+
+    async def scenario():
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in engine.generate(request_for(PROMPT, 500, rid="long")):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return await collect(engine, request_for(PROMPT, 3, rid="after"))  # the single row is free again
+
+    _, result = run(scenario())
+    assert result.completion_tokens == 3 and engine.runner.kv.num_rows == 0
+
+
+def test_full_queue_raises_resource_exhausted(run, make_engine, request_for):
+    engine = make_engine(None, max_running_requests=1, max_batch_tokens=32, max_queue=1)
+    rejected = []
+    engine.observer.on_queue_rejected = lambda: rejected.append(1)
+
+    async def scenario():
+        running = engine.generate(request_for(PROMPT, 500, rid="running"))
+        await running.__anext__()  # admitted and decoding
+        waiting = engine.generate(request_for(PROMPT, 5, rid="waiting"))
+        waiting_task = asyncio.create_task(waiting.__anext__())
+        for _ in range(200):  # bounded: until the second request sits in the queue
+            if engine.scheduler.num_waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.scheduler.num_waiting == 1
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await engine.generate(request_for(PROMPT, 5, rid="third")).__anext__()
+        await running.aclose()
+        await waiting_task
+        await waiting.aclose()
+
+    run(scenario())
+    assert rejected == [1]
+
+
+def test_refusals(run, make_engine, dict_store, request_for):
+    engine = make_engine(dict_store, max_lora_rank=16)
+    with pytest.raises(FailedPrecondition, match="rank 64"):
+        run(engine.generate(request_for(PROMPT, 4, "r64-all")).__anext__())
+    with pytest.raises(InvalidArgument, match="max_new_tokens"):
+        run(engine.generate(request_for(PROMPT, 0)).__anext__())
+    with pytest.raises(InvalidArgument, match="empty"):
+        run(engine.generate(request_for([], 4)).__anext__())
+    with pytest.raises(InvalidArgument, match="token ids"):
+        run(engine.generate(request_for([10**9], 4)).__anext__())
+
+
+class _DirStore:
+    """Resolves a name to a saved PEFT dir and loads it with the cache's real loader."""
+
+    def __init__(self, dirs, base) -> None:
+        self.dirs, self.base = dirs, base
+
+    async def resolve(self, ref):
+        from adapterctl.server.engine.api import ServedAdapter
+
+        return ServedAdapter(ref, 1, "sha256:" + "0" * 64)
+
+    async def get(self, served):
+        from adapterctl.server.cache.loaded import load_peft_dir
+
+        return load_peft_dir(self.dirs[served.name], self.base, 64, served=served)
+
+
+@pytest.mark.parametrize("feature,kwargs", [
+    ("DoRA", dict(use_dora=True)),
+    ("modules_to_save", dict(modules_to_save=["lm_head"])),
+])
+def test_dora_and_modules_to_save_are_failed_precondition(feature, kwargs, run, make_engine, tiny_model, tiny_base,
+                                                          tmp_path, request_for, save_adapter):
+    path = save_adapter(tiny_model, tmp_path / feature, seed=0, r=4, lora_alpha=8,
+                        target_modules=["q_proj", "v_proj"], **kwargs)
+    engine = make_engine(_DirStore({feature: path}, tiny_base))
+    with pytest.raises(FailedPrecondition, match=feature):
+        run(engine.generate(request_for(PROMPT, 4, feature)).__anext__())
