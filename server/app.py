@@ -49,8 +49,8 @@ def build_engine(config: ServerConfig, observer: EngineObserver) -> Engine:
 
     return PeftEngine(base, reader, PeftEngineConfig(
         max_adapters=config.max_adapters, max_lora_rank=config.max_lora_rank, max_waiting=config.max_waiting,
-        max_new_tokens_limit=config.max_new_tokens_limit, device=config.device, dtype=config.dtype,
-        cache_dir=config.cache_dir), observer)
+        max_new_tokens_limit=config.max_new_tokens_limit, max_prompt_tokens=config.max_prompt_tokens,
+        device=config.device, dtype=config.dtype, cache_dir=config.cache_dir, alias_ttl=config.alias_refresh), observer)
 
 
 class AdapterctlServer:
@@ -164,7 +164,8 @@ class AdapterctlServer:
             task.cancel()
         if self._server is not None:
             try:  # generations get the grace period; then anything left (e.g. health watches) is cancelled
-                await asyncio.wait_for(self.state.wait_idle(), grace)
+                if self.state.inflight:
+                    await asyncio.wait_for(self.state.wait_idle(), grace)
             except asyncio.TimeoutError:
                 log.warning("grace period over with %d request(s) in flight; cancelling them", self.state.inflight)
             await self._server.stop(0)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from adapterctl.errors import InvalidArgument
+from adapterctl.server.engine.config import PREFILL_MODES, EngineConfig
 
 ENGINES = ("auto", "batched", "reference")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,6 +33,12 @@ def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, pat
     """A dataclass field carrying its CLI help; ``path`` is "file" (must exist), "dir" or "out"."""
     meta = {"help": help, "choices": choices, "path": path, "envvar": envvar}
     return field(default=default, metadata=meta)
+
+
+def _engine_opt(name: str, **kw: Any) -> Any:
+    """A field mirroring ``EngineConfig.<name>`` (its default and help; "[batched engine]" noted)."""
+    default = next(f.default for f in dataclasses.fields(EngineConfig) if f.name == name)
+    return _opt(default, "[batched engine] " + EngineConfig.help()[name], **kw)
 
 
 @dataclass
@@ -57,10 +64,20 @@ class ServerConfig:
     max_waiting: int = _opt(64, "Requests allowed to wait for the engine; more -> RESOURCE_EXHAUSTED.")
     max_new_tokens_limit: int = _opt(1024, "Largest max_new_tokens a request may ask for.")
     default_max_new_tokens: int = _opt(128, "max_new_tokens when a request leaves it 0.")
+    # Batching-engine knobs (same names as EngineConfig; defaults and help come from it).
+    max_running_requests: int = _engine_opt("max_running_requests")
+    max_batch_tokens: int = _engine_opt("max_batch_tokens")
+    max_kv_tokens: int = _engine_opt("max_kv_tokens")
+    max_prompt_tokens: int = _opt(next(f.default for f in dataclasses.fields(EngineConfig)
+                                       if f.name == "max_prompt_tokens"),
+                                  "Longest accepted prompt in tokens (also capped by the model's window).")
+    prefill_mode: str = _engine_opt("prefill_mode", choices=PREFILL_MODES)
+    lora_backend: str = _engine_opt("lora_backend")
     cache_dir: Path | None = _opt(None, "Disk tier for pulled adapters (default $ADAPTERCTL_HOME/adapters).",
                                   path="dir")
-    alias_refresh: float = _opt(30.0, "Seconds between alias re-resolutions (hot reload); 0 = only on "
-                                "the RefreshAliases RPC.")
+    alias_refresh: float = _opt(30.0, "Hot reload: seconds a resolved NAME / NAME:ALIAS is trusted before "
+                                "it is re-resolved, and the period of the background refresh (0 = re-resolve "
+                                "on every request). The RefreshAliases RPC refreshes at once.")
     shutdown_grace: float = _opt(10.0, "Seconds in-flight requests get to finish after SIGTERM.")
     tls_cert: Path | None = _opt(None, "PEM server certificate (enables TLS; needs --tls-key).", path="file")
     tls_key: Path | None = _opt(None, "PEM private key of --tls-cert.", path="file")
@@ -81,7 +98,8 @@ class ServerConfig:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
-        for name in ("max_adapters", "max_lora_rank", "max_new_tokens_limit", "metrics_max_adapters"):
+        for name in ("max_adapters", "max_lora_rank", "max_new_tokens_limit", "metrics_max_adapters",
+                     "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0:

@@ -48,7 +48,8 @@ class PeftAdapters:
     """Up to ``max_adapters`` adapters loaded into one PEFT model, LRU-evicted."""
 
     def __init__(self, model: Any, base: BaseModel, reader: "RegistryReader", cache_dir: Path,
-                 max_adapters: int, max_lora_rank: int, observer: EngineObserver) -> None:
+                 max_adapters: int, max_lora_rank: int, observer: EngineObserver,
+                 alias_ttl: float = 30.0) -> None:
         self._base_model = model  # the plain HF model; wrapped by PEFT on first load
         self.peft: Any = None
         self._base = base
@@ -57,6 +58,8 @@ class PeftAdapters:
         self._max_lora_rank = max_lora_rank
         self._observer = observer
         self._refs: dict[str, "Manifest"] = {}  # reference text -> manifest it resolved to
+        self._resolved_at: dict[str, float] = {}  # mutable refs: when they were last resolved
+        self._alias_ttl = alias_ttl
         self._refs_lock = threading.Lock()
         self._active: Counter[str] = Counter()  # digest -> queued or running requests
         self._active_lock = threading.Lock()
@@ -65,18 +68,23 @@ class PeftAdapters:
 
     # ---- resolution (any thread) ---------------------------------------------
     def resolve(self, ref: str) -> "Manifest":
-        """Manifest for ``ref``; mutable refs (latest, aliases) stay cached until :meth:`refresh`."""
+        """Manifest for ``ref``; mutable refs (latest, aliases) are trusted for ``alias_ttl``
+        seconds (or until :meth:`refresh`), exact versions and digests forever."""
         parsed = parse_ref(ref)
         key = str(parsed)
         with self._refs_lock:
             cached = self._refs.get(key)
-        if cached is not None:
+            fresh = not _is_mutable(key) or time.monotonic() - self._resolved_at.get(key, 0.0) < self._alias_ttl
+        if cached is not None and fresh:
             return cached
         manifest = self._reader.resolve(parsed)
         check_base_fingerprint((manifest.base_model or {}).get("fingerprint"), self._base, f"adapter {key}")
         check_lora_config(manifest.lora or {}, self._max_lora_rank, f"adapter {key}")
         with self._refs_lock:
             self._refs[key] = manifest
+            self._resolved_at[key] = time.monotonic()
+        if cached is not None and cached.digest != manifest.digest:
+            log.info("alias %s moved %s -> %s", key, cached.version, manifest.version)
         return manifest
 
     def refresh(self) -> list[tuple[str, str, int, int]]:
@@ -86,10 +94,11 @@ class PeftAdapters:
         changes = []
         for key, old in mutable.items():
             new = self._reader.resolve(parse_ref(key))
-            if new.digest == old.digest:
-                continue
             with self._refs_lock:
                 self._refs[key] = new
+                self._resolved_at[key] = time.monotonic()
+            if new.digest == old.digest:
+                continue
             parsed = parse_ref(key)
             changes.append((parsed.name, parsed.alias or LATEST, int(old.version), int(new.version)))
             log.info("alias %s moved %s -> %s", key, old.version, new.version)

@@ -38,9 +38,11 @@ class PeftEngineConfig:
     max_lora_rank: int = 64
     max_waiting: int = 64
     max_new_tokens_limit: int = 1024
+    max_prompt_tokens: int = 2048  # also capped by the model's window
     device: str | None = None  # None: cuda when available, else cpu
     dtype: str = "float32"
     cache_dir: Path | None = None  # None: $ADAPTERCTL_HOME/adapters
+    alias_ttl: float = 30.0  # seconds a resolved NAME / NAME:ALIAS is trusted
 
 
 @dataclass
@@ -91,10 +93,12 @@ class PeftEngine:
         eos = model.generation_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self._gen_defaults = {"pad_token_id": self.tokenizer.pad_token_id, "eos_token_id": sorted(self._eos)}
-        self.max_prompt_tokens = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
+        window = int(getattr(model.config, "max_position_embeddings", 0) or 8192)
+        self._window = window
+        self.max_prompt_tokens = min(self.config.max_prompt_tokens, window - 1)
         cache_dir = Path(self.config.cache_dir or home() / "adapters")
         self._adapters = PeftAdapters(model, self.base, self._reader, cache_dir, self.config.max_adapters,
-                                      self.config.max_lora_rank, self.observer)
+                                      self.config.max_lora_rank, self.observer, self.config.alias_ttl)
         log.info("reference engine ready: %s on %s (%s)", self.base.id, self.device, self.config.dtype)
 
     async def stop(self) -> None:
@@ -108,7 +112,7 @@ class PeftEngine:
         if not request.prompt_ids:
             raise InvalidArgument("prompt is empty")
         if len(request.prompt_ids) > self.max_prompt_tokens:
-            raise InvalidArgument(f"prompt has {len(request.prompt_ids)} tokens; the model window is "
+            raise InvalidArgument(f"prompt has {len(request.prompt_ids)} tokens; this server accepts at most "
                                   f"{self.max_prompt_tokens}")
         request.sampling.validate(self.max_new_tokens_limit)
         manifest = await asyncio.to_thread(self._adapters.resolve, request.adapter) if request.adapter else None
@@ -162,7 +166,7 @@ class PeftEngine:
 
         req, sp = job.request, job.request.sampling
         stream = StopTextStream(self.tokenizer, sp.stop)
-        budget = min(sp.max_new_tokens, max(1, self.max_prompt_tokens - len(req.prompt_ids)))
+        budget = min(sp.max_new_tokens, max(1, self._window - len(req.prompt_ids)))
         kwargs: dict[str, Any] = dict(self._gen_defaults, max_new_tokens=budget, do_sample=sp.temperature > 0)
         if sp.temperature > 0:
             kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k)

@@ -83,25 +83,31 @@ def start_server(tmp_path: Path, engine_factory=None, **overrides: Any):
     return BackgroundServer(ServerConfig(**settings), engine_factory or build_engine).start()
 
 
-def _reference_server(tmp_path_factory, published, tiny_base):
+ENGINES = ("batched", "reference")
+
+
+def _engine_server(tmp_path_factory, published, tiny_base, engine: str):
     uri, _ = published
-    bg = start_server(tmp_path_factory.mktemp("grpc-server"), registry=uri, base_model=str(tiny_base.path),
-                      max_lora_rank=8, max_waiting=1, metrics_max_adapters=3, max_new_tokens_limit=4096)
+    bg = start_server(tmp_path_factory.mktemp(f"grpc-server-{engine}"), engine=engine, registry=uri,
+                      alias_refresh=3600,  # aliases move only through the RefreshAliases RPC here
+                      base_model=str(tiny_base.path), max_lora_rank=8, max_waiting=1, max_running_requests=1,
+                      metrics_max_adapters=3, max_new_tokens_limit=2000, max_prompt_tokens=40)
     yield bg
     bg.stop()
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, published, tiny_base):
-    """The reference-engine server over ``published`` shared by the test modules:
-    max_lora_rank 8, max_waiting 1, metrics label cap 3."""
-    yield from _reference_server(tmp_path_factory, published, tiny_base)
+@pytest.fixture(scope="session", params=ENGINES)
+def server(request, tmp_path_factory, published, tiny_base):
+    """A server over ``published`` per engine, shared by the test modules: one request
+    runs at a time (max_running_requests 1) and one may wait (max_waiting 1);
+    max_lora_rank 8; metrics label cap 3; prompts up to 2000 tokens."""
+    yield from _engine_server(tmp_path_factory, published, tiny_base, request.param)
 
 
-@pytest.fixture(scope="module")
-def fresh_server(tmp_path_factory, published, tiny_base):
+@pytest.fixture(scope="module", params=ENGINES)
+def fresh_server(request, tmp_path_factory, published, tiny_base):
     """Like ``server`` but private to one module (for exact metric counts)."""
-    yield from _reference_server(tmp_path_factory, published, tiny_base)
+    yield from _engine_server(tmp_path_factory, published, tiny_base, request.param)
 
 
 @pytest.fixture
