@@ -59,7 +59,7 @@ def test_adapters_commands(address):
     for action in ("load", "pin", "unpin", "unload"):
         result = _run("adapters", action, "--server", address, "echo")
         assert result.exit_code == 0 and result.output.startswith("echo:1 sha256:"), (action, result.output)
-    assert _run("adapters", "refresh", "--server", address).output == "no alias changed\n"
+    assert _run("adapters", "refresh", "--server", address).output == "echo:prod 1 -> 2\n"
 
 
 def test_token_file_and_env(echo_server, tmp_path, monkeypatch):

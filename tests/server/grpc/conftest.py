@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -143,11 +144,17 @@ class CharTokenizer:
         return type("Encoding", (), {"input_ids": [ord(c) for c in text]})()
 
     def apply_chat_template(self, turns, tokenize=False, add_generation_prompt=True):
+        if self.chat_template:  # a --chat-template override
+            import jinja2
+
+            return jinja2.Template(self.chat_template).render(messages=turns,
+                                                              add_generation_prompt=add_generation_prompt)
         return "".join(f"<{t['role']}>{t['content']}" for t in turns) + ("<model>" if add_generation_prompt else "")
 
 
 class EchoEngine:
-    """Echoes the prompt back one character per token; ``gate`` (an asyncio.Event) delays start()."""
+    """Echoes the prompt back one character per token and serves any adapter named echo*
+    (as version 1); ``gate`` (an asyncio.Event) delays start()."""
 
     max_new_tokens_limit = 1024
     max_prompt_tokens = 1000
@@ -156,6 +163,7 @@ class EchoEngine:
     def __init__(self, gate: asyncio.Event | None = None) -> None:
         self.tokenizer = CharTokenizer()
         self._gate = gate
+        self.refreshed = threading.Event()  # set by refresh_aliases (the server's watch loop calls it)
 
     async def start(self) -> None:
         if self._gate is not None:
@@ -169,7 +177,7 @@ class EchoEngine:
         if request.adapter:
             if not request.adapter.startswith("echo"):
                 raise NotFound(f"adapter {request.adapter!r} not found")
-            served = ServedAdapter("echo", 1, "sha256:" + "e" * 64)
+            served = ServedAdapter(request.adapter.split(":")[0].split("@")[0], 1, "sha256:" + "e" * 64)
         ids = request.prompt_ids[: request.sampling.max_new_tokens]
         for token in ids:
             await asyncio.sleep(0)
@@ -189,7 +197,8 @@ class EchoEngine:
         return (await self.list_adapters())[0]
 
     async def refresh_aliases(self):
-        return []
+        self.refreshed.set()
+        return [("echo", "prod", 1, 2)]
 
 
 @pytest.fixture

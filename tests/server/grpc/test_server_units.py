@@ -79,3 +79,30 @@ def test_label_cap_keeps_first_successful_names():
     assert labels.label(None) == "__base__"
     assert labels.label("junk", claim=False) == "__other__"
     assert [labels.label(n) for n in ("a", "b", "c", "a")] == ["a", "b", "__other__", "a"]
+
+
+def test_readme_section_lists_only_real_metrics():
+    import re
+    from pathlib import Path
+
+    from prometheus_client import generate_latest
+
+    from adapterctl.server.metrics import ServerMetrics
+
+    m = ServerMetrics(2)
+    m.observe_request("a", "OK", 3, 4, 1.0, 0.1)
+    m.on_step(1, 1, 1, 0, 0.5)
+    m.on_load("disk", 0.1, "a")
+    m.on_residency("device", 1, 10, 0)
+    m.on_queue_rejected()
+    m.auth_failures.labels(code="UNAUTHENTICATED").inc()
+    m.set_base_model("b", "sha256:x", "cpu", "float32", "PeftEngine")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffix = {"counter": "_total", "info": "_info"}
+    exposed = {f.name + suffix.get(f.type, "")
+               for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+               if not f.name.endswith("_created")}
+    text = (Path(__file__).resolve().parents[3] / "server/README_SECTION.md").read_text()
+    documented = set(re.findall(r"`(adapterctl_\w+)`", text))
+    assert documented == exposed, (documented - exposed, exposed - documented)
