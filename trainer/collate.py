@@ -1,4 +1,7 @@
-"""Batching: a list-backed dataset and a right-padding collator (length grouping is HF's sampler)."""
+"""Batching: a list-backed dataset, right-padding and padding-free (packed) collators.
+
+Length grouping, when asked for, is HF's own sampler.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,3 +57,35 @@ class RightPadCollator:
             attention_mask[row, :n] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
+
+
+@dataclass
+class PaddingFreeCollator:
+    """Concatenates a batch's records into one row: ``input_ids``, ``position_ids`` and
+    ``labels`` of shape [1, N] (N = total tokens), positions restarting at 0 per record and
+    the label of each record's first token set to -100, with no ``attention_mask``.
+
+    Transformers then builds a block-diagonal causal mask from the position ids, so each
+    record attends only to itself: same batches, same loss as right padding, but no compute
+    on padding. Batches over ``max_packed_tokens`` are right-padded instead, because a packed
+    row's attention cost grows with N squared.
+    """
+
+    pad_id: int
+    max_packed_tokens: int = 2048
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        total = sum(len(f["input_ids"]) for f in features)
+        if len(features) == 1 or total > self.max_packed_tokens:
+            return RightPadCollator(self.pad_id)(features)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for f in features:
+            input_ids.extend(f["input_ids"])
+            labels.append(IGNORE_INDEX)  # never predicted across a record boundary
+            labels.extend(f["labels"][1:])
+            positions.extend(range(len(f["input_ids"])))
+        return {"input_ids": torch.tensor([input_ids], dtype=torch.long),
+                "position_ids": torch.tensor([positions], dtype=torch.long),
+                "labels": torch.tensor([labels], dtype=torch.long)}

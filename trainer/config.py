@@ -68,6 +68,7 @@ class TrainConfig:
     max_grad_norm: float = _opt(1.0, "Clip gradients to this global norm (0 disables).", "optim")
     seed: int = _opt(42, "Seed for LoRA init, data order, dropout and the eval split.", "optim")
     precision: str = _opt("auto", "auto = bf16 autocast on GPUs that support it, else fp32 (CPU is always fp32).", "optim", choices=PRECISIONS)
+    padding_free: bool = _opt(True, "Pack each batch's records into one row with per-record attention: no compute on padding, same loss.", "optim")
     group_by_length: bool = _opt(False, "Batch records of similar length together (less padding; changes the batch order).", "optim")
     # --- run control
     eval_steps: int | None = _opt(None, "Evaluate every N steps (default: every epoch, and always at the end).", "run")
@@ -112,6 +113,7 @@ class TrainConfig:
             from adapterctl.refs import validate_name
 
             validate_name(self.publish)
+            _check(not self.use_dora, "DoRA adapters cannot be published yet (the registry and server refuse them); drop --publish or --use-dora")
 
     @property
     def resolved_epochs(self) -> float:

@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from adapterctl.basemodel import load_tokenizer, resolve_base_model
 from adapterctl.errors import AdapterctlError, FailedPrecondition, InvalidArgument
 from adapterctl.trainer.callbacks import InterruptCallback, ProgressCallback
-from adapterctl.trainer.collate import ExampleDataset, RightPadCollator
+from adapterctl.trainer.collate import ExampleDataset, PaddingFreeCollator, RightPadCollator
 from adapterctl.trainer.config import TrainConfig
 from adapterctl.trainer.data import PreparedData, prepare_data
 from adapterctl.trainer.launch import write_result
@@ -57,6 +57,7 @@ class TrainResult:
     eval_loss: float | None = None
     eval_perplexity: float | None = None
     steps: int = 0
+    tokens: int = 0  # non-padding tokens trained on by this process (x num_processes for the run)
     tokens_per_s: float = 0.0
     wall_time_s: float = 0.0
     manifest: dict[str, Any] = field(default_factory=dict)
@@ -73,7 +74,8 @@ class AdapterTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            self.tokens_seen += int(inputs["attention_mask"].sum())
+            mask = inputs.get("attention_mask")
+            self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -125,7 +127,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     trainer = AdapterTrainer(
         model=model, args=training_arguments(config, has_eval=eval_set is not None),
         train_dataset=train_set, eval_dataset=eval_set, eval_examples=eval_set,
-        data_collator=RightPadCollator(tokenizer.pad_token_id), callbacks=[*(callbacks or []), interrupt, progress],
+        data_collator=_collator(config, tokenizer.pad_token_id), callbacks=[*(callbacks or []), interrupt, progress],
     )
     progress.trainer = trainer
     trainer.remove_callback(_default_progress_callback())
@@ -140,7 +142,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     wall = time.perf_counter() - started
     result = TrainResult(output_dir=Path(config.output), train_loss=metrics["train_loss"], losses=_step_losses(trainer),
                          eval_loss=metrics["eval_loss"], eval_perplexity=metrics["eval_perplexity"],
-                         steps=trainer.state.global_step, tokens_per_s=progress.tokens_per_s(), wall_time_s=wall)
+                         steps=trainer.state.global_step, tokens=trainer.tokens_seen,
+                         tokens_per_s=progress.tokens_per_s(), wall_time_s=wall)
     if trainer.is_world_process_zero():
         out = Path(config.output)
         save_adapter(model, out, base)
@@ -156,6 +159,10 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         write_result(dataclasses.asdict(result))
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+def _collator(config: TrainConfig, pad_id: int) -> Any:
+    return PaddingFreeCollator(pad_id) if config.padding_free else RightPadCollator(pad_id)
 
 
 @functools.lru_cache(maxsize=2)
