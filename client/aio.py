@@ -35,6 +35,8 @@ class AsyncGenerationStream:
                 else:
                     yield Chunk(msg.chunk.text, tuple(msg.chunk.token_ids))
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                return  # we cancelled it
             raise error_from_rpc(exc) from None
 
     def cancel(self) -> None:

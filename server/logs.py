@@ -40,4 +40,5 @@ def configure(json_lines: bool, level: int = logging.INFO) -> None:
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    logging.captureWarnings(True)  # library warnings become log records (JSON lines stay parseable)
     logging.getLogger("adapterctl").setLevel(min(level, root.level or logging.WARNING))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -116,8 +117,8 @@ class PeftEngine:
                                   f"{self.max_prompt_tokens}")
         request.sampling.validate(self.max_new_tokens_limit)
         manifest = await asyncio.to_thread(self._adapters.resolve, request.adapter) if request.adapter else None
-        with self._count_lock:
-            if self._waiting >= self.config.max_waiting:
+        with self._count_lock:  # one runs, max_waiting may queue behind it
+            if self._waiting + self._running >= 1 + self.config.max_waiting:
                 self.observer.on_queue_rejected()
                 raise ResourceExhausted(f"{self._waiting} requests are already waiting (max {self.config.max_waiting})")
             self._waiting += 1
@@ -130,13 +131,23 @@ class PeftEngine:
         except RuntimeError:  # executor shut down
             self._finish_job(job, started=False)
             raise Unavailable("engine is stopping") from None
-        future.add_done_callback(_consume_exception)
+        future.add_done_callback(functools.partial(self._on_job_done, job))
         try:
             while (item := await job.queue.get()) is not _DONE:
                 yield item
+            if future.cancelled():  # dropped from the executor by stop()
+                raise Unavailable("the engine stopped before running this request")
             yield await future
         finally:
             job.cancel.set()
+
+    def _on_job_done(self, job: _Job, future: asyncio.Future) -> None:
+        """On the event loop: a job the executor dropped (stop()) never ran, so settle it here."""
+        if future.cancelled():
+            self._finish_job(job, started=False)
+            job.queue.put_nowait(_DONE)
+        else:
+            future.exception()  # retrieved so an abandoned request does not log "never retrieved"
 
     def _finish_job(self, job: _Job, started: bool) -> None:
         with self._count_lock:
@@ -296,7 +307,3 @@ class _StopWhen:
         done = self._cancel.is_set() or self._stream.stopped
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
-
-def _consume_exception(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
