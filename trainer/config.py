@@ -72,9 +72,10 @@ class TrainConfig:
     group_by_length: bool = _opt(False, "Batch records of similar length together (less padding; changes the batch order).", "optim")
     # --- run control
     eval_steps: int | None = _opt(None, "Evaluate every N steps (default: every epoch, and always at the end).", "run")
-    save_steps: int | None = _opt(None, "Save a resumable checkpoint every N steps (into OUTPUT/checkpoints).", "run")
-    resume: bool = _opt(False, "Resume from the last checkpoint in OUTPUT/checkpoints.", "run")
-    keep_checkpoints: bool = _opt(False, "Keep OUTPUT/checkpoints after a successful run.", "run")
+    save_steps: int | None = _opt(None, "Save a resumable checkpoint every N steps (Ctrl-C always saves one).", "run")
+    checkpoint_dir: str | None = _opt(None, "Where checkpoints go (default: OUTPUT.checkpoints next to OUTPUT, which stays a plain PEFT dir).", "run")
+    resume: bool = _opt(False, "Resume from the last checkpoint in the checkpoint directory.", "run")
+    keep_checkpoints: bool = _opt(False, "Keep the checkpoint directory after a successful run (default: remove it).", "run")
     num_processes: int = _opt(1, "Data-parallel processes (torch.distributed; gloo on CPU, nccl on GPUs).", "run")
     device: str = _opt("auto", "auto, cpu or cuda.", "run", choices=("auto", "cpu", "cuda"))
     progress: bool = _opt(True, "Show a progress bar with loss and tokens/s.", "run")
@@ -120,8 +121,12 @@ class TrainConfig:
         return DEFAULT_EPOCHS if self.epochs is None else self.epochs
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.output) / "checkpoints"
+    def checkpoints(self) -> Path:
+        """The checkpoint directory: ``checkpoint_dir`` or ``OUTPUT.checkpoints`` beside the output."""
+        if self.checkpoint_dir:
+            return Path(self.checkpoint_dir)
+        out = Path(self.output)
+        return out.parent / f"{out.name}.checkpoints"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

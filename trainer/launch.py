@@ -47,7 +47,7 @@ def launch_distributed(config: TrainConfig) -> Any:
             signal.signal(signal.SIGINT, previous)
         fields = json.loads(result_path.read_text()) if result_path.is_file() else {}
     if "interrupted_at" in fields:
-        raise TrainingInterrupted(fields["interrupted_at"], config.checkpoint_dir)
+        raise TrainingInterrupted(fields["interrupted_at"], config.checkpoints)
     if proc.returncode != 0 or "output_dir" not in fields:
         raise AdapterctlError(f"distributed training failed (exit code {proc.returncode}); see the worker output above")
     result = TrainResult(**{**fields, "output_dir": Path(fields["output_dir"])})

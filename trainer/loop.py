@@ -131,13 +131,13 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     )
     progress.trainer = trainer
     trainer.remove_callback(_default_progress_callback())
-    resume_from = get_last_checkpoint(str(config.checkpoint_dir)) if config.resume else None
+    resume_from = get_last_checkpoint(str(config.checkpoints)) if config.resume else None
     with interrupt.installed():
         trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.stopped_at is not None:
         if trainer.is_world_process_zero():
             write_result({"interrupted_at": interrupt.stopped_at})
-        raise TrainingInterrupted(interrupt.stopped_at, config.checkpoint_dir)
+        raise TrainingInterrupted(interrupt.stopped_at, config.checkpoints)
     metrics = _final_metrics(trainer, data)
     wall = time.perf_counter() - started
     result = TrainResult(output_dir=Path(config.output), train_loss=metrics["train_loss"], losses=_step_losses(trainer),
@@ -153,7 +153,7 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
         write_manifest(out, manifest)
         result.manifest = manifest
         if not config.keep_checkpoints:
-            shutil.rmtree(config.checkpoint_dir, ignore_errors=True)
+            shutil.rmtree(config.checkpoints, ignore_errors=True)
         if config.publish:
             result.published = publish(out, config.publish, config.registry)
         write_result(dataclasses.asdict(result))
@@ -180,7 +180,7 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         raise InvalidArgument("fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
     eval_strategy = "no" if not has_eval else ("steps" if config.eval_steps else "epoch")
     return TrainingArguments(
-        output_dir=str(config.checkpoint_dir),
+        output_dir=str(config.checkpoints),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
@@ -218,11 +218,11 @@ def publish(output_dir: Path, name: str, registry_uri: str | None) -> str:
 
 
 def _check_resume(config: TrainConfig) -> None:
-    has_checkpoint = config.checkpoint_dir.is_dir() and get_last_checkpoint(str(config.checkpoint_dir)) is not None
+    has_checkpoint = config.checkpoints.is_dir() and get_last_checkpoint(str(config.checkpoints)) is not None
     if config.resume and not has_checkpoint:
-        raise FailedPrecondition(f"--resume: no checkpoint under {config.checkpoint_dir}")
+        raise FailedPrecondition(f"--resume: no checkpoint under {config.checkpoints}")
     if not config.resume and has_checkpoint:
-        raise FailedPrecondition(f"{config.checkpoint_dir} holds checkpoints of an earlier run; "
+        raise FailedPrecondition(f"{config.checkpoints} holds checkpoints of an earlier run; "
                                  "pass --resume to continue it or remove them")
 
 

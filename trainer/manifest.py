@@ -20,7 +20,11 @@ _BASE_CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidd
 def save_adapter(peft_model: Any, output_dir: Path, base: BaseModel) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (no model-card README)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    peft_model.peft_config["default"].base_model_name_or_path = base.id
+    config = peft_model.peft_config["default"]
+    config.base_model_name_or_path = base.id
+    # PEFT expands all-linear into full module paths; short names adapt the same modules
+    # (PEFT matches by suffix) and are what the registry and server expect.
+    config.target_modules = set(resolved_target_modules(peft_model))
     peft_model.save_pretrained(str(output_dir), safe_serialization=True, save_embedding_layers=False)
     (output_dir / "README.md").unlink(missing_ok=True)
 
@@ -60,9 +64,10 @@ def build_manifest(config: TrainConfig, base: BaseModel, *, lora_targets: list[s
 
 
 def resolved_target_modules(peft_model: Any) -> list[str]:
-    """The module names PEFT actually adapted (``all-linear`` expanded), sorted."""
+    """The short names of the modules PEFT adapted (``all-linear`` expanded), sorted."""
     targets = peft_model.peft_config["default"].target_modules
-    return sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)]
+    names = [targets] if isinstance(targets, str) else list(targets)
+    return sorted({name.rsplit(".", 1)[-1] for name in names})
 
 
 def write_manifest(output_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -56,3 +56,11 @@ def test_cli_config_file_precedence_lands_in_manifest(tiny_base, tmp_path):
     assert (resolved["rank"], resolved["alpha"], resolved["max_steps"], resolved["seed"]) == (4, 16.0, 1, 11)
     assert manifest["lora"]["rank"] == 4 and manifest["lora"]["use_rslora"] is True
     assert json.loads((out / "adapter_config.json").read_text())["use_rslora"] is True
+
+
+def test_readme_section_documents_every_option():
+    import dataclasses
+
+    text = (Path(__file__).resolve().parents[2] / "trainer" / "README_SECTION.md").read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"--{f.name.replace('_', '-')}" not in text]
+    assert not missing, f"options missing from trainer/README_SECTION.md: {missing}"

@@ -8,11 +8,13 @@ def test_publish_lands_a_version_with_lineage(tiny_config, tiny_base, s3_registr
     from adapterctl.registry import open_registry
     from adapterctl.trainer import train
 
-    result = train(tiny_config(max_steps=2, eval_split=0.1, publish="reviews", registry=s3_registry_uri))
+    result = train(tiny_config(max_steps=2, eval_split=0.1, rank=4, target_modules="all-linear",
+                               publish="reviews", registry=s3_registry_uri))
     assert result.published == "reviews:1"
     manifest = open_registry(s3_registry_uri).resolve("reviews:1")
     assert manifest.base_model["fingerprint"] == tiny_base.fingerprint
-    assert manifest.lora["rank"] == 16 and manifest.lora["target_modules"] == ["q_proj", "v_proj"]
+    linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert manifest.lora["rank"] == 4 and sorted(manifest.lora["target_modules"]) == linear  # all-linear, short names
     training = manifest.training
     assert training["dataset"]["train_records"] == 43 and training["dataset"]["eval_records"] == 5
     assert len(training["dataset"]["train_sha256"]) == 64

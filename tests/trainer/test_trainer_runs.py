@@ -43,7 +43,7 @@ def test_eval_metrics_resume_and_determinism(tiny_config, tmp_path):
     cfg = tiny_config(output=str(tmp_path / "c"), **common)
     with pytest.raises(TrainingInterrupted) as info:
         train(cfg, callbacks=[_SigintAt(4)])
-    assert info.value.step == 4 and (cfg.checkpoint_dir / "checkpoint-4").is_dir()
+    assert info.value.step == 4 and (cfg.checkpoints / "checkpoint-4").is_dir()
     assert not (tmp_path / "c" / "adapter_model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = train(cfg.replace(resume=True))
@@ -51,7 +51,7 @@ def test_eval_metrics_resume_and_determinism(tiny_config, tmp_path):
     assert resumed.eval_loss == first.eval_loss
     assert (resumed.output_dir / "adapter_model.safetensors").read_bytes() == \
         (first.output_dir / "adapter_model.safetensors").read_bytes()
-    assert not cfg.checkpoint_dir.exists()  # removed after success (keep with --keep-checkpoints)
+    assert not cfg.checkpoints.exists()  # removed after success (keep with --keep-checkpoints)
 
 
 def test_resume_needs_a_checkpoint_and_fresh_runs_refuse_old_ones(tiny_config, tmp_path):
@@ -61,6 +61,6 @@ def test_resume_needs_a_checkpoint_and_fresh_runs_refuse_old_ones(tiny_config, t
     cfg = tiny_config(output=str(tmp_path / "r"), max_steps=2, resume=True)
     with pytest.raises(FailedPrecondition, match="no checkpoint"):
         train(cfg)
-    (cfg.checkpoint_dir / "checkpoint-1").mkdir(parents=True)
+    (cfg.checkpoints / "checkpoint-1").mkdir(parents=True)
     with pytest.raises(FailedPrecondition, match="--resume"):
         train(cfg.replace(resume=False))
