@@ -30,7 +30,7 @@ class LoraBatch:
     lora_token_slots: torch.Tensor  # [num_lora_tokens] int64 their slots
     slots: tuple[int, ...]  # distinct non-zero slots present in this batch
     partial: bool = False  # True for a view where some adapter tokens were left out
-    _views: dict[int, "LoraBatch | None"] = field(default_factory=dict, repr=False)
+    _views: dict = field(default_factory=dict, repr=False)  # memoised derived views
 
     @property
     def num_tokens(self) -> int:
@@ -39,6 +39,17 @@ class LoraBatch:
     @property
     def has_lora(self) -> bool:
         return bool(self.slots)
+
+    @property
+    def slot_run_start(self) -> int | None:
+        """``s0`` when token ``i`` uses slot ``s0 + i`` for every token (one token per
+        slot, consecutive slots) — then slot banks can be sliced instead of gathered."""
+        if "run" not in self._views:
+            n, slots = self.num_tokens, self.seg_slots
+            ok = n > 0 and len(slots) == n and slots[0] != NO_SLOT and slots[-1] - slots[0] == n - 1 and all(
+                b - a == 1 for a, b in zip(slots, slots[1:]))
+            self._views["run"] = slots[0] if ok else None
+        return self._views["run"]
 
     @property
     def all_tokens_lora(self) -> bool:

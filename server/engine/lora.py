@@ -1,12 +1,13 @@
-"""LoRA compute for heterogeneous batches: one backend interface, two CPU implementations,
+"""LoRA compute for heterogeneous batches: one backend interface, CPU implementations,
 and the LoRA-aware linear that wraps a base ``nn.Linear``.
 
 Semantics every backend implements, for each token ``t`` with slot ``s = token_slots[t] != 0``::
 
-    y[t] += scale[s] * (x[t] @ A[s].T) @ B[s].T
+    y[t] += scale[s] * (x[t] @ A[s].T) @ Bt[s]          # Bt[s] = B[s].T
 
-``A[s]`` is ``[max_rank, in]`` and ``B[s]`` is ``[out, max_rank]``, zero beyond the
-adapter's rank, so adapters of different ranks share one bank exactly.
+``A[s]`` is ``[max_rank, in]`` and ``Bt[s]`` is ``[max_rank, out]``, zero beyond the
+adapter's rank, so adapters of different ranks share one bank exactly; slicing a rank
+prefix ``[:, :r]`` keeps each slot's block contiguous.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class LoraWeights:
     """The slot bank of one targeted linear (slot 0 = no adapter, always zero)."""
 
     A: torch.Tensor  # [num_slots + 1, max_rank, in_features]
-    B: torch.Tensor  # [num_slots + 1, out_features, max_rank]
+    Bt: torch.Tensor  # [num_slots + 1, max_rank, out_features]  (B transposed)
     scale: torch.Tensor  # [num_slots + 1] float, shared by all modules (per adapter)
     ranks: list[int] = field(default_factory=list)  # [num_slots + 1] rank written per slot; 0 = not targeted
 
@@ -43,6 +44,13 @@ class LoraBackend(ABC):
         """``y`` [num_tokens, out] += per-token delta of ``x`` [num_tokens, in] (see module docstring)."""
 
 
+def _segment(y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slot: int, lo: int, hi: int) -> None:
+    rank = w.ranks[slot]
+    if rank:
+        h = (x[lo:hi] @ w.A[slot, :rank].T).mul_(w.scale[slot])  # [n, r]
+        y[lo:hi].addmm_(h, w.Bt[slot, :rank])  # [n, out]
+
+
 class SegmentBackend(LoraBackend):
     """One pair of matmuls per run of equal slots, on views (no gather): best when few
     distinct adapters share many tokens (prefill, popular adapters)."""
@@ -50,20 +58,16 @@ class SegmentBackend(LoraBackend):
     name = "segment"
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, meta: LoraBatch) -> None:
-        bounds = meta.seg_bounds
+        b = meta.seg_bounds
         for i, slot in enumerate(meta.seg_slots):
-            rank = w.ranks[slot] if slot else 0
-            if rank == 0:
-                continue
-            lo, hi = bounds[i], bounds[i + 1]
-            h = x[lo:hi] @ w.A[slot, :rank].T  # [n, r]
-            delta = h @ w.B[slot, :, :rank].T  # [n, out]
-            y[lo:hi].add_(delta, alpha=float(w.scale[slot]))
+            if slot:
+                _segment(y, x, w, slot, b[i], b[i + 1])
 
 
 class GatherBackend(LoraBackend):
-    """Gathers each token's (A, B) and runs two batched matmuls over all tokens at once:
-    best when many different adapters each have one token (decode of many adapters)."""
+    """Each token's (A, Bt) in two batched matmuls over all adapter tokens at once: best
+    when many different adapters each have one token (decode). When the tokens' slots
+    are one consecutive run (s0, s0+1, ...), the bank is sliced, not copied."""
 
     name = "gather"
 
@@ -71,18 +75,22 @@ class GatherBackend(LoraBackend):
         rank = w.batch_rank(meta)
         if rank == 0:
             return
-        if meta.all_tokens_lora:
-            slots, xs = meta.token_slots, x
+        full = meta.all_tokens_lora
+        slots = meta.token_slots if full else meta.lora_token_slots
+        xs = x if full else x.index_select(0, meta.lora_tokens)
+        first = meta.slot_run_start if full else None
+        if first is not None:  # zero-copy views of consecutive slots
+            n = xs.shape[0]
+            a, bt, sc = w.A[first: first + n, :rank], w.Bt[first: first + n, :rank], w.scale[first: first + n]
         else:
-            slots, xs = meta.lora_token_slots, x.index_select(0, meta.lora_tokens)
-        a = w.A[:, :rank].index_select(0, slots)  # [n, r, in]
-        b = w.B[:, :, :rank].index_select(0, slots)  # [n, out, r]
-        h = torch.bmm(a, xs.unsqueeze(-1))  # [n, r, 1]
-        delta = torch.bmm(b, h).squeeze(-1) * w.scale.index_select(0, slots).unsqueeze(-1)  # [n, out]
-        if meta.all_tokens_lora:
-            y.add_(delta)
+            a = w.A[:, :rank].index_select(0, slots)  # [n, r, in]
+            bt = w.Bt[:, :rank].index_select(0, slots)  # [n, r, out]
+            sc = w.scale.index_select(0, slots)
+        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2)).mul_(sc.view(-1, 1, 1))  # [n, 1, r]
+        if full:
+            y.unsqueeze(1).baddbmm_(h, bt)
         else:
-            y.index_add_(0, meta.lora_tokens, delta)
+            y.index_add_(0, meta.lora_tokens, torch.bmm(h, bt).squeeze(1))
 
 
 class AutoBackend(LoraBackend):
@@ -93,24 +101,19 @@ class AutoBackend(LoraBackend):
 
     def __init__(self, min_segment_tokens: int = 4) -> None:
         self.min_segment_tokens = min_segment_tokens
-        self._segment = SegmentBackend()
         self._gather = GatherBackend()
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, w: LoraWeights, meta: LoraBatch) -> None:
-        bounds = meta.seg_bounds
-        long_segs = [i for i, s in enumerate(meta.seg_slots) if s and bounds[i + 1] - bounds[i] >= self.min_segment_tokens]
+        b = meta.seg_bounds
+        long_segs = [i for i, s in enumerate(meta.seg_slots) if s and b[i + 1] - b[i] >= self.min_segment_tokens]
+        for i in long_segs:
+            _segment(y, x, w, meta.seg_slots[i], b[i], b[i + 1])
         if not long_segs:
-            return self._gather.apply(y, x, w, meta)
-        if len(long_segs) == len(meta.slots):
-            return self._segment.apply(y, x, w, meta)
-        for i in long_segs:  # mixed: long runs by segment, the rest gathered
-            slot, (lo, hi) = meta.seg_slots[i], (bounds[i], bounds[i + 1])
-            rank = w.ranks[slot]
-            if rank:
-                y[lo:hi].add_((x[lo:hi] @ w.A[slot, :rank].T) @ w.B[slot, :, :rank].T, alpha=float(w.scale[slot]))
-        rest = meta.short_view(self.min_segment_tokens)
-        if rest is not None:
-            self._gather.apply(y, x, w, rest)
+            self._gather.apply(y, x, w, meta)
+        elif len(long_segs) < len(meta.slots):
+            rest = meta.short_view(self.min_segment_tokens)
+            if rest is not None:
+                self._gather.apply(y, x, w, rest)
 
 
 BACKENDS: dict[str, type[LoraBackend]] = {"auto": AutoBackend, "segment": SegmentBackend, "gather": GatherBackend}

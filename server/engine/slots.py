@@ -59,7 +59,7 @@ class SlotBank:
         total = 0
         for m in self.modules.values():
             if m.weights is not None:
-                total += (m.weights.A.numel() + m.weights.B.numel()) * m.weights.A.element_size()
+                total += (m.weights.A.numel() + m.weights.Bt.numel()) * m.weights.A.element_size()
         return total
 
     def check(self, adapter: HostAdapter) -> None:
@@ -93,10 +93,10 @@ class SlotBank:
                 r = 0 if pair is None else pair[0].shape[0]
                 if pair is not None:
                     w.A[slot, :r].copy_(pair[0])
-                    w.B[slot, :, :r].copy_(pair[1])
+                    w.Bt[slot, :r].copy_(pair[1].T)
                 if old > r:
                     w.A[slot, r:old].zero_()
-                    w.B[slot, :, r:old].zero_()
+                    w.Bt[slot, r:old].zero_()
                 w.ranks[slot] = r
             self.scale[slot] = float(adapter.scale)
 
@@ -107,7 +107,7 @@ class SlotBank:
                 n = self.num_slots + 1
                 mod.weights = LoraWeights(
                     A=torch.zeros(n, self.max_rank, mod.in_features, dtype=self.dtype, device=self.device),
-                    B=torch.zeros(n, mod.out_features, self.max_rank, dtype=self.dtype, device=self.device),
+                    Bt=torch.zeros(n, self.max_rank, mod.out_features, dtype=self.dtype, device=self.device),
                     scale=self.scale,
                     ranks=[0] * n,
                 )

@@ -21,12 +21,13 @@ def _bank(num_slots=4, max_rank=16, d_in=24, d_out=40, ranks=(0, 4, 16, 0, 8)) -
             a[s, :r] = torch.randn(r, d_in, generator=g)
             b[s, :, :r] = torch.randn(d_out, r, generator=g)
     scale = torch.tensor([0.0, 2.0, 0.5, 1.0, 0.25])
-    return LoraWeights(a, b, scale, list(ranks))
+    return LoraWeights(a, b.transpose(1, 2).contiguous(), scale, list(ranks))
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("token_slots", [
     [1, 2, 4, 3, 0],  # one token per adapter (decode)
+    [1, 2, 3, 4],  # consecutive slots, one token each (sliced, not gathered)
     [0, 0, 2, 2, 2, 2, 2, 2, 1, 4, 4, 4, 4, 4],  # long and short runs (prefill + decode)
     [0, 0, 0],  # no adapter at all
     [2, 2, 2, 2, 2, 2],  # one adapter, every token
@@ -37,7 +38,7 @@ def test_backends_match_the_formula(backend, token_slots):
     y0 = torch.randn(len(token_slots), 40, generator=torch.Generator().manual_seed(2))
     want = y0.clone()
     for t, s in enumerate(token_slots):
-        want[t] += w.scale[s] * (x[t] @ w.A[s].T) @ w.B[s].T
+        want[t] += w.scale[s] * (x[t] @ w.A[s].T) @ w.Bt[s]
     y = y0.clone()
     make_backend(backend).apply(y, x, w, LoraBatch.from_token_slots(token_slots))
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
