@@ -64,6 +64,7 @@ class BatchingEngine:
         self._stopping = threading.Event()
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._commands_lock = threading.Lock()
+        self._retired: set[tuple[str, int]] = set()  # (name, version) an alias moved away from
         # Test/debug hook: called on the decode thread with (sampled sequences, their logits [n, vocab]).
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
@@ -180,6 +181,8 @@ class BatchingEngine:
             sched = self.scheduler
             for seq in sched.drop_cancelled():
                 self._finish(seq, FINISH_CANCELLED)
+            if self._retired:
+                self._evict_retired()
             sched.admit()
             for seq, error in sched.take_rejected():
                 seq.finish_reason = FINISH_CANCELLED
@@ -340,7 +343,24 @@ class BatchingEngine:
         return await self.store.resolve(ref)
 
     async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
+        """Re-resolve aliases; a version an alias moved away from leaves its device slot as
+        soon as no running request uses it (requests already on it finish on it)."""
         if self.store is None or not hasattr(self.store, "refresh_aliases"):
             return []
-        return await self.store.refresh_aliases()
+        changes = await self.store.refresh_aliases()
+        if changes:
+            self._retired.update((name, old) for name, _, old, _ in changes)
+            self._wake.set()
+        return changes
+
+    def _evict_retired(self) -> None:
+        """Decode thread: unload retired versions that are idle (pinned ones stay)."""
+        lru = self.slots.lru
+        for served in lru.keys():
+            key = (served.name, served.version)
+            if key in self._retired and lru.refcount(served) == 0:
+                self._retired.discard(key)
+                if not lru.is_pinned(served):
+                    self.slots.unload(served)
+        self._retired &= {(s.name, s.version) for s in lru.keys()}
 

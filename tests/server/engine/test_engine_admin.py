@@ -1,0 +1,70 @@
+"""Admin operations on the device tier: load ahead of traffic, pin keeps a slot, unload
+refuses pinned or busy adapters, and a version an alias moved away from leaves its
+slot once idle."""
+from __future__ import annotations
+
+import pytest
+
+from adapterctl.errors import FailedPrecondition, ResourceExhausted
+
+PROMPT = [2, 651, 7344, 691]
+
+
+def test_load_pin_unload_and_list(run, make_engine, dict_store, collect, request_for):
+    engine = make_engine(dict_store, num_slots=2)
+    status = run(engine.load_adapter("r4-qv"))
+    assert (status.tier, status.rank, status.active_requests) == ("device", 4, 0)
+    pinned = run(engine.pin_adapter("r4-qv", True))
+    assert pinned.pinned and pinned.tier == "device"
+    run(engine.load_adapter("r8-qkvo"))
+    run(collect(engine, request_for(PROMPT, 2, "r64-all")))  # needs a slot: evicts r8, never the pinned r4
+    names = {row.name: row for row in run(engine.list_adapters())}
+    assert set(names) == {"r4-qv", "r64-all"} and names["r4-qv"].pinned
+    with pytest.raises(FailedPrecondition, match="pinned"):
+        run(engine.unload_adapter("r4-qv"))
+    run(engine.pin_adapter("r4-qv", False))
+    assert run(engine.unload_adapter("r4-qv")).tier == "device"
+    assert [row.name for row in run(engine.list_adapters())] == ["r64-all"]
+
+
+def test_load_fails_when_every_slot_is_pinned(run, make_engine, dict_store, request_for):
+    engine = make_engine(dict_store, num_slots=1)
+    run(engine.pin_adapter("r4-qv", True))
+    with pytest.raises(ResourceExhausted, match="pinned"):
+        run(engine.load_adapter("r8-qkvo"))
+    with pytest.raises(ResourceExhausted, match="pinned"):  # a request for another adapter is refused, not parked
+        run(engine.generate(request_for(PROMPT, 2, "r8-qkvo")).__anext__())
+
+
+def test_busy_adapter_cannot_be_unloaded(run, make_engine, dict_store, request_for):
+    engine = make_engine(dict_store)
+
+    async def scenario():
+        gen = engine.generate(request_for(PROMPT, 400, "r4-qv"))
+        await gen.__anext__()
+        with pytest.raises(FailedPrecondition, match="serving 1 requests"):
+            await engine.unload_adapter("r4-qv")
+        await gen.aclose()
+
+    run(scenario())
+
+
+def test_retired_alias_version_leaves_the_device_once_idle(run, make_engine, dict_store, collect, request_for):
+    engine = make_engine(dict_store)
+
+    async def moved():
+        return [("r4-qv", "prod", 1, 2)]
+
+    dict_store.refresh_aliases = moved
+
+    async def scenario():
+        gen = engine.generate(request_for(PROMPT, 400, "r4-qv"))
+        await gen.__anext__()
+        assert await engine.refresh_aliases() == [("r4-qv", "prod", 1, 2)]
+        await collect(engine, request_for(PROMPT, 2, "r8-qkvo"))  # a few steps later: still in use
+        assert "r4-qv" in {row.name for row in await engine.list_adapters()}
+        await gen.aclose()
+        await collect(engine, request_for(PROMPT, 2, "r8-qkvo"))
+        return {row.name for row in await engine.list_adapters()}
+
+    assert run(scenario()) == {"r8-qkvo"}
