@@ -8,6 +8,7 @@ everything else a test writes lives under pytest's tmp_path.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from pathlib import Path
 
@@ -30,19 +31,46 @@ def adapterctl_home(tmp_path_factory) -> Path:
     return home
 
 
+class _AtomicWrites:
+    """WSGI middleware giving the moto server S3's atomic conditional writes.
+
+    Real S3 evaluates ``If-None-Match``/``If-Match`` and applies the write as one
+    step; moto checks, then writes, so two racing requests could both pass the
+    check. Serialising mutating requests closes that window; reads stay concurrent.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") in ("PUT", "POST", "DELETE"):
+            with self.lock:
+                return list(self.app(environ, start_response))
+        return self.app(environ, start_response)
+
+
 @pytest.fixture(scope="session")
 def moto_server():
-    """A real S3 endpoint (moto's ThreadedMotoServer) speaking HTTP on 127.0.0.1."""
-    from moto.server import ThreadedMotoServer
+    """A real S3 endpoint (moto's server app over HTTP on 127.0.0.1, in a thread)."""
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+    try:  # keeps S3 metadata headers with underscores (moto >= 5.1.x)
+        from moto.server import MotoRequestHandler as handler
+    except ImportError:
+        handler = None
+    app = _AtomicWrites(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
     yield f"http://{host}:{port}"
-    server.stop()
+    server.shutdown()
+    thread.join(timeout=30)
 
 
 @pytest.fixture
