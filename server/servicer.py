@@ -81,6 +81,11 @@ def status_proto(status: AdapterStatus) -> pb.AdapterInfo:
                           active_requests=status.active_requests)
 
 
+def _printable(text: str) -> str:
+    """Client-chosen text made safe for one log line (control characters escaped)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def _adapter_name(ref: str) -> str | None:
     try:
         return parse_ref(ref).name if ref else None
@@ -126,7 +131,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _run(self, request: pb.GenerateRequest, context) -> AsyncIterator[TokenEvent | GenerationResult]:
         """Engine events for ``request``; records metrics and one log line however it ends."""
         started = time.monotonic()
-        request_id = request.request_id[:MAX_REQUEST_ID] or uuid.uuid4().hex
+        request_id = _printable(request.request_id[:MAX_REQUEST_ID]) or uuid.uuid4().hex
         first_token: float | None = None
         result: GenerationResult | None = None
         code, prompt_len = "OK", 0
@@ -161,7 +166,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         ttft = first_token - started if first_token is not None else None
         self._metrics.observe_request(name, code, prompt_len, completion, latency, ttft)
         request_log.info("generate %s", code, extra={
-            "request_id": request_id, "adapter": name or "", "adapter_ref": request.adapter,
+            "request_id": request_id, "adapter": name or "", "adapter_ref": _printable(request.adapter[:200]),
             "version": served.version if served else None, "digest": served.digest if served else None,
             "prompt_tokens": prompt_len, "completion_tokens": completion,
             "finish_reason": result.finish_reason if result else None, "latency_ms": round(latency * 1000, 1),

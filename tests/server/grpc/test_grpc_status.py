@@ -127,3 +127,18 @@ def test_unreachable_registry_is_unavailable(make_server, tiny_base, monkeypatch
                      timeout=60) == grpc.StatusCode.UNAVAILABLE
     with Client(bg.address) as c:
         assert c.generate("base still works", max_new_tokens=2).adapter is None
+
+
+def test_corrupt_registry_blob_is_data_loss(server, stub, client, published, make_adapter):
+    """Stored adapter bytes that no longer match their sha256 -> DATA_LOSS, nothing served."""
+    from pathlib import Path
+
+    uri, reg = published
+    name = f"corrupt-{server.config.engine}"  # one per engine's server (the registry is shared)
+    manifest = reg.publish(make_adapter(name, seed=99), name)
+    weights = next(f for f in manifest.files if f.path.endswith(".safetensors"))
+    blob = Path(uri.removeprefix("file://")) / "blobs/sha256" / weights.digest.partition(":")[2]
+    blob.write_bytes(b"\0" * blob.stat().st_size)
+    assert _code(stub.Generate, pb.GenerateRequest(prompt="hi", adapter=name, max_new_tokens=2)) \
+        == grpc.StatusCode.DATA_LOSS
+    assert client.generate("still serving", max_new_tokens=2).completion_tokens >= 1
