@@ -23,27 +23,14 @@ demo: $(STAMP)
 test: $(STAMP) sysdeps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-# promtool (Debian package prometheus) checks the metrics exposition and deploy rules.
+# promtool (Debian package prometheus) checks the metrics exposition and deploy rules;
+# nginx runs the deploy config's consistent-hash routing test.
 sysdeps:
-	@command -v promtool >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then \
+	@if ! command -v promtool >/dev/null 2>&1 || { ! command -v nginx >/dev/null 2>&1 && ! test -x /usr/sbin/nginx; }; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 			DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-		else echo "promtool missing: sudo apt-get install prometheus" >&2; fi; }
-
-test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
-
-bench: $(STAMP)
-	$(BIN)/python -m bench.run
-
-bench-quick: $(STAMP)
-	$(BIN)/python -m bench.run --quick
-
-# Regenerates the committed gRPC code; tests/test_proto.py fails on drift.
-proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
-		--grpc_python_out=proto proto/adapterctl/v1/adapterctl.proto
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx-light >/dev/null; \
+		else echo "note: install promtool (prometheus) and nginx to run every test" >&2; fi; fi
 
 clean:
 	rm -rf $(VENV) build *.egg-info
