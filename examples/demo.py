@@ -32,6 +32,8 @@ def cli(*args: str) -> str:
     res = subprocess.run([sys.executable, "-m", "adapterctl.client.cli.main", *args], stdout=subprocess.PIPE, text=True)
     if res.returncode != 0:
         sys.exit(f"demo: `adapterctl {args[0]}` failed with exit code {res.returncode}")
+    if "--json" not in args:
+        print(res.stdout, end="", flush=True)
     return res.stdout.strip()
 
 
@@ -52,8 +54,7 @@ def main() -> None:
     adapter_dir = work / "adapter"
     cli("train", "--data", str(HERE / "movie_reviews.jsonl"), "--output", str(adapter_dir),
         "--max-steps", os.environ.get("DEMO_STEPS", "20"), "--lr", "1e-3", "--seed", "0")
-    ref = cli("publish", str(adapter_dir), "--name", ADAPTER).splitlines()[-1]
-    console.print(f"published [bold]{ref}[/]")
+    ref = cli("publish", str(adapter_dir), "--name", ADAPTER, "--quiet").splitlines()[-1]
     cli("list", ADAPTER)
 
     ready = work / "ready.json"
@@ -76,8 +77,9 @@ def main() -> None:
         url = f"http://{info['host']}:{info['metrics_port']}/metrics"
         console.print(f"[bold cyan]$ curl -s {url} | grep 'adapter=\"{ADAPTER}\"'[/]")
         metrics = urllib.request.urlopen(url, timeout=10).read().decode()
-        lines = [line for line in metrics.splitlines() if f'adapter="{ADAPTER}"' in line and not line.startswith("#")]
-        console.print("\n".join(lines) or "(no metrics lines for the adapter!)")
+        lines = [line for line in metrics.splitlines()
+                 if f'adapter="{ADAPTER}"' in line and not line.startswith("#") and "_bucket{" not in line]
+        print("\n".join(lines) or "(no metrics lines for the adapter!)", flush=True)
         if not lines:
             sys.exit("demo: metrics did not show the adapter's request")
     finally:

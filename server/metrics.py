@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
+                               start_http_server)
 
 from adapterctl.server.engine.api import EngineObserver
 
@@ -55,6 +56,9 @@ class ServerMetrics(EngineObserver):
     """Every adapterctl metric, registered on ``self.registry``."""
 
     def __init__(self, max_adapters: int = 50, registry: CollectorRegistry | None = None) -> None:
+        # *_created samples double the exposition and dashboards never use them.
+        # (A process-wide prometheus_client switch; it must precede metric creation.)
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         self.labels = AdapterLabels(max_adapters)
         reg, a = self.registry, ["adapter"]
