@@ -8,7 +8,7 @@ from typing import Any
 from adapterctl.errors import InvalidArgument
 
 LORA_MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PREFILL_MODES = ("separate", "mixed")
+PREFILL_MODES = ("interleave", "separate", "mixed")
 
 
 def _opt(default: Any, help: str, envvar: str | None = None, **kw: Any) -> Any:
@@ -41,13 +41,15 @@ class EngineConfig:
     max_bypass: int = _opt(64, "Fairness bound: how many later requests may be admitted ahead of a waiting "
                                "request before admission stops until it fits (no adapter starves).",
                            "ADAPTERCTL_MAX_BYPASS")
-    prefill_mode: str = _opt("separate", "'separate': new prompts get their own step (lower TTFT); "
-                                         "'mixed': prompt chunks ride along with the decode step.",
-                             "ADAPTERCTL_PREFILL_MODE")
+    prefill_mode: str = _opt("interleave", "'interleave': new prompts are prefilled between the layers of the "
+                                           "running decode step (lowest TTFT); 'separate': they get their own step "
+                                           "before the next decode step; 'mixed': prompt chunks ride along with "
+                                           "the decode step.", "ADAPTERCTL_PREFILL_MODE")
     lora_backend: str = _opt("auto", "LoRA compute: auto | gather | segment.", "ADAPTERCTL_LORA_BACKEND")
     lora_modules: tuple[str, ...] = _opt(LORA_MODULE_TYPES, "Linear layers that accept LoRA.")
     device: str | None = _opt(None, "torch device (default: cuda if available, else cpu).", "ADAPTERCTL_DEVICE")
     dtype: str = _opt("float32", "Model and adapter dtype: float32 | bfloat16 | float16.", "ADAPTERCTL_DTYPE")
+    ignore_eos: bool = _opt(False, "Benchmarking: always generate max_new_tokens, ignoring end-of-sequence tokens.")
     idle_poll_s: float = _opt(0.5, "Longest the decode thread sleeps with nothing to do (it is woken on work).")
 
     def __post_init__(self) -> None:

@@ -64,6 +64,9 @@ class BatchingEngine:
         self._stopping = threading.Event()
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._commands_lock = threading.Lock()
+        self._paused = False  # True while an interleaved prefill runs inside another step
+        self._deferred: list[Sequence] = []  # finished during a pause; released after the step
+        self._admit_seen = -1  # scheduler.submitted at the last interleave attempt
         self._retired: set[tuple[str, int]] = set()  # (name, version) an alias moved away from
         # Test/debug hook: called on the decode thread with (sampled sequences, their logits [n, vocab]).
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
@@ -96,6 +99,8 @@ class BatchingEngine:
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self._eos.add(int(self.tokenizer.eos_token_id))
+        if cfg.ignore_eos:
+            self._eos = set()
         log.info("batching engine ready: %s on %s (%s), %d slots, max rank %d, %d running", self.base.id,
                  self.device, cfg.dtype, cfg.num_slots, cfg.max_lora_rank, cfg.max_running_requests)
 
@@ -183,10 +188,7 @@ class BatchingEngine:
                 self._finish(seq, FINISH_CANCELLED)
             if self._retired:
                 self._evict_retired()
-            sched.admit()
-            for seq, error in sched.take_rejected():
-                seq.finish_reason = FINISH_CANCELLED
-                seq.sink(error)
+            self._admit()
             plan = sched.plan()
             if not plan:
                 self._report(0, 0)
@@ -196,6 +198,10 @@ class BatchingEngine:
                 self._step(plan)
             except Exception as exc:  # fail this step's sequences, keep serving the rest
                 log.exception("decode step failed; failing %d requests", len(plan))
+                self._paused = False
+                for seq in self._deferred:
+                    sched.release(seq)
+                self._deferred = []
                 for seq, _ in plan:
                     if seq in sched.running:
                         sched.release(seq)
@@ -203,7 +209,53 @@ class BatchingEngine:
                     seq.sink(Unavailable(f"engine step failed: {exc}"))
 
     def _step(self, plan: list) -> None:
-        logits = self.runner.forward([c for _, c in plan])
+        """One forward over ``plan``. In ``interleave`` mode a decode step checks for newly
+        admissible requests between its layers and prefills them right there (their first
+        token does not wait for the rest of the step); rows of the paused step stay put."""
+        fwd = self.runner.start([c for _, c in plan])
+        interleave = self.config.prefill_mode == "interleave" and all(len(c.tokens) == 1 for _, c in plan)
+        pending = interleave and self._prefill_outside(plan)
+        while fwd.step():
+            if interleave and (pending or self.scheduler.submitted != self._admit_seen) and not self._stopping.is_set():
+                self._interleave(plan)
+                pending = self._prefill_outside(plan)
+        self._sample_and_emit(plan, fwd.logits)
+        deferred, self._deferred = self._deferred, []
+        for seq in deferred:
+            self.scheduler.release(seq)
+
+    def _admit(self) -> None:
+        sched = self.scheduler
+        self._admit_seen = sched.submitted
+        sched.admit()
+        for seq, error in sched.take_rejected():
+            seq.finish_reason = FINISH_CANCELLED
+            seq.sink(error)
+
+    def _prefill_outside(self, plan: list) -> list[Sequence]:
+        """Running sequences still in prefill that are not part of ``plan``, oldest first."""
+        busy = {id(s) for s, _ in plan}
+        return sorted((s for s in self.scheduler.running if s.in_prefill and id(s) not in busy), key=lambda s: s.arrival)
+
+    def _interleave(self, paused: list) -> None:
+        sched = self.scheduler
+        self._paused = True
+        try:
+            self._admit()
+            budget, sub = self.config.max_batch_tokens, []
+            for seq in self._prefill_outside(paused):
+                if budget <= 0:
+                    break
+                chunk = seq.next_chunk(budget)
+                sub.append((seq, chunk))
+                budget -= len(chunk.tokens)
+            if sub:
+                sub.sort(key=lambda sc: sc[1].slot)
+                self._sample_and_emit(sub, self.runner.forward([c for _, c in sub]))
+        finally:
+            self._paused = False
+
+    def _sample_and_emit(self, plan: list, logits: torch.Tensor) -> None:
         sampled = []
         for seq, chunk in plan:
             seq.computed += len(chunk.tokens)
@@ -233,7 +285,10 @@ class BatchingEngine:
             reason = FINISH_LENGTH
         seq.sink(TokenEvent([token], delta))
         if reason is not None:
-            self.scheduler.release(seq)
+            if self._paused:  # a step is mid-forward: its rows must not move yet
+                self._deferred.append(seq)
+            else:
+                self.scheduler.release(seq)
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -85,6 +85,7 @@ class Scheduler:
         self._reserved = 0  # sum of reserved_tokens over running
         self._last_was_prefill = False
         self._rejected: list[tuple[Sequence, Exception]] = []
+        self.submitted = 0  # requests ever queued (a cheap "anything new?" check)
 
     # ---- any thread ----------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -93,6 +94,7 @@ class Scheduler:
             if len(self.waiting) >= self.config.max_queue:
                 raise ResourceExhausted(f"the wait queue is full ({self.config.max_queue} requests); retry later")
             self.waiting.append(seq)
+            self.submitted += 1
 
     @property
     def num_waiting(self) -> int:
@@ -186,17 +188,23 @@ class Scheduler:
     def plan(self) -> list[tuple[Sequence, Chunk]]:
         """The chunks of the next step, ordered by slot so LoRA segments are contiguous.
 
-        ``separate`` mode: a step with pending prompts prefills only (lowest TTFT), but
-        never twice in a row while rows are decoding. ``mixed``: prompt chunks ride
-        along with the decode rows. Either way at most ``max_batch_tokens`` tokens.
+        ``separate``: a step with pending prompts prefills only (lower TTFT), but never
+        twice in a row while rows are decoding. ``interleave``: decode steps whenever rows
+        decode (the engine prefills new prompts between their layers), prefill steps only
+        when nothing decodes. ``mixed``: prompt chunks ride along with the decode rows.
+        Always at most ``max_batch_tokens`` tokens.
         """
         decode = [s for s in self.running if not s.in_prefill]
         prefill = [s for s in self.running if s.in_prefill]
         prefill.sort(key=lambda s: s.arrival)
         budget = self.config.max_batch_tokens
         chosen: list[tuple[Sequence, Chunk]] = []
-        separate = self.config.prefill_mode == "separate"
-        prefill_only = bool(prefill) and separate and not (self._last_was_prefill and decode)
+        mode = self.config.prefill_mode
+        separate = mode != "mixed"
+        if mode == "interleave":  # the engine prefills between the layers of decode steps
+            prefill_only = bool(prefill) and not decode
+        else:
+            prefill_only = bool(prefill) and separate and not (self._last_was_prefill and decode)
         if not prefill_only:
             chosen = [(s, s.next_chunk(1)) for s in decode]
             budget -= len(chosen)

@@ -160,3 +160,46 @@ def test_dora_and_modules_to_save_are_failed_precondition(feature, kwargs, run, 
     engine = make_engine(_DirStore({feature: path}, tiny_base))
     with pytest.raises(FailedPrecondition, match=feature):
         run(engine.generate(request_for(PROMPT, 4, feature)).__anext__())
+
+
+@pytest.mark.parametrize("mode,first_after_arrival", [("interleave", "new"), ("separate", "long")])
+def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_after_arrival, run, make_engine,
+                                                                  collect, request_for):
+    """A request arriving mid-step is prefilled between that step's layers ("interleave"),
+    so its first token comes before the running rows' token of that step."""
+    import threading
+
+    engine = make_engine(None, prefill_mode=mode)
+    sampled: list[list[str]] = []
+    engine.logits_hook = lambda seqs, _: sampled.append(sorted(s.request.request_id for s in seqs))
+    arrived, armed = threading.Event(), threading.Event()
+    submit, layer = engine.scheduler.submit, engine.runner._layer
+
+    def submit_and_signal(seq):
+        submit(seq)
+        arrived.set()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        new: asyncio.Future = loop.create_future()
+
+        def slow_layer(i, *args):
+            if i == 1 and armed.is_set() and not args[3].prefill:  # a decode step, paused after layer 0
+                armed.clear()
+                loop.call_soon_threadsafe(lambda: new.set_result(asyncio.ensure_future(
+                    collect(engine, request_for(PROMPT, 2, rid="new")))))
+                assert arrived.wait(30)  # the new request is queued while this step is mid-forward
+                sampled.append(["<arrived>"])
+            return layer(i, *args)
+
+        engine.scheduler.submit = submit_and_signal
+        engine.runner._layer = slow_layer
+        long = engine.generate(request_for(PROMPT, 50, rid="long"))
+        await long.__anext__()
+        armed.set()
+        await (await new)
+        await long.aclose()
+
+    run(scenario())
+    after = sampled[sampled.index(["<arrived>"]) + 1]
+    assert after == [first_after_arrival]
