@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from adapterctl.basemodel import load_tokenizer, resolve_base_model
 from adapterctl.errors import AdapterctlError, FailedPrecondition, InvalidArgument
 from adapterctl.trainer.callbacks import InterruptCallback, ProgressCallback
+from adapterctl.trainer.checkpoints import check_checkpoints, run_record, write_run_record
 from adapterctl.trainer.collate import ExampleDataset, PaddingFreeCollator, RightPadCollator
 from adapterctl.trainer.config import TrainConfig
 from adapterctl.trainer.data import PreparedData, prepare_data
@@ -118,7 +118,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     base = resolve_base_model(config.base_model, progress=config.progress)
     tokenizer = _tokenizer(base, config.chat_template)
     data = prepare_data(config, tokenizer)
-    _check_resume(config)
+    record = run_record(config, data.lineage())
+    resume_from = check_checkpoints(config, record)
     model = build_model(config, str(base.path))
     train_set = ExampleDataset(data.train.examples)
     eval_set = ExampleDataset(data.eval.examples) if data.eval else None
@@ -131,7 +132,8 @@ def train(config: TrainConfig, callbacks: list[Any] | None = None) -> TrainResul
     )
     progress.trainer = trainer
     trainer.remove_callback(_default_progress_callback())
-    resume_from = get_last_checkpoint(str(config.checkpoints)) if config.resume else None
+    if trainer.is_world_process_zero():
+        write_run_record(config, record)
     with interrupt.installed():
         trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.stopped_at is not None:
@@ -215,15 +217,6 @@ def publish(output_dir: Path, name: str, registry_uri: str | None) -> str:
 
     manifest = open_registry(registry_uri).publish(output_dir, name)
     return f"{manifest.name}:{manifest.version}"
-
-
-def _check_resume(config: TrainConfig) -> None:
-    has_checkpoint = config.checkpoints.is_dir() and get_last_checkpoint(str(config.checkpoints)) is not None
-    if config.resume and not has_checkpoint:
-        raise FailedPrecondition(f"--resume: no checkpoint under {config.checkpoints}")
-    if not config.resume and has_checkpoint:
-        raise FailedPrecondition(f"{config.checkpoints} holds checkpoints of an earlier run; "
-                                 "pass --resume to continue it or remove them")
 
 
 def _step_losses(trainer: Trainer) -> list[float]:

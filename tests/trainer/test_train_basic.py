@@ -79,3 +79,36 @@ def test_cli_train_and_one_line_error(tiny_base, tmp_path, monkeypatch, capsys):
     # A bad option value is a usage error (exit 2), still one line of explanation.
     result = CliRunner().invoke(cli, ["train", "--data", str(DEMO_DATA), "--output", str(out), "--rank", "0"])
     assert result.exit_code != 0
+
+
+def test_cli_interrupt_exits_130_with_resume_hint(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from adapterctl.client.cli.main import cli
+    from adapterctl.trainer import loop
+
+    def interrupted(config, callbacks=None):
+        raise loop.TrainingInterrupted(3, config.checkpoints)
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    result = CliRunner().invoke(cli, ["train", "--data", str(DEMO_DATA), "--output", str(tmp_path / "o")])
+    assert result.exit_code == 130
+    assert "interrupted at step 3" in result.output and "--resume" in result.output
+
+
+@pytest.mark.slow
+def test_real_gemma_chat_adapter_loads_with_stock_peft(gemma_base, tmp_path):
+    """The real tokenizer's chat template masks non-assistant tokens; the adapter loads with PEFT."""
+    import torch
+    from peft import PeftModel
+
+    from adapterctl.basemodel import load_model
+    from adapterctl.trainer import TrainConfig, train
+
+    data = DEMO_DATA.parent / "chat_messages.jsonl"
+    result = train(TrainConfig(data=str(data), output=str(tmp_path / "critic"), base_model="gemma-3-270m",
+                               max_steps=2, batch_size=2, lr=1e-3, progress=False))
+    assert result.manifest["training"]["dataset"]["format"] == "messages"
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    model = PeftModel.from_pretrained(load_model(gemma_base, device="cpu"), str(result.output_dir))
+    assert model.peft_config["default"].r == 16

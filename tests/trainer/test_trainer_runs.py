@@ -64,3 +64,18 @@ def test_resume_needs_a_checkpoint_and_fresh_runs_refuse_old_ones(tiny_config, t
     (cfg.checkpoints / "checkpoint-1").mkdir(parents=True)
     with pytest.raises(FailedPrecondition, match="--resume"):
         train(cfg.replace(resume=False))
+
+
+def test_resume_refuses_a_different_run(tiny_config):
+    from adapterctl.errors import FailedPrecondition
+    from adapterctl.trainer.checkpoints import check_checkpoints, run_record, write_run_record
+
+    dataset = {"train_sha256": "a" * 64, "eval_sha256": None}
+    cfg = tiny_config(max_steps=4, resume=True)
+    (cfg.checkpoints / "checkpoint-2").mkdir(parents=True)
+    write_run_record(cfg, run_record(cfg, dataset))
+    assert check_checkpoints(cfg, run_record(cfg.replace(progress=True), dataset)).endswith("checkpoint-2")
+    with pytest.raises(FailedPrecondition, match="different lr"):
+        check_checkpoints(cfg, run_record(cfg.replace(lr=0.5), dataset))
+    with pytest.raises(FailedPrecondition, match="train_sha256"):
+        check_checkpoints(cfg, run_record(cfg, {**dataset, "train_sha256": "b" * 64}))
