@@ -18,14 +18,20 @@ _BASE_CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidd
 
 
 def save_adapter(peft_model: Any, output_dir: Path, base: BaseModel) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (no model-card README)."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (no model-card README).
+
+    Files are saved into a temporary directory inside ``output_dir`` and moved in with
+    ``os.replace``, so a crash never leaves a half-written weights file behind."""
     output_dir.mkdir(parents=True, exist_ok=True)
     config = peft_model.peft_config["default"]
     config.base_model_name_or_path = base.id
     # PEFT expands all-linear into full module paths; short names adapt the same modules
     # (PEFT matches by suffix) and are what the registry and server expect.
     config.target_modules = set(resolved_target_modules(peft_model))
-    peft_model.save_pretrained(str(output_dir), safe_serialization=True, save_embedding_layers=False)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".save-") as tmp:
+        peft_model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            os.replace(Path(tmp) / name, output_dir / name)
     (output_dir / "README.md").unlink(missing_ok=True)
 
 
