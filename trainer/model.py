@@ -82,13 +82,13 @@ def build_model(config: TrainConfig, base_path: str):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # deprecation noise from transformers/PEFT internals, not actionable
         warnings.filterwarnings("ignore", category=FutureWarning)
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    model.config.use_cache = False
-    try:
-        peft_model = get_peft_model(model, lora_config(config))
-    except ValueError as exc:  # PEFT: target modules not found in the base model
-        raise InvalidArgument(f"LoRA setup failed: {exc}") from exc
+        model.config.use_cache = False
+        try:
+            peft_model = get_peft_model(model, lora_config(config))
+        except ValueError as exc:  # PEFT: target modules not found in the base model
+            raise InvalidArgument(f"LoRA setup failed: {exc}") from exc
     install_selected_token_loss(peft_model.get_base_model())
     return peft_model
