@@ -168,7 +168,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
             raw = yaml.safe_load(text) or {}
         elif path.suffix == ".toml":
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the tomli backport (same API)
+                import tomli as tomllib
 
             raw = tomllib.loads(text)
         elif path.suffix == ".json":
