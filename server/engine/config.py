@@ -39,7 +39,8 @@ class EngineConfig:
     max_prompt_tokens: int = _opt(2048, "Longest accepted prompt (also capped by the model's positions).",
                                   "ADAPTERCTL_MAX_PROMPT_TOKENS")
     max_bypass: int = _opt(64, "Fairness bound: how many later requests may be admitted ahead of a waiting "
-                               "request before admission stops until it fits (no adapter starves).",
+                               "request before the engine frees resources for it (a device slot is drained "
+                               "for it, or admission pauses until rows/KV fit), so no adapter starves.",
                            "ADAPTERCTL_MAX_BYPASS")
     prefill_mode: str = _opt("interleave", "'interleave': new prompts are prefilled between the layers of the "
                                            "running decode step (lowest TTFT); 'separate': they get their own step "

@@ -19,10 +19,10 @@ from typing import Any, AsyncIterator, Callable, Protocol
 import torch
 
 from adapterctl.basemodel import BaseModel
-from adapterctl.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterStatus,
-                                          EngineObserver, GenerationRequest, GenerationResult, ServedAdapter,
-                                          TokenEvent)
+from adapterctl.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from adapterctl.server.engine.admin import AdapterAdmin
+from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineObserver,
+                                          GenerationRequest, GenerationResult, ServedAdapter, TokenEvent)
 from adapterctl.server.engine.config import EngineConfig
 from adapterctl.server.engine.runner import ModelRunner
 from adapterctl.server.engine.sampling import make_generator, sample
@@ -41,7 +41,7 @@ class AdapterSource(Protocol):
     async def get(self, served: ServedAdapter) -> HostAdapter: ...
 
 
-class BatchingEngine:
+class BatchingEngine(AdapterAdmin):
     """Continuous batching of many adapters in one forward; see the module docstring."""
 
     def __init__(self, base: BaseModel, store: AdapterSource | None = None, config: EngineConfig | None = None,
@@ -324,98 +324,3 @@ class BatchingEngine:
             self._commands.append((fn, future))
         self._wake.set()
         return await asyncio.wrap_future(future)
-
-    # ---- admin ---------------------------------------------------------------------------
-    def _device_status(self, served: ServedAdapter) -> AdapterStatus | None:
-        entry = self.slots.lru.peek(served)
-        if entry is None:
-            return None
-        return AdapterStatus(served.name, served.version, served.digest, "device", self.slots.lru.is_pinned(served),
-                             entry.nbytes, entry.rank, self.slots.lru.refcount(served))
-
-    async def list_adapters(self, name: str | None = None) -> list[AdapterStatus]:
-        """Store rows (host/disk/registry) with device-resident versions overlaid."""
-        rows: dict[str, AdapterStatus] = {}
-        if self.store is not None and hasattr(self.store, "status"):
-            for row in await self.store.status(name, include_registry=True):
-                rows[row.digest] = row
-        for served in self.slots.lru.keys():
-            dev = self._device_status(served)
-            if dev is None or name not in (None, served.name):
-                continue
-            if served.digest in rows:
-                dev.aliases = rows[served.digest].aliases
-            rows[served.digest] = dev
-        return sorted(rows.values(), key=lambda r: (r.name, r.version))
-
-    async def load_adapter(self, ref: str) -> AdapterStatus:
-        """Fetch into host RAM and a device slot ahead of traffic."""
-        served, adapter = await self._fetch(ref)
-
-        def load() -> AdapterStatus:
-            if self.slots.ensure(adapter) is None:
-                raise ResourceExhausted("every device slot is pinned or in use; retry when requests finish")
-            return self._device_status(served)
-
-        return await self._on_decode_thread(load)
-
-    async def unload_adapter(self, ref: str) -> AdapterStatus:
-        """Drop from the device and host tiers; FailedPrecondition while pinned or in use."""
-        served = await self._resolve(ref)
-
-        def unload() -> AdapterStatus:
-            status = self._device_status(served)
-            if status is not None:
-                if status.active_requests:
-                    raise FailedPrecondition(f"adapter {served.name}:{served.version} is serving "
-                                             f"{status.active_requests} requests")
-                self.slots.unload(served)
-            return status
-
-        status = await self._on_decode_thread(unload)
-        if self.store is not None and hasattr(self.store, "unload"):
-            self.store.unload(served)
-        return status or AdapterStatus(served.name, served.version, served.digest, "registry")
-
-    async def pin_adapter(self, ref: str, pinned: bool) -> AdapterStatus:
-        """Pin keeps the adapter in a device slot (and host RAM) until unpinned."""
-        if pinned:
-            await self.load_adapter(ref)
-        served = await self._resolve(ref)
-        if self.store is not None and hasattr(self.store, "pin"):
-            await self.store.pin(served) if pinned else self.store.unpin(served)
-
-        def pin() -> AdapterStatus:
-            if served in self.slots.lru:
-                self.slots.pin(served, pinned)
-            return self._device_status(served) or AdapterStatus(served.name, served.version, served.digest, "host")
-
-        return await self._on_decode_thread(pin)
-
-    async def _resolve(self, ref: str) -> ServedAdapter:
-        if self.store is None:
-            raise NotFound(f"adapter {ref!r}: no adapter store")
-        return await self.store.resolve(ref)
-
-    async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
-        """Re-resolve aliases; a version an alias moved away from leaves its device slot as
-        soon as no running request uses it (requests already on it finish on it)."""
-        if self.store is None or not hasattr(self.store, "refresh_aliases"):
-            return []
-        changes = await self.store.refresh_aliases()
-        if changes:
-            self._retired.update((name, old) for name, _, old, _ in changes)
-            self._wake.set()
-        return changes
-
-    def _evict_retired(self) -> None:
-        """Decode thread: unload retired versions that are idle (pinned ones stay)."""
-        lru = self.slots.lru
-        for served in lru.keys():
-            key = (served.name, served.version)
-            if key in self._retired and lru.refcount(served) == 0:
-                self._retired.discard(key)
-                if not lru.is_pinned(served):
-                    self.slots.unload(served)
-        self._retired &= {(s.name, s.version) for s in lru.keys()}
-

@@ -2,11 +2,13 @@
 limits with a fairness bound, and the chunk list of each forward step.
 
 Fairness: admission walks the queue oldest first. A request that cannot be admitted
-(no free row, KV budget, or every device slot busy with other adapters) may be
-overtaken by at most ``max_bypass`` later admissions; after that nothing behind it is
-admitted, so running sequences drain (each is bounded by max_new_tokens), slots and
-KV free up, and it gets in. Waiting time is therefore bounded for every adapter,
-unlike "skip what does not fit", which can starve a cold adapter forever.
+may be overtaken by at most ``max_bypass`` later admissions. Then, if it waits for
+rows or KV, nothing behind it is admitted until running sequences (each bounded by
+max_new_tokens) free enough; if it waits for a device slot, one resident adapter (the
+one whose rows finish soonest) is *drained*: it gets no new rows, its slot frees
+within max_new_tokens steps and goes to the waiting request, while every other
+admission continues so the batch stays full. Waiting time is therefore bounded for
+every adapter, unlike "skip what does not fit", which can starve a cold adapter.
 """
 from __future__ import annotations
 
@@ -86,6 +88,7 @@ class Scheduler:
         self._last_was_prefill = False
         self._rejected: list[tuple[Sequence, Exception]] = []
         self.submitted = 0  # requests ever queued (a cheap "anything new?" check)
+        self.draining: ServedAdapter | None = None  # adapter whose slot is being freed for a waiter
 
     # ---- any thread ----------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -117,23 +120,32 @@ class Scheduler:
         """Move waiting sequences into the running set, oldest first, within the limits
         and the bypass bound (see module docstring). Returns the admitted ones."""
         admitted: list[Sequence] = []
-        blocked: list[Sequence] = []
+        blocked: list[tuple[Sequence, str]] = []  # (sequence, what it waits for)
+        draining: ServedAdapter | None = None
         with self._lock:
             queue = list(self.waiting)
         for seq in queue:
             if seq.cancelled:
                 continue
-            if blocked and blocked[0].bypassed >= self.config.max_bypass:
-                break  # the oldest blocked request has been overtaken enough: let resources drain
-            if self._try_admit(seq):
+            if blocked and blocked[0][0].bypassed >= self.config.max_bypass:
+                if blocked[0][1] != "slot":
+                    break  # rows/KV: let the running set shrink until the oldest fits
+                draining = draining or self._pick_drain()
+                if draining is None:
+                    break
+                if seq.served == draining:
+                    continue  # no new rows for the adapter whose slot is being freed
+            reason = self._try_admit(seq)
+            if not reason:
                 admitted.append(seq)
-                for b in blocked:
+                for b, _ in blocked:
                     b.bypassed += 1
-            elif seq.served is not None and self._all_slots_pinned(seq.served):
+            elif reason == "slot" and self._all_slots_pinned(seq.served):
                 self._rejected.append((seq, ResourceExhausted(
                     f"every device slot is pinned; adapter {seq.served.name}:{seq.served.version} cannot be loaded")))
             else:
-                blocked.append(seq)
+                blocked.append((seq, reason))
+        self.draining = draining
         gone = admitted + [s for s, _ in self._rejected]
         if gone:
             with self._lock:
@@ -141,6 +153,15 @@ class Scheduler:
                     if seq in self.waiting:
                         self.waiting.remove(seq)
         return admitted
+
+    def _pick_drain(self) -> ServedAdapter | None:
+        """The unpinned resident adapter whose running rows finish soonest (None if none)."""
+        remaining: dict[ServedAdapter, int] = {}
+        for s in self.running:
+            if s.served is not None and not self.slots.lru.is_pinned(s.served):
+                left = len(s.prompt) - min(s.computed, len(s.prompt)) + s.params.max_new_tokens - len(s.output)
+                remaining[s.served] = max(remaining.get(s.served, 0), left)
+        return min(remaining, key=remaining.__getitem__) if remaining else None
 
     def take_rejected(self) -> list[tuple[Sequence, Exception]]:
         """Sequences refused for good at admission, with the error to deliver."""
@@ -151,25 +172,26 @@ class Scheduler:
         lru = self.slots.lru
         return served not in lru and lru.pinned_count >= self.slots.bank.num_slots
 
-    def _try_admit(self, seq: Sequence) -> bool:
+    def _try_admit(self, seq: Sequence) -> str:
+        """Admit ``seq`` if it fits; else return what it waits for ("rows", "kv", "slot")."""
         cfg = self.config
-        if len(self.running) >= cfg.max_running_requests or self._reserved + seq.reserved_tokens > cfg.max_kv_tokens:
-            return False
+        if len(self.running) >= cfg.max_running_requests:
+            return "rows"
+        if self._reserved + seq.reserved_tokens > cfg.max_kv_tokens:
+            return "kv"
         if seq.served is not None:
             resident = self.slots.lookup(seq.served)
             if resident is None:
-                if not self.slots.can_load():
-                    return False
-                resident = self.slots.ensure(seq.adapter)
+                resident = self.slots.ensure(seq.adapter) if self.slots.can_load() else None
                 if resident is None:
-                    return False
+                    return "slot"
             self.slots.acquire(seq.served)
             seq.slot = resident.slot
             seq.adapter = None  # the slot holds the weights now
         seq.row = self.kv.alloc_row(seq.reserved_tokens)
         self._reserved += seq.reserved_tokens
         self.running.append(seq)
-        return True
+        return ""
 
     def release(self, seq: Sequence) -> None:
         """Take a running sequence out: free its KV row (compacting) and its slot reference."""

@@ -6,6 +6,7 @@ half-written slot; an acquired (in-use) adapter is never evicted.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -160,11 +161,13 @@ class DeviceSlots:
             return None
         self.observer.on_cache("device", "miss", label)
         slot = self._free.pop()
+        started = time.perf_counter()
         try:
             self.bank.write(slot, adapter)
         except Exception:
             self._free.append(slot)
             raise
+        self.observer.on_load("host", time.perf_counter() - started, label)
         entry = Resident(adapter.served, slot, adapter.rank, adapter.nbytes)
         self.lru.put(adapter.served, entry)
         self._report()
