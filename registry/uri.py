@@ -6,30 +6,28 @@ import their client libraries only when used.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from urllib.parse import SplitResult, urlsplit
 
 from adapterctl.errors import InvalidArgument
 from adapterctl.home import default_registry_uri
+from adapterctl.options import option
 from adapterctl.registry.registry import Registry
 from adapterctl.registry.store import ObjectStore
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    """How to reach a registry. Field metadata (``help``, ``envvar``, ``flag``) is
-    what the CLI turns into its common registry options."""
+    """How to reach a registry. The fields (:func:`adapterctl.options.option`) are what
+    the CLI turns into its common registry options."""
 
-    uri: str | None = field(default=None, metadata={
-        "option": "--registry", "envvar": "ADAPTERCTL_REGISTRY",
-        "help": "Registry URI: a path, file://PATH or s3://BUCKET/PREFIX [default: $ADAPTERCTL_HOME/registry]."})
-    s3_endpoint_url: str | None = field(default=None, metadata={
-        "envvar": "AWS_ENDPOINT_URL", "help": "S3-compatible endpoint (MinIO, Ceph, moto ...)."})
-    s3_path_style: bool | None = field(default=None, metadata={
-        "flag": True, "help": "Path-style S3 addressing (the default when an endpoint URL is set)."})
-    s3_region: str | None = field(default=None, metadata={
-        "help": "S3 region [default: the standard AWS chain]."})
-    quiet: bool = field(default=False, metadata={"flag": True, "help": "No progress bars."})
+    uri: str | None = option(None, "Registry URI: a path, file://PATH or s3://BUCKET/PREFIX "
+                             "[default: $ADAPTERCTL_HOME/registry].", cli_name="--registry", envvar="ADAPTERCTL_REGISTRY")
+    s3_endpoint_url: str | None = option(None, "S3-compatible endpoint (MinIO, Ceph, moto ...).", envvar="AWS_ENDPOINT_URL")
+    # None: path-style exactly when an endpoint URL is set (so the CLI gives --s3-path-style/--no-s3-path-style).
+    s3_path_style: bool | None = option(None, "Path-style S3 addressing (the default when an endpoint URL is set).")
+    s3_region: str | None = option(None, "S3 region [default: the standard AWS chain].")
+    quiet: bool = option(False, "No progress bars.")
 
     def open(self) -> Registry:
         return open_registry(self.uri, s3_endpoint_url=self.s3_endpoint_url, s3_path_style=self.s3_path_style,

@@ -6,14 +6,12 @@ Used by ``adapterctl train`` (the client CLI, which imports this lazily) and by
 from __future__ import annotations
 
 import os
-import types
-import typing
-from dataclasses import Field
 from typing import Any
 
 import click
 
-from adapterctl.trainer.config import TrainConfig, option_fields
+from adapterctl.options import click_params
+from adapterctl.trainer.config import TrainConfig
 
 HELP = """Train a LoRA adapter on JSONL data and write a PEFT adapter directory.
 
@@ -31,40 +29,12 @@ Example:
 """
 
 
-def _scalar(tp: Any) -> Any:
-    """``int | None`` -> int; ``list[str]`` -> list."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
-        return args[0]
-    return typing.get_origin(tp) or tp
-
-
-def _option(field: Field, tp: Any) -> click.Option:
-    meta = field.metadata
-    flag = "--" + field.name.replace("_", "-")
-    default = field.default_factory() if callable(field.default_factory) else field.default
-    shown = ",".join(default) if isinstance(default, list) else default
-    quiet = shown in (None, "", False)
-    kw: dict[str, Any] = {"default": None, "help": meta["help"] + ("" if quiet else f"  [default: {shown}]"),
-                          "envvar": meta.get("envvar"), "show_envvar": bool(meta.get("envvar"))}
-    kind = _scalar(tp)
-    if kind is bool:
-        return click.Option([f"{flag}/--no-{field.name.replace('_', '-')}", field.name], **kw)
-    if "choices" in meta:
-        kw["type"] = click.Choice(meta["choices"])
-    elif kind is list:
-        kw.update(type=click.STRING, metavar="A,B,...")
-    else:
-        kw["type"] = {int: click.INT, float: click.FLOAT}.get(kind, click.STRING)
-    return click.Option([flag, field.name], **kw)
-
-
 def config_params() -> list[click.Parameter]:
     """``--config`` plus one option per TrainConfig field, in declaration order."""
     params: list[click.Parameter] = [click.Option(
         ["--config", "config_file"], type=click.Path(dir_okay=False), default=None,
         help="YAML/TOML/JSON file of options (keys as below, - or _); flags override it.")]
-    return params + [_option(f, tp) for f, tp in option_fields()]
+    return params + click_params(TrainConfig, defer_defaults=True)
 
 
 def run(config_file: str | None, **values: Any) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapterctl.errors import InvalidArgument
+from adapterctl.options import from_kwargs, option
 
 FORMATS = ("auto", "text", "prompt_completion", "messages")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -24,63 +24,55 @@ DEFAULT_EPOCHS = 3.0
 _EXCLUSIVE = {"epochs": "max_steps", "max_steps": "epochs", "eval_data": "eval_split", "eval_split": "eval_data"}
 
 
-def _opt(default: Any, help: str, group: str, **extra: Any) -> Any:
-    """A dataclass field carrying its CLI help text and option group in ``metadata``."""
-    meta = {"help": help, "group": group, **extra}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class TrainConfig:
     """Resolved options of one training run. Paths are kept as given (strings) so the
     config serialises to JSON unchanged; ``__post_init__`` normalises and validates."""
 
     # --- data
-    data: str = _opt("", "Training data, JSONL: {text} | {prompt, completion} | {messages: [{role, content}]}.", "data", required=True)
-    output: str = _opt("", "Output directory: a PEFT adapter (adapter_config.json, adapter_model.safetensors) + adapterctl.json.", "data", required=True)
-    format: str = _opt("auto", "Data format; auto detects it per file from the keys of the records.", "data", choices=FORMATS)
-    eval_data: str | None = _opt(None, "Evaluation data (JSONL, same formats).", "data")
-    eval_split: float = _opt(0.0, "Hold out this fraction (0-0.5) of the training records for evaluation.", "data")
-    train_on_inputs: bool = _opt(False, "Also train on prompts / user turns (default: loss on completions / assistant turns only).", "data")
-    max_seq_len: int = _opt(512, "Truncate tokenized records to this many tokens (the number truncated is reported).", "data")
-    skip_bad_lines: bool = _opt(False, "Skip malformed JSONL lines (counted) instead of refusing to start.", "data")
-    chat_template: str | None = _opt(None, "Jinja chat template file for {messages} data (default: the base model's).", "data")
+    data: str = option("", "Training data, JSONL: {text} | {prompt, completion} | {messages: [{role, content}]}.", group="data")
+    output: str = option("", "Output directory: a PEFT adapter (adapter_config.json, adapter_model.safetensors) + adapterctl.json.", group="data")
+    format: str = option("auto", "Data format; auto detects it per file from the keys of the records.", group="data", choices=FORMATS)
+    eval_data: str | None = option(None, "Evaluation data (JSONL, same formats).", group="data")
+    eval_split: float = option(0.0, "Hold out this fraction (0-0.5) of the training records for evaluation.", group="data")
+    train_on_inputs: bool = option(False, "Also train on prompts / user turns (default: loss on completions / assistant turns only).", group="data")
+    max_seq_len: int = option(512, "Truncate tokenized records to this many tokens (the number truncated is reported).", group="data")
+    skip_bad_lines: bool = option(False, "Skip malformed JSONL lines (counted) instead of refusing to start.", group="data")
+    chat_template: str | None = option(None, "Jinja chat template file for {messages} data (default: the base model's).", group="data")
     # --- model and LoRA
-    base_model: str | None = _opt(None, "Base model: gemma-3-270m (default), a local directory or a Hugging Face id.", "lora", envvar="ADAPTERCTL_BASE_MODEL")
-    rank: int = _opt(16, "LoRA rank r.", "lora")
-    alpha: float = _opt(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).", "lora")
-    dropout: float = _opt(0.05, "LoRA dropout probability.", "lora")
-    target_modules: list[str] = _opt(list(DEFAULT_TARGET_MODULES), "Comma-separated module names to adapt, or all-linear.", "lora")
-    use_rslora: bool = _opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", "lora")
-    use_dora: bool = _opt(False, "DoRA (weight-decomposed LoRA). Training only: the registry and server refuse DoRA adapters for now.", "lora")
+    base_model: str | None = option(None, "Base model: gemma-3-270m (default), a local directory or a Hugging Face id.", group="lora", envvar="ADAPTERCTL_BASE_MODEL")
+    rank: int = option(16, "LoRA rank r.", group="lora")
+    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).", group="lora")
+    dropout: float = option(0.05, "LoRA dropout probability.", group="lora")
+    target_modules: list[str] = option(list(DEFAULT_TARGET_MODULES), "Comma-separated module names to adapt, or all-linear.", group="lora")
+    use_rslora: bool = option(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", group="lora")
+    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA). Training only: the registry and server refuse DoRA adapters for now.", group="lora")
     # --- optimisation
-    epochs: float | None = _opt(None, f"Passes over the training data (default {DEFAULT_EPOCHS:g}); exclusive with --max-steps.", "optim")
-    max_steps: int | None = _opt(None, "Optimizer steps to run; exclusive with --epochs.", "optim")
-    batch_size: int = _opt(4, "Records per device per micro-batch.", "optim")
-    grad_accum: int = _opt(1, "Gradient accumulation: micro-batches per optimizer step.", "optim")
-    lr: float = _opt(2e-4, "Peak learning rate (AdamW).", "optim")
-    lr_scheduler: str = _opt("linear", "Learning-rate schedule after warmup.", "optim", choices=SCHEDULERS)
-    warmup_ratio: float = _opt(0.0, "Fraction of steps spent warming up the learning rate.", "optim")
-    warmup_steps: int = _opt(0, "Warmup steps (overrides --warmup-ratio when > 0).", "optim")
-    weight_decay: float = _opt(0.0, "AdamW weight decay.", "optim")
-    max_grad_norm: float = _opt(1.0, "Clip gradients to this global norm (0 disables).", "optim")
-    seed: int = _opt(42, "Seed for LoRA init, data order, dropout and the eval split.", "optim")
-    precision: str = _opt("auto", "auto = bf16 autocast on GPUs that support it, else fp32 (CPU is always fp32).", "optim", choices=PRECISIONS)
-    padding_free: bool = _opt(True, "Pack each batch's records into one row with per-record attention: no compute on padding, same loss.", "optim")
-    group_by_length: bool = _opt(False, "Batch records of similar length together (less padding; changes the batch order).", "optim")
+    epochs: float | None = option(None, f"Passes over the training data (default {DEFAULT_EPOCHS:g}); exclusive with --max-steps.", group="optim")
+    max_steps: int | None = option(None, "Optimizer steps to run; exclusive with --epochs.", group="optim")
+    batch_size: int = option(4, "Records per device per micro-batch.", group="optim")
+    grad_accum: int = option(1, "Gradient accumulation: micro-batches per optimizer step.", group="optim")
+    lr: float = option(2e-4, "Peak learning rate (AdamW).", group="optim")
+    lr_scheduler: str = option("linear", "Learning-rate schedule after warmup.", group="optim", choices=SCHEDULERS)
+    warmup_ratio: float = option(0.0, "Fraction of steps spent warming up the learning rate.", group="optim")
+    warmup_steps: int = option(0, "Warmup steps (overrides --warmup-ratio when > 0).", group="optim")
+    weight_decay: float = option(0.0, "AdamW weight decay.", group="optim")
+    max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0 disables).", group="optim")
+    seed: int = option(42, "Seed for LoRA init, data order, dropout and the eval split.", group="optim")
+    precision: str = option("auto", "auto = bf16 autocast on GPUs that support it, else fp32 (CPU is always fp32).", group="optim", choices=PRECISIONS)
+    padding_free: bool = option(True, "Pack each batch's records into one row with per-record attention: no compute on padding, same loss.", group="optim")
+    group_by_length: bool = option(False, "Batch records of similar length together (less padding; changes the batch order).", group="optim")
     # --- run control
-    eval_steps: int | None = _opt(None, "Evaluate every N steps (default: every epoch, and always at the end).", "run")
-    save_steps: int | None = _opt(None, "Save a resumable checkpoint every N steps (Ctrl-C always saves one).", "run")
-    checkpoint_dir: str | None = _opt(None, "Where checkpoints go (default: OUTPUT.checkpoints next to OUTPUT, which stays a plain PEFT dir).", "run")
-    resume: bool = _opt(False, "Resume from the last checkpoint in the checkpoint directory.", "run")
-    keep_checkpoints: bool = _opt(False, "Keep the checkpoint directory after a successful run (default: remove it).", "run")
-    num_processes: int = _opt(1, "Data-parallel processes (torch.distributed; gloo on CPU, nccl on GPUs).", "run")
-    device: str = _opt("auto", "auto, cpu or cuda.", "run", choices=("auto", "cpu", "cuda"))
-    progress: bool = _opt(True, "Show a progress bar with loss and tokens/s.", "run")
-    publish: str | None = _opt(None, "After training, publish the adapter to the registry under this name.", "run")
-    registry: str | None = _opt(None, "Registry URI for --publish (default $ADAPTERCTL_REGISTRY or the local registry).", "run", envvar="ADAPTERCTL_REGISTRY")
+    eval_steps: int | None = option(None, "Evaluate every N steps (default: every epoch, and always at the end).", group="run")
+    save_steps: int | None = option(None, "Save a resumable checkpoint every N steps (Ctrl-C always saves one).", group="run")
+    checkpoint_dir: str | None = option(None, "Where checkpoints go (default: OUTPUT.checkpoints next to OUTPUT, which stays a plain PEFT dir).", group="run")
+    resume: bool = option(False, "Resume from the last checkpoint in the checkpoint directory.", group="run")
+    keep_checkpoints: bool = option(False, "Keep the checkpoint directory after a successful run (default: remove it).", group="run")
+    num_processes: int = option(1, "Data-parallel processes (torch.distributed; gloo on CPU, nccl on GPUs).", group="run")
+    device: str = option("auto", "auto, cpu or cuda.", group="run", choices=("auto", "cpu", "cuda"))
+    progress: bool = option(True, "Show a progress bar with loss and tokens/s.", group="run")
+    publish: str | None = option(None, "After training, publish the adapter to the registry under this name.", group="run")
+    registry: str | None = option(None, "Registry URI for --publish (default $ADAPTERCTL_REGISTRY or the local registry).", group="run", envvar="ADAPTERCTL_REGISTRY")
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -139,21 +131,12 @@ class TrainConfig:
         """Merge defaults < ``config_file`` < ``overrides`` (None values in overrides are ignored)."""
         values: dict[str, Any] = load_config_file(config_file) if config_file else {}
         for key, value in (overrides or {}).items():
-            if value is None:
-                continue
-            if key in _EXCLUSIVE:
+            if value is not None and key in _EXCLUSIVE:
                 values.pop(_EXCLUSIVE[key], None)
-            values[key] = value
         try:
-            return cls(**values)
+            return from_kwargs(cls, overrides or {}, lower=values)
         except TypeError as exc:  # unknown keys were filtered; this is a wrong value type
             raise InvalidArgument(f"invalid training config: {exc}") from exc
-
-
-def option_fields() -> list[tuple[dataclasses.Field, Any]]:
-    """(field, resolved type) for every option, in declaration order."""
-    hints = typing.get_type_hints(TrainConfig)
-    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

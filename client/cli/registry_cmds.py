@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from adapterctl.errors import InvalidArgument
+from adapterctl.options import click_options, from_kwargs
 from adapterctl.refs import parse_ref
 from adapterctl.registry import Manifest, Registry, RegistryConfig
 
@@ -21,25 +22,15 @@ from adapterctl.registry import Manifest, Registry, RegistryConfig
 def registry_options(func):
     """Add ``--registry``, ``--s3-endpoint-url``, ``--s3-path-style``, ``--s3-region``
     and ``--quiet``; the command receives ``registry: Registry`` instead."""
-    fields = dataclasses.fields(RegistryConfig)
+    names = {f.name for f in dataclasses.fields(RegistryConfig)}
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        config = RegistryConfig(**{f.name: kwargs.pop(f.name) for f in fields})
-        return func(*args, registry=config.open(), **kwargs)
+        config = from_kwargs(RegistryConfig, kwargs)
+        rest = {k: v for k, v in kwargs.items() if k not in names}
+        return func(*args, registry=config.open(), **rest)
 
-    for f in reversed(fields):
-        meta = f.metadata
-        flag = meta.get("option") or "--" + f.name.replace("_", "-")
-        if meta.get("flag") and f.default is None:  # tri-state: unset means "decide automatically"
-            option = click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=meta["help"])
-        elif meta.get("flag"):
-            option = click.option(flag, f.name, is_flag=True, default=f.default, help=meta["help"])
-        else:
-            option = click.option(flag, f.name, default=None, envvar=meta.get("envvar"),
-                                  show_envvar=bool(meta.get("envvar")), help=meta["help"])
-        wrapper = option(wrapper)
-    return wrapper
+    return click_options(RegistryConfig)(wrapper)
 
 
 def _labels(ctx, param, values: tuple[str, ...]) -> dict[str, str]:

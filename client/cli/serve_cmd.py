@@ -9,10 +9,11 @@ import click
 
 def _build() -> click.Command:
     # ServerConfig is a light module (dataclasses only); heavy server code loads in the command.
-    from adapterctl.server.config import ServerConfig
+    from adapterctl.options import click_options, from_kwargs
+    from adapterctl.server.config import CLI_SETTINGS, ServerConfig
 
     @click.command("serve")
-    @ServerConfig.click_options()
+    @click_options(ServerConfig, **CLI_SETTINGS)
     def serve(**options: Any) -> None:
         """Serve the base model and registry adapters over gRPC (health, reflection, /metrics).
 
@@ -22,7 +23,7 @@ def _build() -> click.Command:
         from adapterctl.server import logs
         from adapterctl.server.app import run
 
-        config = ServerConfig.from_options(options)
+        config = from_kwargs(ServerConfig, options)
         logs.configure(config.log_json)
         sys.exit(run(config))
 

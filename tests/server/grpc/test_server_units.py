@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from adapterctl.errors import InvalidArgument
-from adapterctl.server.config import ServerConfig
+from adapterctl.options import click_options, from_kwargs
+from adapterctl.server.config import CLI_SETTINGS, ServerConfig
 from adapterctl.server.metrics import AdapterLabels
 from adapterctl.server.textstream import StopTextStream
 
@@ -25,9 +26,9 @@ def test_config_options_and_env(monkeypatch, tmp_path):
     seen = {}
 
     @click.command()
-    @ServerConfig.click_options()
+    @click_options(ServerConfig, **CLI_SETTINGS)
     def cmd(**options):
-        seen["config"] = ServerConfig.from_options(options)
+        seen["config"] = from_kwargs(ServerConfig, options)
 
     monkeypatch.setenv("ADAPTERCTL_METRICS_MAX_ADAPTERS", "7")
     monkeypatch.setenv("ADAPTERCTL_REGISTRY", "s3://b/p")
