@@ -61,6 +61,6 @@ def test_cli_config_file_precedence_lands_in_manifest(tiny_base, tmp_path):
 def test_readme_section_documents_every_option():
     import dataclasses
 
-    text = (Path(__file__).resolve().parents[2] / "trainer" / "README_SECTION.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f"--{f.name.replace('_', '-')}" not in text]
-    assert not missing, f"options missing from trainer/README_SECTION.md: {missing}"
+    assert not missing, f"options missing from README.md: {missing}"

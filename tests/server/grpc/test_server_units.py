@@ -104,6 +104,6 @@ def test_readme_section_lists_only_real_metrics():
     exposed = {f.name + suffix.get(f.type, "")
                for f in text_string_to_metric_families(generate_latest(m.registry).decode())
                if not f.name.endswith("_created")}
-    text = (Path(__file__).resolve().parents[3] / "server/README_SECTION.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     documented = set(re.findall(r"`(adapterctl_\w+)`", text))
     assert documented == exposed, (documented - exposed, exposed - documented)
