@@ -2,8 +2,9 @@
 
 Rows of running sequences are kept dense (``0 .. num_rows-1``; freeing a row moves the
 last row into the hole), so a decode step attends over a view ``k[:num_rows, :, lo:hi]``
-with no gather. Both dimensions grow on demand (rows and positions), bounded by
-``max_rows`` and ``max_positions``.
+with no gather. All ``max_rows`` rows are allocated up front (growing them later meant
+a multi-second stall copying the whole cache in the middle of traffic); positions
+grow on demand, by doubling, up to ``max_positions``.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ class KVCache:
     """``k[layer]``, ``v[layer]``: ``[row_capacity, kv_heads, pos_capacity, head_dim]``."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, max_rows: int, max_positions: int,
-                 dtype: torch.dtype, device: torch.device, pos_block: int = 128) -> None:
+                 dtype: torch.dtype, device: torch.device, pos_block: int = 256) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.max_rows, self.max_positions = max_rows, max_positions
         self.dtype, self.device, self.pos_block = dtype, device, pos_block
@@ -23,6 +24,7 @@ class KVCache:
         self.v: list[torch.Tensor] = []
         self.num_rows = 0
         self.lengths: list[int] = []  # [num_rows] tokens written per row
+        self._grow(max_rows, min(pos_block, max_positions))
 
     @property
     def bytes_per_token(self) -> int:
@@ -63,9 +65,7 @@ class KVCache:
     def _grow(self, rows: int, positions: int) -> None:
         if rows <= self.row_capacity and positions <= self.pos_capacity:
             return
-        new_rows = self.row_capacity
-        while new_rows < rows:
-            new_rows = min(self.max_rows, max(4, 2 * new_rows))
+        new_rows = max(rows, self.row_capacity)
         new_pos = self.pos_capacity
         while new_pos < positions:
             new_pos = min(self.max_positions, max(self.pos_block, 2 * new_pos))
