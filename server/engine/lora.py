@@ -94,12 +94,13 @@ class GatherBackend(LoraBackend):
 
 
 class AutoBackend(LoraBackend):
-    """Segment matmuls for multi-token runs, one gathered bmm for the single-token runs
-    (decode rows of distinct adapters) — the measured best on CPU (see BENCHMARKS.md)."""
+    """Segment matmuls for runs of at least ``min_segment_tokens`` tokens (prefill chunks),
+    one gathered bmm for everything else (decode rows, even several per adapter) — the
+    measured best on CPU (see BENCHMARKS.md)."""
 
     name = "auto"
 
-    def __init__(self, min_segment_tokens: int = 4) -> None:
+    def __init__(self, min_segment_tokens: int = 32) -> None:
         self.min_segment_tokens = min_segment_tokens
         self._gather = GatherBackend()
 

@@ -1,0 +1,133 @@
+"""``python -m bench.run [--quick]``: the serving benchmark of issue 4 on the real base
+model, baselines and engine side by side in one process. Prints a table, then as the
+LAST line one JSON object with the p1/p2/p3/p5/p6 ratios and base_tok_s_b64.
+
+Workloads (full / --quick):
+  p1/p2  32 / 8 concurrent requests, prompts 16-32 tokens, 32 / 8 new tokens, greedy, each
+         on its own rank-16 q/v adapter; vs the same without adapter (p1, engine both
+         sides, interleaved x3) and vs stock PEFT set_adapter one adapter at a time (p2).
+  b64    64 concurrent base requests, 64 / 8 new tokens.
+  p3     64 / 12 requests, max_new uniform in [8, 128] / [4, 16], Poisson arrivals at half
+         the engine's b64 rate; vs HF generate static batches of <= 32 (same arrivals).
+  p5     500 / 40 rank-8 adapters on a moto S3 registry, 16 slots, 64 host slots,
+         256 / 48 Zipf(1.0) requests; cold loads and promotions of rank-16 q/v adapters.
+  p6     bench/train_bench.py (null when it is absent).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+KEYS = ("p1_mixed_over_base", "p2_over_switching", "p3_goodput_over_static", "p3_ttft_p99_over_solo",
+        "p5_cold_load_ms_p50", "p5_promote_ms_p50", "p5_zipf_over_hot", "base_tok_s_b64", "p6_train_over_stock")
+WORKLOADS = ("p1", "p2", "b64", "p3", "p5", "p6")
+GOALS = {"p1_mixed_over_base": ">= 0.90", "p2_over_switching": ">= 8", "p3_goodput_over_static": ">= 1.5",
+         "p3_ttft_p99_over_solo": "<= 2.0", "p5_cold_load_ms_p50": "<= 100", "p5_promote_ms_p50": "<= 5",
+         "p5_zipf_over_hot": ">= 0.80", "base_tok_s_b64": "(ceiling ~350)", "p6_train_over_stock": ""}
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+async def serving(quick: bool, only: set[str]) -> dict[str, Any]:
+    import torch
+    from peft import PeftModel
+
+    from adapterctl.basemodel import load_model, load_tokenizer
+    from adapterctl.server.engine.config import EngineConfig
+    from adapterctl.server.engine.engine import BatchingEngine
+    from bench import cache_bench, engine_bench
+    from bench.common import MemoryStore, base_model, load_dirs, random_adapters, template_adapter
+
+    torch.manual_seed(0)
+    base = base_model()
+    tok = load_tokenizer(base)
+    plain = load_model(base, device="cpu")
+    out: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        root = Path(tmp)
+        templates = {"r16": template_adapter(plain, root / "t16", 16, ["q_proj", "v_proj"]),
+                     "r8": template_adapter(plain, root / "t8", 8, ["q_proj", "v_proj"])}
+        dirs = random_adapters(templates["r16"], root / "ad", "a", 32, seed=1)
+        names = [d.name for d in dirs]
+        peft = PeftModel.from_pretrained(plain, str(dirs[0]), adapter_name=names[0]).eval()
+        for d in dirs[1:]:
+            peft.load_adapter(str(d), adapter_name=d.name)
+        _log("baseline PEFT model with 32 adapters ready")
+        engine = BatchingEngine(base, MemoryStore(load_dirs(dirs, base)),
+                                EngineConfig(device="cpu", num_slots=32, max_running_requests=64, ignore_eos=True),
+                                tokenizer=tok)
+        await engine.start()
+        try:
+            if "p1" in only or "p2" in only:
+                out.update(await engine_bench.p1_p2(engine, peft, tok, names, quick))
+                _log(f"p1 {out['p1_mixed_over_base']:.3f}  p2 {out['p2_over_switching']:.2f}")
+            if "b64" in only or "p3" in only:
+                out.update(await engine_bench.base_b64(engine, tok, quick))
+                _log(f"base_tok_s_b64 {out['base_tok_s_b64']:.1f}")
+            if "p3" in only:
+                out.update(await engine_bench.p3(engine, peft, tok, out["base_tok_s_b64"], quick))
+                _log(f"p3 goodput {out['p3_goodput_over_static']:.2f}  ttft {out['p3_ttft_p99_over_solo']:.2f}")
+        finally:
+            await engine.stop()
+        model = engine.runner.model
+        del peft, plain, engine
+        if "p5" in only:
+            out.update(await cache_bench.p5(base, tok, model, templates, quick, _log))
+            _log(f"p5 cold {out['p5_cold_load_ms_p50']:.1f} ms  promote {out['p5_promote_ms_p50']:.2f} ms  "
+                 f"zipf/hot {out['p5_zipf_over_hot']:.2f}")
+    return out
+
+
+def training(quick: bool) -> dict[str, Any]:
+    try:
+        from bench import train_bench
+    except ImportError:
+        return {"p6_train_over_stock": None}
+    result = train_bench.run(quick=quick, steps=3 if quick else None)
+    return {k: v for k, v in result.items() if k.startswith("p6_")}
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"{'metric':<28}{'value':>12}  goal", "-" * 52]
+    for key in KEYS:
+        value = results.get(key)
+        shown = "null" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<28}{shown:>12}  {GOALS[key]}")
+    lines.append("")
+    lines += [f"  {k} = {v:.3f}" if isinstance(v, float) else f"  {k} = {v}"
+              for k, v in sorted(results.items()) if k not in KEYS]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small workloads (under 3 minutes)")
+    parser.add_argument("--only", default=",".join(WORKLOADS),
+                        help=f"comma-separated subset of {','.join(WORKLOADS)} (the rest print null)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
+    started = time.monotonic()
+    only = set(args.only.split(","))
+    if not only <= set(WORKLOADS):
+        parser.error(f"--only takes a subset of {','.join(WORKLOADS)}")
+    results = asyncio.run(serving(args.quick, only)) if only - {"p6"} else {}
+    results.update(training(args.quick) if "p6" in only else {"p6_train_over_stock": None})
+    results["wall_s"] = time.monotonic() - started
+    print(table(results))
+    print(json.dumps({k: results.get(k) for k in KEYS}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""``python -m bench.run --quick`` runs end to end on the real Gemma 270M and prints every
+key as its last line (the values are machine-dependent and not checked here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+KEYS = {"p1_mixed_over_base", "p2_over_switching", "p3_goodput_over_static", "p3_ttft_p99_over_solo",
+        "p5_cold_load_ms_p50", "p5_promote_ms_p50", "p5_zipf_over_hot", "base_tok_s_b64", "p6_train_over_stock"}
+
+
+def test_quick_bench_prints_every_key(gemma_base):
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--quick"], cwd=repo, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(last) == KEYS
+    assert all(last[k] is None or isinstance(last[k], (int, float)) for k in KEYS)
