@@ -47,7 +47,8 @@ def _zipf(n_items: int, n_draws: int, seed: int) -> list[int]:
     return random.Random(seed).choices(range(n_items), weights=weights, k=n_draws)
 
 
-async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log) -> dict[str, Any]:
+async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log,
+             cpu_gemm: str = "auto") -> dict[str, Any]:
     """Needs ``model`` (already wrapped by an earlier engine is fine) and two template
     adapter dirs: ``r16`` and ``r8`` (q/v)."""
     from adapterctl.registry import open_registry
@@ -65,8 +66,8 @@ async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log) -> 
                 reg.publish(d, d.name, base_model=str(base.path))
         log(f"p5: published {n_cold + n_zipf} adapters to moto S3 in {time.monotonic() - began:.0f}s")
         store = AdapterStore(AdapterStoreConfig(disk_dir=root / "disk", host_max_items=64, max_lora_rank=64), reg, base)
-        engine = BatchingEngine(base, store, EngineConfig(device="cpu", num_slots=16, max_queue=4096, ignore_eos=True),
-                                model=model, tokenizer=tok)
+        config = EngineConfig(device="cpu", num_slots=16, max_queue=4096, ignore_eos=True, cpu_gemm=cpu_gemm)
+        engine = BatchingEngine(base, store, config, model=model, tokenizer=tok)
         await engine.start()
         try:
             cold = []

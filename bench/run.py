@@ -38,7 +38,7 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-async def serving(quick: bool, only: set[str]) -> dict[str, Any]:
+async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
@@ -52,7 +52,8 @@ async def serving(quick: bool, only: set[str]) -> dict[str, Any]:
     base = base_model()
     tok = load_tokenizer(base)
     plain = load_model(base, device="cpu")
-    out: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    out: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+                           "cpu_gemm": cpu_gemm}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = Path(tmp)
         templates = {"r16": template_adapter(plain, root / "t16", 16, ["q_proj", "v_proj"]),
@@ -64,7 +65,8 @@ async def serving(quick: bool, only: set[str]) -> dict[str, Any]:
             peft.load_adapter(str(d), adapter_name=d.name)
         _log("baseline PEFT model with 32 adapters ready")
         engine = BatchingEngine(base, MemoryStore(load_dirs(dirs, base)),
-                                EngineConfig(device="cpu", num_slots=32, max_running_requests=64, ignore_eos=True),
+                                EngineConfig(device="cpu", num_slots=32, max_running_requests=64, ignore_eos=True,
+                                             cpu_gemm=cpu_gemm),
                                 tokenizer=tok)
         await engine.start()
         try:
@@ -82,7 +84,7 @@ async def serving(quick: bool, only: set[str]) -> dict[str, Any]:
         model = engine.runner.model
         del peft, plain, engine
         if "p5" in only:
-            out.update(await cache_bench.p5(base, tok, model, templates, quick, _log))
+            out.update(await cache_bench.p5(base, tok, model, templates, quick, _log, cpu_gemm))
             _log(f"p5 cold {out['p5_cold_load_ms_p50']:.1f} ms  promote {out['p5_promote_ms_p50']:.2f} ms  "
                  f"zipf/hot {out['p5_zipf_over_hot']:.2f}")
     return out
@@ -114,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small workloads (under 3 minutes)")
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {','.join(WORKLOADS)} (the rest print null)")
+    parser.add_argument("--cpu-gemm", default="auto", choices=("auto", "onednn", "torch"),
+                        help="the engine's dense matmul (baselines always use stock torch)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     only = set(args.only.split(","))
     if not only <= set(WORKLOADS):
         parser.error(f"--only takes a subset of {','.join(WORKLOADS)}")
-    results = asyncio.run(serving(args.quick, only)) if only - {"p6"} else {}
+    results = asyncio.run(serving(args.quick, only, args.cpu_gemm)) if only - {"p6"} else {}
     results.update(training(args.quick) if "p6" in only else {"p6_train_over_stock": None})
     results["wall_s"] = time.monotonic() - started
     print(table(results))

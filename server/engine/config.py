@@ -47,6 +47,8 @@ class EngineConfig:
                                            "before the next decode step; 'mixed': prompt chunks ride along with "
                                            "the decode step.", "ADAPTERCTL_PREFILL_MODE")
     lora_backend: str = _opt("auto", "LoRA compute: auto | gather | segment.", "ADAPTERCTL_LORA_BACKEND")
+    cpu_gemm: str = _opt("auto", "Dense matmul: auto (oneDNN on CPU, measured faster than MKL) | onednn | torch.",
+                         "ADAPTERCTL_CPU_GEMM")
     lora_modules: tuple[str, ...] = _opt(LORA_MODULE_TYPES, "Linear layers that accept LoRA.")
     device: str | None = _opt(None, "torch device (default: cuda if available, else cpu).", "ADAPTERCTL_DEVICE")
     dtype: str = _opt("float32", "Model and adapter dtype: float32 | bfloat16 | float16.", "ADAPTERCTL_DTYPE")
@@ -73,6 +75,10 @@ class EngineConfig:
 
         if self.lora_backend not in BACKENDS:
             raise InvalidArgument(f"EngineConfig.lora_backend must be one of {tuple(BACKENDS)}, got {self.lora_backend!r}")
+        from adapterctl.server.engine.kernels import GEMMS
+
+        if self.cpu_gemm not in GEMMS:
+            raise InvalidArgument(f"EngineConfig.cpu_gemm must be one of {GEMMS}, got {self.cpu_gemm!r}")
         self.lora_modules = tuple(self.lora_modules)
         unknown = sorted(set(self.lora_modules) - set(LORA_MODULE_TYPES))
         if unknown or not self.lora_modules:

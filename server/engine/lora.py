@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adapterctl.server.engine.batch import LoraBatch, current_batch
+from adapterctl.server.engine.kernels import Gemm, torch_linear
 
 
 @dataclass
@@ -94,13 +95,14 @@ class GatherBackend(LoraBackend):
 
 
 class AutoBackend(LoraBackend):
-    """Segment matmuls for runs of at least ``min_segment_tokens`` tokens (prefill chunks),
-    one gathered bmm for everything else (decode rows, even several per adapter) — the
-    measured best on CPU (see BENCHMARKS.md)."""
+    """Segment matmuls for runs of at least ``min_segment_tokens`` tokens (prefill chunks,
+    popular adapters), one gathered bmm for the rest (decode rows of many adapters) — the
+    measured best on CPU (see BENCHMARKS.md): gathering copies r*(in+out) weights per
+    token, a segment costs two small matmul launches."""
 
     name = "auto"
 
-    def __init__(self, min_segment_tokens: int = 32) -> None:
+    def __init__(self, min_segment_tokens: int = 8) -> None:
         self.min_segment_tokens = min_segment_tokens
         self._gather = GatherBackend()
 
@@ -132,11 +134,12 @@ class LoraLinear(nn.Module):
     parameters are shared, not copied. Accepts ``x`` of shape ``[..., in]``.
     """
 
-    def __init__(self, base: nn.Linear, path: str, backend: LoraBackend) -> None:
+    def __init__(self, base: nn.Linear, path: str, backend: LoraBackend, gemm: Gemm = torch_linear) -> None:
         super().__init__()
         self.base = base
         self.path = path
         self.backend = backend
+        self.gemm = gemm
         self.weights: LoraWeights | None = None
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -146,7 +149,7 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.gemm(x, self.base.weight, self.base.bias)
         meta = current_batch()
         if meta is None or self.weights is None or not meta.has_lora:
             return y

@@ -19,7 +19,9 @@ from torch import nn
 
 from adapterctl.errors import FailedPrecondition
 from adapterctl.server.engine.batch import LoraBatch, use_batch
+from adapterctl.server.engine.kernels import pick_gemm
 from adapterctl.server.engine.kv import KVCache
+from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.lora import LoraLinear, make_backend
 from adapterctl.server.engine.slots import SlotBank
 
@@ -49,7 +51,7 @@ class ModelRunner:
     :class:`LoraLinear` backed by ``self.bank``; ``forward`` reads and writes ``self.kv``."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
-                 lora_modules: tuple[str, ...], backend: str = "auto") -> None:
+                 lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto") -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", "?")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -71,7 +73,10 @@ class ModelRunner:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.backend = make_backend(backend)
-        self.lora_modules = self._wrap(lora_modules)
+        self.gemm = pick_gemm(gemm, self.device, self.dtype)
+        # Every projection is wrapped (for the fast GEMM); only ``lora_modules`` get slot banks.
+        wrapped = self._wrap(LORA_MODULE_TYPES)
+        self.lora_modules = {p: m for p, m in wrapped.items() if p.rsplit(".", 1)[-1] in lora_modules}
         self.bank = SlotBank(self.lora_modules, num_slots, max_rank, self.device, self.dtype)
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
@@ -95,7 +100,7 @@ class ModelRunner:
                         base = base.base
                     if isinstance(base, nn.Linear):
                         path = f"model.layers.{i}.{parent_name}.{name}"
-                        wrapped[path] = LoraLinear(base, path, self.backend)
+                        wrapped[path] = LoraLinear(base, path, self.backend, self.gemm)
                         setattr(parent, name, wrapped[path])
         return wrapped
 
@@ -152,7 +157,7 @@ class Forward:
     per :meth:`step`, so the engine can run an urgent prefill for *other* rows between
     pieces. Invariant between pieces: rows of this step are not moved or freed."""
 
-    head_chunk = 32768  # LM-head rows per piece (also measured no slower than one matmul)
+    head_chunk = 32768  # LM-head rows per piece (measured no slower than one matmul)
 
     @torch.no_grad()
     def __init__(self, runner: ModelRunner, chunks: list[Chunk]) -> None:
@@ -176,8 +181,7 @@ class Forward:
         self.layer = 0
         self.head_at = 0
         self.hs: torch.Tensor | None = None  # [num_sampling, hidden] final-normed rows
-        self._logits_t: torch.Tensor | None = None  # [vocab, num_sampling], filled a slice per piece
-        self.logits: torch.Tensor | None = None  # [num_sampling, vocab] (a transposed view) once done
+        self.logits: torch.Tensor | None = None  # [num_sampling, vocab], filled a vocab slice per piece
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -195,21 +199,16 @@ class Forward:
                 r.kv.lengths[c.row] = c.start_pos + len(c.tokens)
             last = [off + len(c.tokens) - 1 for c, off in zip(self.chunks, self.plan.offsets) if c.sample]
             self.hs = r.inner.norm(self.h.index_select(0, torch.tensor(last, dtype=torch.long, device=r.device)))
-            self._logits_t = self.hs.new_empty(r.config.vocab_size, len(last))
+            self.logits = self.hs.new_empty(len(last), r.config.vocab_size)
             if not last:
-                self.logits = self._logits_t.T
                 return False
         head = r.model.lm_head
         lo, hi = self.head_at, min(self.head_at + self.head_chunk, head.weight.shape[0])
-        # W[lo:hi] @ hs.T writes contiguous rows of the transposed logits: measured faster
-        # on CPU than one [rows, vocab] matmul or than writing column slices.
-        torch.mm(head.weight[lo:hi], self.hs.T, out=self._logits_t[lo:hi])
+        bias = None if head.bias is None else head.bias[lo:hi]
+        self.logits[:, lo:hi] = r.gemm(self.hs, head.weight[lo:hi], bias)
         self.head_at = hi
         if hi < head.weight.shape[0]:
             return True
-        if head.bias is not None:
-            self._logits_t += head.bias[:, None]
-        self.logits = self._logits_t.T
         if r.softcap:
             self.logits = torch.tanh(self.logits / r.softcap) * r.softcap
         return False

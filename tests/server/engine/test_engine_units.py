@@ -32,6 +32,7 @@ def _bank(num_slots=4, max_rank=16, d_in=24, d_out=40, ranks=(0, 4, 16, 0, 8)) -
     [0, 0, 0],  # no adapter at all
     [2, 2, 2, 2, 2, 2],  # one adapter, every token
     [0] * 3 + [4] * 40 + [1, 3],  # a prefill-length run (segment matmul in "auto") next to decode rows
+    [1] * 8 + [2] * 3 + [3] * 9,  # runs on both sides of the auto threshold
 ])
 def test_backends_match_the_formula(backend, token_slots):
     w = _bank()
