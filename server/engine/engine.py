@@ -131,8 +131,14 @@ class BatchingEngine(AdapterAdmin):
             served, adapter = await self._fetch(request.adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        seq = Sequence(request=request, params=params, served=served, adapter=adapter,
-                       sink=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+
+        def sink(item: object) -> None:  # decode thread -> this request's consumer
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is gone: nobody is listening
+                seq.cancelled = True
+
+        seq = Sequence(request=request, params=params, served=served, adapter=adapter, sink=sink,
                        text=StopTextStream(self.tokenizer, params.stop),
                        generator=make_generator(params.seed) if params.temperature > 0 else None)
         try:
@@ -205,24 +211,49 @@ class BatchingEngine(AdapterAdmin):
                 for seq, _ in plan:
                     if seq in sched.running:
                         sched.release(seq)
-                    seq.finish_reason = FINISH_CANCELLED
-                    seq.sink(Unavailable(f"engine step failed: {exc}"))
+                    if seq.finish_reason is None:
+                        seq.finish_reason = FINISH_CANCELLED
+                        seq.sink(Unavailable(f"engine step failed: {exc}"))
 
     def _step(self, plan: list) -> None:
-        """One forward over ``plan``. In ``interleave`` mode a decode step checks for newly
-        admissible requests between its layers and prefills them right there (their first
-        token does not wait for the rest of the step); rows of the paused step stay put."""
-        fwd = self.runner.start([c for _, c in plan])
-        interleave = self.config.prefill_mode == "interleave" and all(len(c.tokens) == 1 for _, c in plan)
-        pending = interleave and self._prefill_outside(plan)
-        while fwd.step():
-            if interleave and (pending or self.scheduler.submitted != self._admit_seen) and not self._stopping.is_set():
-                self._interleave(plan)
-                pending = self._prefill_outside(plan)
-        self._sample_and_emit(plan, fwd.logits)
+        plan, logits = self._forward(plan, self.config.max_batch_tokens)
+        self._sample_and_emit(plan, logits)
         deferred, self._deferred = self._deferred, []
         for seq in deferred:
             self.scheduler.release(seq)
+
+    def _forward(self, plan: list, budget: int, top: bool = True) -> tuple[list, torch.Tensor]:
+        """Run ``plan``'s forward piece by piece; returns (the plan it ended with, logits).
+
+        In ``interleave`` mode, prompts admitted meanwhile (at most ``budget`` tokens) are
+        served between pieces instead of after the step: a decode forward pauses and runs
+        their prefill right there (their first token does not wait for 64 rows' LM head);
+        a prefill forward still in its layers runs theirs and lets them share its LM head
+        (one weight pass for both). Rows of the paused forward never move meanwhile.
+        Nested forwards (``top=False``) only take joiners, they never pause again."""
+        fwd = self.runner.start([c for _, c in plan])
+        decoding = top and all(len(c.tokens) == 1 for _, c in plan)
+        enabled = self.config.prefill_mode == "interleave"
+        pending = enabled and bool(self._prefill_outside(plan))
+        while fwd.step():
+            if not (enabled and budget > 0 and (pending or self.scheduler.submitted != self._admit_seen)):
+                continue
+            if self._stopping.is_set():
+                break
+            if decoding:
+                budget -= self._interleave(plan, budget)
+            elif fwd.in_layers:
+                extra = self._admit_prefills(plan, budget)
+                if extra:
+                    joining = self.runner.start([c for _, c in extra])
+                    joining.run_layers()
+                    fwd.join(joining)
+                    plan = plan + extra
+                    budget -= sum(len(c.tokens) for _, c in extra)
+            pending = bool(self._prefill_outside(plan))
+        while fwd.step():  # only when stopping: finish without serving newcomers
+            pass
+        return plan, fwd.logits
 
     def _admit(self) -> None:
         sched = self.scheduler
@@ -235,23 +266,34 @@ class BatchingEngine(AdapterAdmin):
     def _prefill_outside(self, plan: list) -> list[Sequence]:
         """Running sequences still in prefill that are not part of ``plan``, oldest first."""
         busy = {id(s) for s, _ in plan}
-        return sorted((s for s in self.scheduler.running if s.in_prefill and id(s) not in busy), key=lambda s: s.arrival)
+        return sorted((s for s in self.scheduler.running if s.in_prefill and not s.cancelled and id(s) not in busy),
+                      key=lambda s: s.arrival)
 
-    def _interleave(self, paused: list) -> None:
-        sched = self.scheduler
+    def _admit_prefills(self, plan: list, budget: int) -> list:
+        """Admit what fits now; the next prompt chunks (at most ``budget`` tokens) of
+        sequences in prefill outside ``plan``, ordered by slot."""
+        self._admit()
+        used, sub = 0, []
+        for seq in self._prefill_outside(plan):
+            if used >= budget:
+                break
+            chunk = seq.next_chunk(budget - used)
+            sub.append((seq, chunk))
+            used += len(chunk.tokens)
+        sub.sort(key=lambda sc: sc[1].slot)
+        return sub
+
+    def _interleave(self, paused: list, budget: int) -> int:
+        """Prefill newcomers while the decode forward of ``paused`` waits; returns tokens used."""
         self._paused = True
         try:
-            self._admit()
-            budget, sub = self.config.max_batch_tokens, []
-            for seq in self._prefill_outside(paused):
-                if budget <= 0:
-                    break
-                chunk = seq.next_chunk(budget)
-                sub.append((seq, chunk))
-                budget -= len(chunk.tokens)
-            if sub:
-                sub.sort(key=lambda sc: sc[1].slot)
-                self._sample_and_emit(sub, self.runner.forward([c for _, c in sub]))
+            sub = self._admit_prefills(paused, budget)
+            if not sub:
+                return 0
+            used = sum(len(c.tokens) for _, c in sub)
+            sub, logits = self._forward(sub, budget - used, top=False)
+            self._sample_and_emit(sub, logits)
+            return sum(len(c.tokens) for _, c in sub)
         finally:
             self._paused = False
 

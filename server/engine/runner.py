@@ -153,9 +153,11 @@ class ModelRunner:
 
 
 class Forward:
-    """One step's forward, advanced one piece (a decoder layer, or a slice of the LM head)
-    per :meth:`step`, so the engine can run an urgent prefill for *other* rows between
-    pieces. Invariant between pieces: rows of this step are not moved or freed."""
+    """One step's forward, advanced one piece (a decoder layer, the final norm, or a slice
+    of the LM head) per :meth:`step`, so the engine can serve newly arrived prompts
+    between pieces. Invariant between pieces: rows of this step are not moved or freed.
+    Another forward whose layers are done may :meth:`join` this one before its final
+    norm and share its LM head (one weight pass for both; logits rows appended)."""
 
     head_chunk = 32768  # LM-head rows per piece (measured no slower than one matmul)
 
@@ -180,8 +182,14 @@ class Forward:
         self.rope = runner._rope(self.h, self.pos)
         self.layer = 0
         self.head_at = 0
-        self.hs: torch.Tensor | None = None  # [num_sampling, hidden] final-normed rows
+        self.joined: list[Forward] = []
+        self.hs: torch.Tensor | None = None  # [num_sampling, hidden] final-normed rows (own, then joined)
         self.logits: torch.Tensor | None = None  # [num_sampling, vocab], filled a vocab slice per piece
+
+    @property
+    def in_layers(self) -> bool:
+        """True until the final norm: another forward may still :meth:`join`."""
+        return self.hs is None
 
     @torch.no_grad()
     def step(self) -> bool:
@@ -195,13 +203,10 @@ class Forward:
             self.layer += 1
             return True
         if self.hs is None:
-            for c in self.chunks:
-                r.kv.lengths[c.row] = c.start_pos + len(c.tokens)
-            last = [off + len(c.tokens) - 1 for c, off in zip(self.chunks, self.plan.offsets) if c.sample]
-            self.hs = r.inner.norm(self.h.index_select(0, torch.tensor(last, dtype=torch.long, device=r.device)))
-            self.logits = self.hs.new_empty(len(last), r.config.vocab_size)
-            if not last:
-                return False
+            self._final_norm()
+            self.hs = torch.cat([self.hs, *(f.hs for f in self.joined)]) if self.joined else self.hs
+            self.logits = self.hs.new_empty(self.hs.shape[0], r.config.vocab_size)
+            return self.hs.shape[0] > 0
         head = r.model.lm_head
         lo, hi = self.head_at, min(self.head_at + self.head_chunk, head.weight.shape[0])
         bias = None if head.bias is None else head.bias[lo:hi]
@@ -212,6 +217,29 @@ class Forward:
         if r.softcap:
             self.logits = torch.tanh(self.logits / r.softcap) * r.softcap
         return False
+
+    def run_layers(self) -> None:
+        """Run every decoder layer and the final norm (no LM head): ready to :meth:`join`."""
+        while self.layer < len(self.r.layers):
+            self.step()
+        self._final_norm()
+
+    def join(self, other: "Forward") -> None:
+        """Let ``other`` (after :meth:`run_layers`) share this forward's LM head; its logits
+        rows follow this forward's own. Only while :attr:`in_layers`."""
+        if not self.in_layers or other.hs is None:
+            raise RuntimeError("join needs this forward before its final norm and the other after it")
+        self.joined.append(other)
+
+    @torch.no_grad()
+    def _final_norm(self) -> None:
+        r = self.r
+        if self.hs is not None:
+            return
+        for c in self.chunks:
+            r.kv.lengths[c.row] = c.start_pos + len(c.tokens)
+        last = [off + len(c.tokens) - 1 for c, off in zip(self.chunks, self.plan.offsets) if c.sample]
+        self.hs = r.inner.norm(self.h.index_select(0, torch.tensor(last, dtype=torch.long, device=r.device)))
 
 
 class _AttentionPlan:

@@ -203,3 +203,44 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
     run(scenario())
     after = sampled[sampled.index(["<arrived>"]) + 1]
     assert after == [first_after_arrival]
+
+
+@pytest.mark.parametrize("mode,after", [("interleave", ["a", "b"]), ("separate", ["a"])])
+def test_prompt_arriving_during_a_prefill_shares_its_lm_head(mode, after, run, make_engine, collect, request_for):
+    """On an idle engine, a prompt that arrives while another is in its layers joins it:
+    both first tokens come out of one LM-head pass."""
+    import threading
+
+    engine = make_engine(None, prefill_mode=mode)
+    sampled: list[list[str]] = []
+    engine.logits_hook = lambda seqs, _: sampled.append(sorted(s.request.request_id for s in seqs))
+    arrived = threading.Event()
+    submit, layer = engine.scheduler.submit, engine.runner._layer
+
+    def submit_and_signal(seq):
+        submit(seq)
+        if seq.request.request_id == "b":
+            arrived.set()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        second: asyncio.Future = loop.create_future()
+
+        def slow_layer(i, *args):
+            if i == 1 and not second.done() and args[3].prefill:  # "a"'s prefill, after layer 0
+                loop.call_soon_threadsafe(lambda: second.set_result(asyncio.ensure_future(
+                    collect(engine, request_for(PROMPT[:5], 2, rid="b")))))
+                assert arrived.wait(30)
+                sampled.append(["<arrived>"])
+            return layer(i, *args)
+
+        engine.scheduler.submit = submit_and_signal
+        engine.runner._layer = slow_layer
+        first = await collect(engine, request_for(PROMPT, 2, rid="a"))
+        joined = await (await second)
+        return first[1], joined[1]
+
+    a, b = run(scenario())
+    assert sampled[sampled.index(["<arrived>"]) + 1] == after
+    alone = [run(collect(engine, request_for(p, 2, rid="x")))[1].token_ids for p in (PROMPT, PROMPT[:5])]
+    assert [a.token_ids, b.token_ids] == alone
