@@ -250,6 +250,7 @@ class _AttentionPlan:
         self.offsets, off = [], 0
         dec_tok, dec_rows, dec_pos = [], [], []
         self.prefill: list[tuple[int, Chunk]] = []
+        self._masks: dict[tuple[int, int | None], tuple[int, torch.Tensor]] = {}
         for c in chunks:
             self.offsets.append(off)
             if len(c.tokens) == 1:
@@ -301,16 +302,26 @@ class _AttentionPlan:
             if out is None:
                 return o
             out[self.dec_tok] = o.index_select(0, self.dec_rows)
-        for off, c in self.prefill:
+        for i, (off, c) in enumerate(self.prefill):
             t, end = len(c.tokens), c.start_pos + len(c.tokens)
-            lo = 0 if window is None else max(0, c.start_pos - window + 1)
-            qpos = torch.arange(c.start_pos, end, device=q.device)
-            kpos = torch.arange(lo, end, device=q.device)
-            mask = kpos[None, :] <= qpos[:, None]
-            if window is not None:
-                mask &= kpos[None, :] > qpos[:, None] - window
+            lo, mask = self._prefill_mask(i, c, window, q.device)
             qc = q[off: off + t].transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
             o = F.scaled_dot_product_attention(qc, kc[c.row: c.row + 1, :, lo:end], vc[c.row: c.row + 1, :, lo:end],
                                                attn_mask=mask, scale=scale, enable_gqa=kvh != heads)
             out[off: off + t] = o[0].transpose(0, 1)
         return out
+
+    def _prefill_mask(self, i: int, c: Chunk, window: int | None, dev: torch.device) -> tuple[int, torch.Tensor]:
+        """(first key position, causal/sliding mask [T, keys]) of prefill chunk ``i``; built
+        once per step and window, not once per layer."""
+        key = (i, window)
+        if key not in self._masks:
+            end = c.start_pos + len(c.tokens)
+            lo = 0 if window is None else max(0, c.start_pos - window + 1)
+            qpos = torch.arange(c.start_pos, end, device=dev)
+            kpos = torch.arange(lo, end, device=dev)
+            mask = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                mask &= kpos[None, :] > qpos[:, None] - window
+            self._masks[key] = (lo, mask)
+        return self._masks[key]
