@@ -70,10 +70,12 @@ class AdapterAdmin:
                 self.slots.unload(served)
             return status
 
-        status = await self._on_decode_thread(unload)
+        await self._on_decode_thread(unload)
         if self.store is not None and hasattr(self.store, "unload"):
             self.store.unload(served)
-        return status or AdapterStatus(served.name, served.version, served.digest, "registry")
+        # Report where the adapter lives now (disk or registry), not where it was.
+        now = [r for r in await self.list_adapters(served.name) if r.digest == served.digest]
+        return now[0] if now else AdapterStatus(served.name, served.version, served.digest, "registry")
 
     async def pin_adapter(self, ref: str, pinned: bool) -> AdapterStatus:
         """Pin keeps the adapter in a device slot (and host RAM) until unpinned."""

@@ -33,9 +33,10 @@ def test_load_pin_unload_cycle(client):
     with pytest.raises(FailedPrecondition):
         client.unload_adapter("beta")
     assert not client.unpin_adapter("beta").pinned
-    client.unload_adapter("beta")
+    returned = client.unload_adapter("beta")
     after = _row(client, "beta", 1)
     assert after.tier in ("host", "disk") and not after.pinned  # off the device, still cached below
+    assert returned.tier == after.tier  # the reply says where it lives now, not where it was
     assert client.generate("hi", adapter="beta", max_new_tokens=1).adapter.name == "beta"
 
 
