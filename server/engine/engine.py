@@ -229,7 +229,8 @@ class BatchingEngine(AdapterAdmin):
         served between pieces instead of after the step: a decode forward pauses and runs
         their prefill right there (their first token does not wait for 64 rows' LM head);
         a prefill forward still in its layers runs theirs and lets them share its LM head
-        (one weight pass for both). Rows of the paused forward never move meanwhile.
+        (one weight pass for both; once per forward, since each join delays the prompts
+        already in it by the joiners' layers). Rows of the paused forward never move.
         Nested forwards (``top=False``) only take joiners, they never pause again."""
         fwd = self.runner.start([c for _, c in plan])
         decoding = top and all(len(c.tokens) == 1 for _, c in plan)
@@ -242,7 +243,7 @@ class BatchingEngine(AdapterAdmin):
                 break
             if decoding:
                 budget -= self._interleave(plan, budget)
-            elif fwd.in_layers:
+            elif fwd.in_layers and not fwd.joined:  # one join per forward: chains would hold its oldest back
                 extra = self._admit_prefills(plan, budget)
                 if extra:
                     joining = self.runner.start([c for _, c in extra])
