@@ -5,7 +5,8 @@ LAST line one JSON object with the p1/p2/p3/p5/p6 ratios and base_tok_s_b64.
 Workloads (full / --quick):
   p1/p2  32 / 8 concurrent requests, prompts 16-32 tokens, 32 / 8 new tokens, greedy, each
          on its own rank-16 q/v adapter; vs the same without adapter (p1, engine both
-         sides, interleaved x3) and vs stock PEFT set_adapter one adapter at a time (p2).
+         sides, median of 5 interleaved pairs) and vs stock PEFT set_adapter one adapter
+         at a time (p2).
   b64    64 concurrent base requests, 64 / 8 new tokens.
   p3     64 / 12 requests, max_new uniform in [8, 128] / [4, 16], Poisson arrivals at half
          the engine's b64 rate; vs HF generate static batches of <= 32 (same arrivals).
