@@ -128,7 +128,8 @@ def make_backend(name: str) -> LoraBackend:
 
 
 class LoraLinear(nn.Module):
-    """``base(x)`` plus the LoRA delta of the current :class:`LoraBatch` (if any).
+    """The base layer's ``x @ W.T + b`` (through the engine's GEMM, see kernels.py) plus
+    the LoRA delta of the current :class:`LoraBatch` (if any).
 
     ``weights`` is None until some adapter targets this module; the base layer's
     parameters are shared, not copied. Accepts ``x`` of shape ``[..., in]``.
