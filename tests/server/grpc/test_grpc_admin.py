@@ -67,7 +67,4 @@ def test_hot_reload_after_promote(server, client, published, make_adapter):
     assert [(c.name, c.alias, c.old_version, c.new_version) for c in changes] == [("gamma", "prod", 1, 2)]
     assert client.generate("hi", adapter="gamma:prod", max_new_tokens=1).adapter.version == 2
     assert client.refresh_aliases() == []
-    if server.config.engine == "batched" and _row(client, "gamma", 1).tier == "device":
-        pytest.xfail("the batching engine keeps an unreferenced old version in its device slot until "
-                     "LRU eviction (reported to the engine owner)")
     assert _row(client, "gamma", 1).tier != "device"
