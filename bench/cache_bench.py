@@ -66,8 +66,9 @@ async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log,
             for d in random_adapters(template, root / "src", prefix, count, seed=seed):
                 reg.publish(d, d.name, base_model=str(base.path))
         log(f"p5: published {n_cold + n_zipf + 16} adapters to moto S3 in {time.monotonic() - began:.0f}s")
-        store = AdapterStore(AdapterStoreConfig(disk_dir=root / "disk", host_max_items=64, max_lora_rank=64), reg, base)
-        config = EngineConfig(device="cpu", num_slots=16, max_queue=4096, ignore_eos=True, cpu_gemm=cpu_gemm)
+        config = EngineConfig(device="cpu", max_adapters=16, max_waiting=4096, ignore_eos=True, cpu_gemm=cpu_gemm)
+        store = AdapterStore(AdapterStoreConfig(cache_dir=root / "disk", host_max_items=64), reg, base,
+                             max_lora_rank=config.max_lora_rank)
         engine = BatchingEngine(base, store, config, model=model, tokenizer=tok)
         await engine.start()
         try:

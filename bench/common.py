@@ -65,20 +65,6 @@ def random_adapters(template: Path, root: Path, prefix: str, n: int, seed: int) 
     return dirs
 
 
-class MemoryStore:
-    """An in-process adapter source (name -> LoadedAdapter) for workloads that are not
-    about the cache tiers."""
-
-    def __init__(self, loaded: dict[str, Any]) -> None:
-        self.loaded = loaded
-
-    async def resolve(self, ref: str):
-        return self.loaded[ref].served
-
-    async def get(self, served):
-        return self.loaded[served.name]
-
-
 def load_dirs(dirs: list[Path], base) -> dict[str, Any]:
     from adapterctl.server.cache.loaded import load_peft_dir
 
@@ -101,7 +87,7 @@ class Timed:
 
 
 async def timed_generate(engine, request) -> Timed:
-    from adapterctl.server.engine.api import GenerationResult
+    from adapterctl.server.types import GenerationResult
 
     rec = Timed(time.monotonic())
     async for item in engine.generate(request):
@@ -134,7 +120,7 @@ def median(values: list[float]) -> float:
 
 
 def request(rid: str, prompt: list[int], max_new: int, adapter: str | None = None):
-    from adapterctl.server.engine.api import GenerationRequest, SamplingParams
+    from adapterctl.server.types import GenerationRequest, SamplingParams
 
     return GenerationRequest(rid, list(prompt), SamplingParams(max_new_tokens=max_new), adapter)
 

@@ -44,10 +44,11 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
     from peft import PeftModel
 
     from adapterctl.basemodel import load_model, load_tokenizer
+    from adapterctl.server.cache.memory import MemoryStore
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
     from bench import cache_bench, engine_bench
-    from bench.common import MemoryStore, base_model, load_dirs, random_adapters, template_adapter
+    from bench.common import base_model, load_dirs, random_adapters, template_adapter
 
     torch.manual_seed(0)
     base = base_model()
@@ -66,7 +67,8 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
             peft.load_adapter(str(d), adapter_name=d.name)
         _log("baseline PEFT model with 32 adapters ready")
         engine = BatchingEngine(base, MemoryStore(load_dirs(dirs, base)),
-                                EngineConfig(device="cpu", num_slots=32, max_running_requests=64, ignore_eos=True,
+                                EngineConfig(device="cpu", max_adapters=32, max_running_requests=64, max_waiting=256,
+                                             ignore_eos=True,
                                              cpu_gemm=cpu_gemm),
                                 tokenizer=tok)
         await engine.start()

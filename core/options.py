@@ -1,8 +1,12 @@
 """Config dataclass -> click options -> config dataclass: one field definition feeds a command's CLI.
 
-:func:`option` declares a field with its help and CLI settings, :func:`click_options` /
-:func:`click_params` turn a dataclass's fields into click options and :func:`from_kwargs`
-builds the dataclass back from click's keyword arguments (``__post_init__`` validates).
+:func:`option` declares a field with its help and CLI settings, :func:`nested` a field holding
+another config dataclass (a component's config inside its owner's), :func:`click_options` /
+:func:`click_params` turn a dataclass's fields into click options (nested ones flattened:
+``--max-lora-rank``, not ``--engine-max-lora-rank``) and :func:`from_kwargs` builds the
+dataclass tree back from click's keyword arguments (``__post_init__`` validates each level).
+A setting has one name from the flag down: two leaves of one tree with the same name are
+refused when the options are generated.
 """
 from __future__ import annotations
 
@@ -35,6 +39,26 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, envvar: str | 
     if isinstance(default, (list, dict, set)):
         default, default_factory = dataclasses.MISSING, (lambda value=default: type(value)(value))
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
+
+
+def nested(cls: type, help: str = "") -> Any:
+    """A field holding config dataclass ``cls`` (default ``cls()``); its fields become the
+    owner's options, grouped under this field's name in the docs."""
+    return dataclasses.field(default_factory=cls, metadata={"nested": cls, "help": help})
+
+
+def leaf_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """``(field, type hint)`` of every option of ``cls``, nested configs flattened in
+    declaration order. ValueError when two leaves share a name."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[dataclasses.Field, Any]] = []
+    for f in dataclasses.fields(cls):
+        out += leaf_fields(f.metadata["nested"]) if f.metadata.get("nested") else [(f, hints[f.name])]
+    names = [f.name for f, _ in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{cls.__name__}: settings declared twice in its config tree: {', '.join(twice)}")
+    return out
 
 
 def click_params(cls: type, *, defer_defaults: bool = False, envvar_prefix: str | None = None,
@@ -76,18 +100,27 @@ def from_kwargs(cls: type[T], values: Mapping[str, Any], lower: Mapping[str, Any
 
     A None value counts as unset: the field then takes its value from ``lower`` (values of
     lower-precedence sources, e.g. a config file) if there, else its dataclass default.
+    Nested config fields are built from the same flat mapping (a key naming a nested
+    field itself, rather than one of its leaves, is refused: it would be ignored).
     Validation errors from ``__post_init__`` propagate unchanged.
     """
-    names = [f.name for f in dataclasses.fields(cls)]
-    merged = {k: v for k, v in (lower or {}).items() if k in names}
-    merged.update({k: v for k, v in values.items() if k in names and v is not None})
+    merged: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        sub = f.metadata.get("nested")
+        if sub:
+            if values.get(f.name) is not None:
+                raise TypeError(f"{cls.__name__}.{f.name} is a nested config: pass its fields by name")
+            merged[f.name] = from_kwargs(sub, values, lower)
+        elif values.get(f.name) is not None:
+            merged[f.name] = values[f.name]
+        elif lower and f.name in lower:
+            merged[f.name] = lower[f.name]
     return cls(**merged)
 
 
 def _option_specs(cls: type, defer: bool, envvar_prefix: str | None,
                   show_envvar: bool) -> list[tuple[list[str], dict[str, Any]]]:
-    hints = typing.get_type_hints(cls)
-    return [_option_spec(f, hints[f.name], defer, envvar_prefix, show_envvar) for f in dataclasses.fields(cls)]
+    return [_option_spec(f, tp, defer, envvar_prefix, show_envvar) for f, tp in leaf_fields(cls)]
 
 
 def _option_spec(f: dataclasses.Field, tp: Any, defer: bool, envvar_prefix: str | None,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -21,8 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adapterctl.errors import Unavailable
-from adapterctl.server.config import BATCHED_ENGINE_MODULE, ServerConfig
-from adapterctl.server.engine.api import Engine, EngineObserver
+from adapterctl.server.build import build_engine
+from adapterctl.server.config import ServerConfig
+from adapterctl.server.types import Engine, EngineObserver
 from adapterctl.server.interceptors import (DRAINING, SERVING, AccessInterceptor, ErrorInterceptor, ServingState,
                                             TokenTable)
 from adapterctl.server.metrics import ServerMetrics
@@ -34,23 +34,6 @@ log = logging.getLogger(__name__)
 
 SERVICES = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 EngineFactory = Callable[[ServerConfig, EngineObserver], Engine]
-
-
-def build_engine(config: ServerConfig, observer: EngineObserver) -> Engine:
-    """The engine ``config`` asks for, over the configured base model and registry."""
-    from adapterctl.basemodel import resolve_base_model
-    from adapterctl.registry import open_registry
-
-    base = resolve_base_model(config.base_model, progress=False)
-    reader = open_registry(config.registry)
-    if config.resolved_engine == "batched":
-        return importlib.import_module(BATCHED_ENGINE_MODULE).build_engine(config, base, reader, observer)
-    from adapterctl.server.reference_engine import PeftEngine, PeftEngineConfig
-
-    return PeftEngine(base, reader, PeftEngineConfig(
-        max_adapters=config.max_adapters, max_lora_rank=config.max_lora_rank, max_waiting=config.max_waiting,
-        max_new_tokens_limit=config.max_new_tokens_limit, max_prompt_tokens=config.max_prompt_tokens,
-        device=config.device, dtype=config.dtype, cache_dir=config.cache_dir, alias_ttl=config.alias_refresh), observer)
 
 
 class AdapterctlServer:
@@ -79,8 +62,8 @@ class AdapterctlServer:
         self._server = grpc.aio.server(interceptors=[access, ErrorInterceptor()],
                                        options=[("grpc.so_reuseport", 0)])
         # Services are registered before start (grpc needs that); they see the engine once loaded.
-        inference = InferenceServicer(None, self.metrics, cfg.default_max_new_tokens, cfg.max_new_tokens_limit,
-                                      self.state)
+        inference = InferenceServicer(None, self.metrics, cfg.default_max_new_tokens,
+                                      cfg.engine.max_new_tokens_limit, self.state)
         admin = AdminServicer(None)
         pb_grpc.add_InferenceServicer_to_server(inference, self._server)
         pb_grpc.add_AdminServicer_to_server(admin, self._server)
@@ -101,10 +84,10 @@ class AdapterctlServer:
         inference.engine = admin.engine = self.engine
         base = getattr(self.engine, "base", None)
         self.metrics.set_base_model(getattr(base, "id", cfg.base_model or ""), getattr(base, "fingerprint", ""),
-                                    str(getattr(self.engine, "device", cfg.device or "")), cfg.dtype,
+                                    str(getattr(self.engine, "device", cfg.engine.device or "")), cfg.engine.dtype,
                                     type(self.engine).__name__)
-        if cfg.alias_refresh > 0:
-            self._tasks.append(asyncio.create_task(self._refresh_loop(cfg.alias_refresh)))
+        if cfg.store.alias_refresh > 0:
+            self._tasks.append(asyncio.create_task(self._refresh_loop(cfg.store.alias_refresh)))
         self.state.phase = SERVING
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._announce()

@@ -1,45 +1,36 @@
-"""``ServerConfig``: the one definition of every ``adapterctl serve`` setting.
+"""``ServerConfig``: the settings of one ``adapterctl serve`` process, as a tree.
 
-Each field's metadata feeds the click option (``--field-name``, envvar ``ADAPTERCTL_FIELD_NAME``,
-via :func:`adapterctl.options.click_options`) and its help text; ``__post_init__`` validates.
+The server's own settings (listening, security, logging) are declared here; the registry's
+(:class:`~adapterctl.registry.RegistryConfig`), the adapter store's
+(:class:`~adapterctl.server.cache.store.AdapterStoreConfig`) and the engine's
+(:class:`~adapterctl.server.engine.config.EngineConfig`) are nested, each declared once in
+its component. Every leaf is a ``serve`` option of the same name (``--max-lora-rank``) that
+also reads ``ADAPTERCTL_<NAME>`` (via :func:`adapterctl.options.click_options`).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapterctl.errors import InvalidArgument
-from adapterctl.options import option
-from adapterctl.server.engine.config import PREFILL_MODES, EngineConfig
+from adapterctl.options import nested, option
+from adapterctl.registry.uri import RegistryConfig
+from adapterctl.server.cache.config import AdapterStoreConfig
+from adapterctl.server.engine.config import EngineConfig
 
-ENGINES = ("auto", "batched", "reference")
-DTYPES = ("float32", "bfloat16", "float16")
-# Module holding the batching engine; "auto" picks it when it is importable.
-BATCHED_ENGINE_MODULE = "adapterctl.server.engine.batching"
 # ``click_options(ServerConfig, **CLI_SETTINGS)``: every option also reads ADAPTERCTL_<FIELD>
 # (the serve help says so once, so the per-option help does not repeat it).
 CLI_SETTINGS: dict[str, Any] = {"envvar_prefix": "ADAPTERCTL_", "show_envvar": False}
 
 
-def _engine_default(name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(EngineConfig) if f.name == name)
-
-
-def _engine_opt(name: str, **kw: Any) -> Any:
-    """A field mirroring ``EngineConfig.<name>`` (its default and help; "[batched engine]" noted)."""
-    return option(_engine_default(name), "[batched engine] " + EngineConfig.help()[name], **kw)
-
-
 @dataclass
 class ServerConfig:
-    """Settings of one server process (gRPC, metrics, engine, security, logging)."""
+    """Settings of one server process: gRPC and metrics endpoints, security, logging, and the
+    nested registry, adapter-store and engine configs."""
 
-    registry: str | None = option(None, "Registry URI (file://..., a path, or s3://bucket/prefix). "
-                                  "Default: $ADAPTERCTL_REGISTRY or the local registry under $ADAPTERCTL_HOME.",
-                                  envvar="ADAPTERCTL_REGISTRY")
+    registry: RegistryConfig = nested(RegistryConfig, "Where adapters are published.")
     base_model: str | None = option(None, "Base model: gemma-3-270m (default), a local directory or an HF model id.",
                                     envvar="ADAPTERCTL_BASE_MODEL")
     chat_template: Path | None = option(None, "Jinja chat template file overriding the tokenizer's.", path="file")
@@ -47,28 +38,7 @@ class ServerConfig:
     port: int = option(50051, "gRPC port (0 = pick a free one; see --ready-file).")
     metrics_host: str | None = option(None, "Address of the /metrics endpoint (default: --host).")
     metrics_port: int = option(9400, "Prometheus /metrics port (0 = pick a free one, -1 = off).")
-    engine: str = option("auto", "Inference engine: batched (continuous batching), reference (PEFT, one "
-                         "request at a time) or auto (batched when available).", choices=ENGINES)
-    device: str | None = option(None, "Torch device (default cuda when available, else cpu).")
-    dtype: str = option("float32", "Weights dtype.", choices=DTYPES)
-    max_adapters: int = option(8, "Adapters resident on the device at once (LRU).")
-    max_lora_rank: int = option(64, "Largest LoRA rank accepted (bigger -> FAILED_PRECONDITION).")
-    max_waiting: int = option(64, "Requests allowed to wait for the engine; more -> RESOURCE_EXHAUSTED.")
-    max_new_tokens_limit: int = option(1024, "Largest max_new_tokens a request may ask for.")
     default_max_new_tokens: int = option(128, "max_new_tokens when a request leaves it 0.")
-    # Batching-engine knobs (same names as EngineConfig; defaults and help come from it).
-    max_running_requests: int = _engine_opt("max_running_requests")
-    max_batch_tokens: int = _engine_opt("max_batch_tokens")
-    max_kv_tokens: int = _engine_opt("max_kv_tokens")
-    max_prompt_tokens: int = option(_engine_default("max_prompt_tokens"),
-                                    "Longest accepted prompt in tokens (also capped by the model's window).")
-    prefill_mode: str = _engine_opt("prefill_mode", choices=PREFILL_MODES)
-    lora_backend: str = _engine_opt("lora_backend")
-    cache_dir: Path | None = option(None, "Disk tier for pulled adapters (default $ADAPTERCTL_HOME/adapters).",
-                                    path="dir")
-    alias_refresh: float = option(30.0, "Hot reload: seconds a resolved NAME / NAME:ALIAS is trusted before "
-                                  "it is re-resolved, and the period of the background refresh (0 = re-resolve "
-                                  "on every request). The RefreshAliases RPC refreshes at once.")
     shutdown_grace: float = option(10.0, "Seconds in-flight requests get to finish after SIGTERM.")
     tls_cert: Path | None = option(None, "PEM server certificate (enables TLS; needs --tls-key).", path="file")
     tls_key: Path | None = option(None, "PEM private key of --tls-cert.", path="file")
@@ -80,40 +50,27 @@ class ServerConfig:
     log_json: bool = option(False, "Log one JSON object per line.")
     ready_file: Path | None = option(None, "Write {pid, host, port, metrics_port} as JSON here once SERVING.",
                                      path="out")
+    store: AdapterStoreConfig = nested(AdapterStoreConfig, "Host-RAM and disk tiers, alias refresh.")
+    engine: EngineConfig = nested(EngineConfig, "The batching engine.")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.metadata["path"] and isinstance(getattr(self, f.name), str):
+            if f.metadata.get("path") and isinstance(getattr(self, f.name), str):
                 setattr(self, f.name, Path(getattr(self, f.name)))
         if not 0 <= self.port <= 65535:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
-        for name in ("max_adapters", "max_lora_rank", "max_new_tokens_limit", "metrics_max_adapters",
-                     "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise InvalidArgument(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_waiting < 0:
-            raise InvalidArgument(f"--max-waiting must be >= 0, got {self.max_waiting}")
-        if not 1 <= self.default_max_new_tokens <= self.max_new_tokens_limit:
+        if self.metrics_max_adapters < 1:
+            raise InvalidArgument(f"--metrics-max-adapters must be >= 1, got {self.metrics_max_adapters}")
+        if not 1 <= self.default_max_new_tokens <= self.engine.max_new_tokens_limit:
             raise InvalidArgument("--default-max-new-tokens must be in [1, --max-new-tokens-limit]")
-        if self.alias_refresh < 0 or self.shutdown_grace < 0:
-            raise InvalidArgument("--alias-refresh and --shutdown-grace must be >= 0")
-        if self.engine not in ENGINES:
-            raise InvalidArgument(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.dtype not in DTYPES:
-            raise InvalidArgument(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.shutdown_grace < 0:
+            raise InvalidArgument("--shutdown-grace must be >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise InvalidArgument("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("--tls-client-ca (mTLS) needs --tls-cert/--tls-key")
-
-    @property
-    def resolved_engine(self) -> str:
-        """"batched" or "reference": what ``auto`` means on this install."""
-        if self.engine != "auto":
-            return self.engine
-        return "batched" if importlib.util.find_spec(BATCHED_ENGINE_MODULE) else "reference"
 
     @property
     def tls(self) -> bool:

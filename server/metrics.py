@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
                                start_http_server)
 
-from adapterctl.server.engine.api import EngineObserver
+from adapterctl.server.types import EngineObserver
 
 BASE_LABEL = "__base__"
 OTHER_LABEL = "__other__"

@@ -15,7 +15,7 @@ from typing import Any, AsyncIterator
 
 from adapterctl.errors import InvalidArgument
 from adapterctl.refs import parse_ref
-from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterStatus,
+from adapterctl.server.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterStatus,
                                           Engine, GenerationRequest, GenerationResult, SamplingParams, TokenEvent)
 from adapterctl.server.interceptors import ServingState, status_code
 from adapterctl.server.metrics import ServerMetrics

@@ -1,8 +1,11 @@
-"""Import boundaries between layers (see STYLE.md), checked from the source with ast.
+"""Import boundaries between layers, checked from the source with ast.
 
 registry knows nothing of gRPC, models or training; trainer may use the registry;
 server may use the registry's read API but never a backend module directly;
-client imports server/trainer only lazily (inside functions).
+client imports server/trainer only lazily (inside functions). Inside the server, the
+shared types (``types``, ``lru``, ``textstream``) import no other server module, and
+``cache/`` and ``engine/`` import only those and themselves, never each other: the
+composition root (``build.py``) and the modules above it wire them together.
 """
 from __future__ import annotations
 
@@ -50,4 +53,30 @@ def test_layers_respect_boundaries():
 
 def test_client_imports_heavy_layers_only_lazily():
     bad = _violations("client", CLIENT_TOP_LEVEL_FORBIDDEN, top_level_only=True)
+    assert not bad, "\n".join(bad)
+
+
+SERVER_SHARED = ("adapterctl.server.types", "adapterctl.server.lru", "adapterctl.server.textstream")
+
+
+def _server_violations() -> list[str]:
+    bad = []
+    for path in (ROOT / "server").rglob("*.py"):
+        rel = path.relative_to(ROOT / "server")
+        module = "adapterctl.server." + ".".join(rel.with_suffix("").parts)
+        if module in SERVER_SHARED:
+            allowed: tuple[str, ...] = ()
+        elif rel.parts[0] in ("cache", "engine"):
+            allowed = (*SERVER_SHARED, f"adapterctl.server.{rel.parts[0]}")
+        else:
+            continue  # the top: config, build, app, servicer, ... may use everything below
+        for name in _imports(ast.parse(path.read_text(), filename=str(path))):
+            if name.startswith("adapterctl.server.") and not any(name == a or name.startswith(a + ".")
+                                                                 for a in allowed):
+                bad.append(f"server/{rel} imports {name}")
+    return bad
+
+
+def test_server_shared_types_below_cache_and_engine():
+    bad = _server_violations()
     assert not bad, "\n".join(bad)

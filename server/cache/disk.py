@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from adapterctl.errors import IntegrityError, NotFound, ResourceExhausted
-from adapterctl.server.cache.lru import LRUCache
-from adapterctl.server.engine.api import EngineObserver
+from adapterctl.server.lru import LRUCache
+from adapterctl.server.types import EngineObserver
 
 if TYPE_CHECKING:
     from adapterctl.registry import Manifest, RegistryReader

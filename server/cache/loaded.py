@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from adapterctl.basemodel import BaseModel
 from adapterctl.errors import FailedPrecondition
-from adapterctl.server.engine.api import ServedAdapter
+from adapterctl.server.types import ServedAdapter
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Callable
 
 from adapterctl.errors import NotFound, Unavailable
 from adapterctl.refs import LATEST, AdapterRef, parse_ref
-from adapterctl.server.cache.lru import LRUCache
-from adapterctl.server.engine.api import ServedAdapter
+from adapterctl.server.lru import LRUCache
+from adapterctl.server.types import ServedAdapter
 
 if TYPE_CHECKING:
     from adapterctl.registry import Manifest, RegistryReader

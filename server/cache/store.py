@@ -7,52 +7,22 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from adapterctl.basemodel import BaseModel
-from adapterctl.errors import InvalidArgument, NotFound
-from adapterctl.home import home
+from adapterctl.errors import NotFound
 from adapterctl.refs import validate_name
+from adapterctl.server.cache.config import AdapterStoreConfig
 from adapterctl.server.cache.disk import DiskTier
 from adapterctl.server.cache.loaded import LoadedAdapter, check_base_fingerprint, check_lora_config, load_peft_dir
-from adapterctl.server.cache.lru import LRUCache
+from adapterctl.server.lru import LRUCache
 from adapterctl.server.cache.resolver import RefResolver, served_of
-from adapterctl.server.engine.api import AdapterStatus, EngineObserver, ServedAdapter
+from adapterctl.server.types import AdapterStatus, EngineObserver, ServedAdapter
 
 if TYPE_CHECKING:
     from adapterctl.registry import RegistryReader
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterStoreConfig:
-    """Budgets and behaviour of the host and disk tiers (one config for the store)."""
-
-    host_max_bytes: int | None = field(default=2 << 30, metadata={"help": "Host-RAM budget for adapter weights, bytes (None: unbounded)."})
-    host_max_items: int | None = field(default=None, metadata={"help": "Most adapter versions kept in host RAM (None: no count limit)."})
-    disk_dir: Path | None = field(default=None, metadata={"help": "Disk tier directory (default $ADAPTERCTL_HOME/adapters)."})
-    disk_max_bytes: int | None = field(default=20 << 30, metadata={"help": "Disk tier budget, bytes (None: unbounded)."})
-    max_lora_rank: int = field(default=64, metadata={"help": "Largest LoRA rank accepted; higher ranks are refused."})
-    alias_refresh_seconds: float = field(default=30.0, metadata={"help": "How long a resolved alias (latest, prod, ...) is trusted."})
-    verify_disk: bool = field(default=True, metadata={"help": "Re-check sha256 of disk-tier files before loading them."})
-    load_workers: int = field(default=4, metadata={"help": "Threads that pull and load adapters off the event loop."})
-    max_cached_refs: int = field(default=4096, metadata={"help": "Most references/manifests remembered by the resolver."})
-
-    def __post_init__(self) -> None:
-        for name in ("host_max_bytes", "host_max_items", "disk_max_bytes"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise InvalidArgument(f"{name} must be >= 0, got {value}")
-        if self.max_lora_rank < 1:
-            raise InvalidArgument(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
-        if self.alias_refresh_seconds < 0:
-            raise InvalidArgument(f"alias_refresh_seconds must be >= 0, got {self.alias_refresh_seconds}")
-        if self.load_workers < 1 or self.max_cached_refs < 1:
-            raise InvalidArgument("load_workers and max_cached_refs must be >= 1")
-        self.disk_dir = Path(self.disk_dir).expanduser() if self.disk_dir is not None else home() / "adapters"
 
 
 class AdapterStore:
@@ -73,17 +43,19 @@ class AdapterStore:
         base: BaseModel,
         observer: EngineObserver | None = None,
         *,
+        max_lora_rank: int,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        self.max_lora_rank = max_lora_rank  # the engine's limit: adapters above it are refused before a pull
         self._reader = reader
         self._base = base
         self._observer = observer or EngineObserver()
-        self._resolver = RefResolver(reader, config.alias_refresh_seconds, config.max_cached_refs, clock)
+        self._resolver = RefResolver(reader, config.alias_refresh, config.max_cached_refs, clock)
         self._host: LRUCache[str, LoadedAdapter] = LRUCache(
             config.host_max_items, config.host_max_bytes, sizeof=lambda a: a.nbytes, on_evict=self._host_evicted
         )
-        self._disk = DiskTier(config.disk_dir, config.disk_max_bytes, self._observer, verify=config.verify_disk)
+        self._disk = DiskTier(config.cache_dir, config.disk_max_bytes, self._observer, verify=config.verify_disk)
         self._executor = concurrent.futures.ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-load")
         self._inflight: dict[str, concurrent.futures.Future[LoadedAdapter]] = {}
         self._inflight_lock = threading.RLock()
@@ -100,15 +72,6 @@ class AdapterStore:
         """Re-resolve every alias in use now; ``(name, alias, old, new)`` per move. The old
         version stays cached and usable by running requests until evicted as unused."""
         return await asyncio.to_thread(self._resolver.refresh)
-
-    async def watch_aliases(self) -> None:
-        """Refresh aliases every ``alias_refresh_seconds`` until cancelled."""
-        while True:
-            await asyncio.sleep(self.config.alias_refresh_seconds or 1.0)
-            try:
-                await self.refresh_aliases()
-            except Exception:  # keep watching; the next round may succeed
-                log.exception("alias refresh failed")
 
     # ---- weights -------------------------------------------------------------------
     async def get(self, served: ServedAdapter) -> LoadedAdapter:
@@ -203,10 +166,10 @@ class AdapterStore:
         where = f"adapter {served.name}:{served.version}"
         manifest = self._resolver.manifest_for(served)
         fingerprint = (manifest.base_model or {}).get("fingerprint")
-        check_lora_config(manifest.lora or {}, self.config.max_lora_rank, where)
+        check_lora_config(manifest.lora or {}, self.max_lora_rank, where)
         check_base_fingerprint(fingerprint, self._base, where)
         with self._disk.checkout(manifest, self._reader) as (path, source):
-            loaded = load_peft_dir(path, self._base, self.config.max_lora_rank, served=served, expected_fingerprint=fingerprint)
+            loaded = load_peft_dir(path, self._base, self.max_lora_rank, served=served, expected_fingerprint=fingerprint)
         self._host.put(served.digest, loaded)
         seconds = time.perf_counter() - started
         self._observer.on_load(source, seconds, served.name)

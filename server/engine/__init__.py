@@ -1,1 +1,1 @@
-"""Inference engines behind one interface (see :mod:`adapterctl.server.engine.api`)."""
+"""Inference engines behind one interface (see :mod:`adapterctl.server.types`)."""

@@ -1,28 +1,41 @@
-"""Admin operations of the batching engine (ListAdapters, Load/Unload/Pin, alias
-refresh): a mixin over the engine's device slots and adapter store. Slot changes run
-on the decode thread between steps."""
+"""Admin operations of the batching engine (ListAdapters, Load/Unload/Pin, alias refresh)
+over its device slots and adapter store. Slot changes run on the decode thread between
+steps; :class:`AdminHost` is all it needs from the engine."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
-from adapterctl.errors import FailedPrecondition, NotFound, ResourceExhausted
-from adapterctl.server.engine.api import AdapterStatus, ServedAdapter
+from adapterctl.errors import FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from adapterctl.server.engine.slots import DeviceSlots
+from adapterctl.server.types import AdapterSource, AdapterStatus, HostAdapter, ServedAdapter
 
-if TYPE_CHECKING:
-    from adapterctl.server.engine.slots import DeviceSlots, HostAdapter
+
+class AdminHost(Protocol):
+    """What :class:`AdapterAdmin` uses of the engine (``BatchingEngine`` implements it)."""
+
+    slots: DeviceSlots | None  # None until the engine has started
+    store: AdapterSource | None  # None: the engine serves the base model only
+
+    async def fetch(self, ref: str) -> tuple[ServedAdapter, HostAdapter]: ...
+
+    async def on_decode_thread(self, fn: Callable[[], Any]) -> Any: ...
+
+    def wake(self) -> None: ...
 
 
 class AdapterAdmin:
-    """Needs from the engine: ``slots``, ``store``, ``_fetch``, ``_on_decode_thread``,
-    ``_wake`` and ``_retired`` (versions an alias moved away from)."""
+    """Admin RPCs of one engine. Keeps the versions an alias moved away from (``retired``)
+    until the decode thread unloads them from their slots (:meth:`evict_retired`)."""
 
-    slots: "DeviceSlots"
-    store: Any
-    _retired: set[tuple[str, int]]
+    def __init__(self, host: AdminHost) -> None:
+        self.host = host
+        self.retired: set[tuple[str, int]] = set()  # (name, version)
 
-    async def _fetch(self, ref: str) -> "tuple[ServedAdapter, HostAdapter]": ...
-
-    async def _on_decode_thread(self, fn: Callable[[], Any]) -> Any: ...
+    @property
+    def slots(self) -> DeviceSlots:
+        if self.host.slots is None:
+            raise Unavailable("the engine is not running")
+        return self.host.slots
 
     def _device_status(self, served: ServedAdapter) -> AdapterStatus | None:
         entry = self.slots.lru.peek(served)
@@ -34,8 +47,9 @@ class AdapterAdmin:
     async def list_adapters(self, name: str | None = None) -> list[AdapterStatus]:
         """Store rows (host/disk/registry) with device-resident versions overlaid."""
         rows: dict[str, AdapterStatus] = {}
-        if self.store is not None and hasattr(self.store, "status"):
-            for row in await self.store.status(name, include_registry=True):
+        store = self.host.store
+        if store is not None:
+            for row in await store.status(name, include_registry=True):
                 rows[row.digest] = row
         for served in self.slots.lru.keys():
             dev = self._device_status(served)
@@ -48,14 +62,14 @@ class AdapterAdmin:
 
     async def load_adapter(self, ref: str) -> AdapterStatus:
         """Fetch into host RAM and a device slot ahead of traffic."""
-        served, adapter = await self._fetch(ref)
+        served, adapter = await self.host.fetch(ref)
 
         def load() -> AdapterStatus:
             if self.slots.ensure(adapter) is None:
                 raise ResourceExhausted("every device slot is pinned or in use; retry when requests finish")
             return self._device_status(served)
 
-        return await self._on_decode_thread(load)
+        return await self.host.on_decode_thread(load)
 
     async def unload_adapter(self, ref: str) -> AdapterStatus:
         """Drop from the device and host tiers; FailedPrecondition while pinned or in use."""
@@ -70,9 +84,9 @@ class AdapterAdmin:
                 self.slots.unload(served)
             return status
 
-        await self._on_decode_thread(unload)
-        if self.store is not None and hasattr(self.store, "unload"):
-            self.store.unload(served)
+        await self.host.on_decode_thread(unload)
+        if self.host.store is not None:
+            self.host.store.unload(served)
         # Report where the adapter lives now (disk or registry), not where it was.
         now = [r for r in await self.list_adapters(served.name) if r.digest == served.digest]
         return now[0] if now else AdapterStatus(served.name, served.version, served.digest, "registry")
@@ -82,40 +96,43 @@ class AdapterAdmin:
         if pinned:
             await self.load_adapter(ref)
         served = await self._resolve(ref)
-        if self.store is not None and hasattr(self.store, "pin"):
-            await self.store.pin(served) if pinned else self.store.unpin(served)
+        store = self.host.store
+        if store is not None:
+            await store.pin(served) if pinned else store.unpin(served)
 
         def pin() -> AdapterStatus:
             if served in self.slots.lru:
                 self.slots.pin(served, pinned)
             return self._device_status(served) or AdapterStatus(served.name, served.version, served.digest, "host")
 
-        return await self._on_decode_thread(pin)
+        return await self.host.on_decode_thread(pin)
 
     async def _resolve(self, ref: str) -> ServedAdapter:
-        if self.store is None:
+        if self.host.store is None:
             raise NotFound(f"adapter {ref!r}: no adapter store")
-        return await self.store.resolve(ref)
+        return await self.host.store.resolve(ref)
 
     async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
         """Re-resolve aliases; a version an alias moved away from leaves its device slot as
         soon as no running request uses it (requests already on it finish on it)."""
-        if self.store is None or not hasattr(self.store, "refresh_aliases"):
+        if self.host.store is None:
             return []
-        changes = await self.store.refresh_aliases()
+        changes = await self.host.store.refresh_aliases()
         if changes:
-            self._retired.update((name, old) for name, _, old, _ in changes)
-            self._wake.set()
+            self.retired.update((name, old) for name, _, old, _ in changes)
+            self.host.wake()
         return changes
 
-    def _evict_retired(self) -> None:
+    def evict_retired(self) -> None:
         """Decode thread: unload retired versions that are idle (pinned ones stay)."""
+        if not self.retired:
+            return
         lru = self.slots.lru
         for served in lru.keys():
             key = (served.name, served.version)
-            if key in self._retired and lru.refcount(served) == 0:
-                self._retired.discard(key)
+            if key in self.retired and lru.refcount(served) == 0:
+                self.retired.discard(key)
                 if not lru.is_pinned(served):
                     self.slots.unload(served)
-        self._retired &= {(s.name, s.version) for s in lru.keys()}
+        self.retired &= {(s.name, s.version) for s in lru.keys()}
 

@@ -1,68 +1,56 @@
-"""The batching engine's configuration: one dataclass whose field metadata (help, envvar)
-feeds CLI options and docs; ``__post_init__`` validates every field."""
+"""``EngineConfig``: every setting of the batching engine, declared once. ``ServerConfig``
+nests it, so each field is also an ``adapterctl serve`` option of the same name
+(``--max-lora-rank``, envvar ``ADAPTERCTL_MAX_LORA_RANK``); ``__post_init__`` validates."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
 from adapterctl.errors import InvalidArgument
+from adapterctl.options import option
 
 LORA_MODULE_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PREFILL_MODES = ("interleave", "separate", "mixed")
-
-
-def _opt(default: Any, help: str, envvar: str | None = None, **kw: Any) -> Any:
-    meta = {"help": help}
-    if envvar:
-        meta["envvar"] = envvar
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
-    return field(default=default, metadata=meta, **kw)
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
 class EngineConfig:
     """Limits and knobs of :class:`~adapterctl.server.engine.engine.BatchingEngine`."""
 
-    max_lora_rank: int = _opt(64, "Largest LoRA rank a device slot holds; adapters above it are refused.",
-                              "ADAPTERCTL_MAX_LORA_RANK")
-    num_slots: int = _opt(32, "Device adapter slots (distinct adapters in one batch).", "ADAPTERCTL_NUM_SLOTS")
-    max_running_requests: int = _opt(64, "Sequences decoded together (KV rows).", "ADAPTERCTL_MAX_RUNNING_REQUESTS")
-    max_batch_tokens: int = _opt(2048, "Tokens per forward step (decode rows + prefill chunk tokens).",
-                                 "ADAPTERCTL_MAX_BATCH_TOKENS")
-    max_kv_tokens: int = _opt(131072, "KV-cache budget in tokens: sum over running requests of "
-                                      "prompt + max_new_tokens must fit.", "ADAPTERCTL_MAX_KV_TOKENS")
-    max_queue: int = _opt(256, "Requests waiting for admission; beyond it generate() raises ResourceExhausted.",
-                          "ADAPTERCTL_MAX_QUEUE")
-    max_new_tokens_limit: int = _opt(1024, "Upper bound a request may ask for in max_new_tokens.",
-                                     "ADAPTERCTL_MAX_NEW_TOKENS_LIMIT")
-    max_prompt_tokens: int = _opt(2048, "Longest accepted prompt (also capped by the model's positions).",
-                                  "ADAPTERCTL_MAX_PROMPT_TOKENS")
-    max_bypass: int = _opt(64, "Fairness bound: how many later requests may be admitted ahead of a waiting "
-                               "request before the engine frees resources for it (a device slot is drained "
-                               "for it, or admission pauses until rows/KV fit), so no adapter starves.",
-                           "ADAPTERCTL_MAX_BYPASS")
-    prefill_mode: str = _opt("interleave", "'interleave': new prompts are prefilled between the layers of the "
-                                           "running decode step (lowest TTFT); 'separate': they get their own step "
-                                           "before the next decode step; 'mixed': prompt chunks ride along with "
-                                           "the decode step.", "ADAPTERCTL_PREFILL_MODE")
-    lora_backend: str = _opt("auto", "LoRA compute: auto | gather | segment.", "ADAPTERCTL_LORA_BACKEND")
-    cpu_gemm: str = _opt("auto", "Dense matmul: auto (oneDNN on CPU, measured faster than MKL) | onednn | torch.",
-                         "ADAPTERCTL_CPU_GEMM")
-    lora_modules: tuple[str, ...] = _opt(LORA_MODULE_TYPES, "Linear layers that accept LoRA.")
-    device: str | None = _opt(None, "torch device (default: cuda if available, else cpu).", "ADAPTERCTL_DEVICE")
-    dtype: str = _opt("float32", "Model and adapter dtype: float32 | bfloat16 | float16.", "ADAPTERCTL_DTYPE")
-    ignore_eos: bool = _opt(False, "Benchmarking: always generate max_new_tokens, ignoring end-of-sequence tokens.")
-    idle_poll_s: float = _opt(0.5, "Longest the decode thread sleeps with nothing to do (it is woken on work).")
+    max_adapters: int = option(8, "Adapters resident on the device at once: device slots, i.e. distinct "
+                               "adapters in one batch (LRU).")
+    max_lora_rank: int = option(64, "Largest LoRA rank accepted; a slot holds this rank (higher -> "
+                                "FAILED_PRECONDITION).")
+    max_running_requests: int = option(64, "Sequences decoded together (KV rows).")
+    max_waiting: int = option(64, "Requests allowed to wait for admission; more -> RESOURCE_EXHAUSTED.")
+    max_batch_tokens: int = option(2048, "Tokens per forward step (decode rows + prefill chunk tokens).")
+    max_kv_tokens: int = option(131072, "KV-cache budget in tokens: the sum over running requests of "
+                                "prompt + max_new_tokens must fit.")
+    max_new_tokens_limit: int = option(1024, "Largest max_new_tokens a request may ask for.")
+    max_prompt_tokens: int = option(2048, "Longest accepted prompt in tokens (also capped by the model's window).")
+    max_bypass: int = option(64, "Fairness bound: how many later requests may be admitted ahead of a waiting "
+                             "request before the engine frees resources for it (a device slot is drained "
+                             "for it, or admission pauses until rows/KV fit), so no adapter starves.")
+    prefill_mode: str = option("interleave", "'interleave': new prompts are prefilled between the layers of the "
+                               "running decode step (lowest TTFT); 'separate': they get their own step before "
+                               "the next decode step; 'mixed': prompt chunks ride along with the decode step.",
+                               choices=PREFILL_MODES)
+    lora_backend: str = option("auto", "LoRA compute: auto | gather | segment.")
+    cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (oneDNN, measured faster than MKL) | onednn | torch.")
+    lora_modules: tuple[str, ...] = option(LORA_MODULE_TYPES, "Linear layers that accept LoRA.")
+    device: str | None = option(None, "Torch device (default: cuda when available, else cpu).")
+    dtype: str = option("float32", "Model and adapter dtype.", choices=DTYPES)
+    ignore_eos: bool = option(False, "Benchmarking: always generate max_new_tokens, ignoring end-of-sequence tokens.")
+    idle_poll_s: float = option(0.5, "Longest the decode thread sleeps with nothing to do (it is woken on work).")
 
     def __post_init__(self) -> None:
-        positive = ("max_lora_rank", "num_slots", "max_running_requests", "max_batch_tokens", "max_kv_tokens",
+        positive = ("max_adapters", "max_lora_rank", "max_running_requests", "max_batch_tokens", "max_kv_tokens",
                     "max_new_tokens_limit", "max_prompt_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidArgument(f"EngineConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("max_queue", "max_bypass"):
+        for name in ("max_waiting", "max_bypass"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise InvalidArgument(f"EngineConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if self.max_batch_tokens < self.max_running_requests:
@@ -84,12 +72,7 @@ class EngineConfig:
         if unknown or not self.lora_modules:
             raise InvalidArgument(f"EngineConfig.lora_modules must be a non-empty subset of {LORA_MODULE_TYPES}, "
                                   f"got {self.lora_modules!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidArgument(f"EngineConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"EngineConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not self.idle_poll_s > 0:
             raise InvalidArgument(f"EngineConfig.idle_poll_s must be > 0, got {self.idle_poll_s!r}")
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name -> help text (for CLI options and docs)."""
-        return {f.name: f.metadata.get("help", "") for f in fields(cls)}

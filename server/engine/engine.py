@@ -14,35 +14,32 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
 from adapterctl.basemodel import BaseModel
 from adapterctl.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from adapterctl.server.engine.admin import AdapterAdmin
-from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineObserver,
-                                          GenerationRequest, GenerationResult, ServedAdapter, TokenEvent)
 from adapterctl.server.engine.config import EngineConfig
+from adapterctl.server.engine.prefill import Action, Piece, PrefillPolicy
 from adapterctl.server.engine.runner import ModelRunner
 from adapterctl.server.engine.sampling import make_generator, sample
 from adapterctl.server.engine.scheduler import Scheduler, Sequence
-from adapterctl.server.engine.slots import DeviceSlots, HostAdapter
+from adapterctl.server.engine.slots import DeviceSlots
 from adapterctl.server.textstream import StopTextStream
+from adapterctl.server.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterSource,
+                                     AdapterStatus, EngineObserver, GenerationRequest, GenerationResult, HostAdapter,
+                                     ServedAdapter, TokenEvent)
 
 log = logging.getLogger(__name__)
 
 
-class AdapterSource(Protocol):
-    """What the engine needs from the adapter store (``adapterctl.server.cache.AdapterStore``)."""
-
-    async def resolve(self, ref: str) -> ServedAdapter: ...
-
-    async def get(self, served: ServedAdapter) -> HostAdapter: ...
-
-
-class BatchingEngine(AdapterAdmin):
-    """Continuous batching of many adapters in one forward; see the module docstring."""
+class BatchingEngine:
+    """Continuous batching of many adapters in one forward; see the module docstring.
+    Admin operations (ListAdapters, Load/Unload/Pin, alias refresh) are delegated to
+    :class:`~adapterctl.server.engine.admin.AdapterAdmin` over this engine's public
+    :meth:`fetch`, :meth:`on_decode_thread` and :meth:`wake`."""
 
     def __init__(self, base: BaseModel, store: AdapterSource | None = None, config: EngineConfig | None = None,
                  observer: EngineObserver | None = None, *, model: Any = None, tokenizer: Any = None) -> None:
@@ -64,10 +61,7 @@ class BatchingEngine(AdapterAdmin):
         self._stopping = threading.Event()
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._commands_lock = threading.Lock()
-        self._paused = False  # True while an interleaved prefill runs inside another step
-        self._deferred: list[Sequence] = []  # finished during a pause; released after the step
-        self._admit_seen = -1  # scheduler.submitted at the last interleave attempt
-        self._retired: set[tuple[str, int]] = set()  # (name, version) an alias moved away from
+        self.admin = AdapterAdmin(self)
         # Test/debug hook: called on the decode thread with (sampled sequences, their logits [n, vocab]).
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
@@ -90,11 +84,11 @@ class BatchingEngine(AdapterAdmin):
         self._model = None  # the runner owns it now
         max_len = cfg.max_prompt_tokens + cfg.max_new_tokens_limit
         self.runner = ModelRunner(model, max_rows=cfg.max_running_requests, max_positions=max_len,
-                                  num_slots=cfg.num_slots, max_rank=cfg.max_lora_rank, lora_modules=cfg.lora_modules,
+                                  num_slots=cfg.max_adapters, max_rank=cfg.max_lora_rank, lora_modules=cfg.lora_modules,
                                   backend=cfg.lora_backend, gemm=cfg.cpu_gemm)
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
         self.slots = DeviceSlots(self.runner.bank, self.observer)
-        self.scheduler = Scheduler(cfg, self.runner.kv, self.slots)
+        self.scheduler = Scheduler(cfg, self.runner.kv, self.slots, PrefillPolicy(cfg.prefill_mode))
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -102,7 +96,7 @@ class BatchingEngine(AdapterAdmin):
         if cfg.ignore_eos:
             self._eos = set()
         log.info("batching engine ready: %s on %s (%s), %d slots, max rank %d, %d running", self.base.id,
-                 self.device, cfg.dtype, cfg.num_slots, cfg.max_lora_rank, cfg.max_running_requests)
+                 self.device, cfg.dtype, cfg.max_adapters, cfg.max_lora_rank, cfg.max_running_requests)
 
     async def stop(self) -> None:
         """Finish every request as cancelled and stop the decode thread."""
@@ -116,7 +110,7 @@ class BatchingEngine(AdapterAdmin):
         for seq in list(sched.waiting) + list(sched.running):
             self._finish(seq, FINISH_CANCELLED)
         sched.waiting.clear()
-        if self.store is not None and hasattr(self.store, "close"):
+        if self.store is not None:
             self.store.close()
 
     # ---- generation --------------------------------------------------------------------
@@ -128,7 +122,7 @@ class BatchingEngine(AdapterAdmin):
         self._check_prompt(request.prompt_ids, params.max_new_tokens)
         served, adapter = None, None
         if request.adapter:
-            served, adapter = await self._fetch(request.adapter)
+            served, adapter = await self.fetch(request.adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -172,7 +166,8 @@ class BatchingEngine(AdapterAdmin):
             raise InvalidArgument(f"prompt + max_new_tokens ({len(ids) + max_new}) exceeds the KV budget "
                                   f"({self.config.max_kv_tokens} tokens)")
 
-    async def _fetch(self, ref: str) -> tuple[ServedAdapter, HostAdapter]:
+    async def fetch(self, ref: str) -> tuple[ServedAdapter, HostAdapter]:
+        """Resolve ``ref`` and get its host weights (loading them), checked against the slots."""
         if self.store is None:
             raise NotFound(f"adapter {ref!r}: this engine serves the base model only (no adapter store)")
         started = time.perf_counter()
@@ -192,8 +187,7 @@ class BatchingEngine(AdapterAdmin):
             sched = self.scheduler
             for seq in sched.drop_cancelled():
                 self._finish(seq, FINISH_CANCELLED)
-            if self._retired:
-                self._evict_retired()
+            self.admin.evict_retired()
             self._admit()
             plan = sched.plan()
             if not plan:
@@ -204,10 +198,6 @@ class BatchingEngine(AdapterAdmin):
                 self._step(plan)
             except Exception as exc:  # fail this step's sequences, keep serving the rest
                 log.exception("decode step failed; failing %d requests", len(plan))
-                self._paused = False
-                for seq in self._deferred:
-                    sched.release(seq)
-                self._deferred = []
                 for seq, _ in plan:
                     if seq in sched.running:
                         sched.release(seq)
@@ -216,34 +206,35 @@ class BatchingEngine(AdapterAdmin):
                         seq.sink(Unavailable(f"engine step failed: {exc}"))
 
     def _step(self, plan: list) -> None:
-        plan, logits = self._forward(plan, self.config.max_batch_tokens)
-        self._sample_and_emit(plan, logits)
-        deferred, self._deferred = self._deferred, []
-        for seq in deferred:
-            self.scheduler.release(seq)
+        held: list[Sequence] = []  # finished while a forward was paused: released once it is done
+        try:
+            plan, logits = self._forward(plan, self.config.max_batch_tokens, held)
+            self._sample_and_emit(plan, logits, None)
+        finally:
+            for seq in held:
+                if seq in self.scheduler.running:
+                    self.scheduler.release(seq)
 
-    def _forward(self, plan: list, budget: int, top: bool = True) -> tuple[list, torch.Tensor]:
-        """Run ``plan``'s forward piece by piece; returns (the plan it ended with, logits).
-
-        In ``interleave`` mode, prompts admitted meanwhile (at most ``budget`` tokens) are
-        served between pieces instead of after the step: a decode forward pauses and runs
-        their prefill right there (their first token does not wait for 64 rows' LM head);
-        a prefill forward still in its layers runs theirs and lets them share its LM head
-        (one weight pass for both; once per forward, since each join delays the prompts
-        already in it by the joiners' layers). Rows of the paused forward never move.
-        Nested forwards (``top=False``) only take joiners, they never pause again."""
+    def _forward(self, plan: list, budget: int, held: list[Sequence], top: bool = True) -> tuple[list, torch.Tensor]:
+        """Run ``plan``'s forward piece by piece, serving newcomers between pieces as the
+        prefill policy says (:mod:`.prefill`); returns (the plan it ended with, logits).
+        At most ``budget`` prompt tokens go to newcomers. Rows of a paused forward never
+        move: sequences finishing meanwhile go to ``held`` instead of being released."""
         fwd = self.runner.start([c for _, c in plan])
-        decoding = top and all(len(c.tokens) == 1 for _, c in plan)
-        enabled = self.config.prefill_mode == "interleave"
-        pending = enabled and bool(self._prefill_outside(plan))
+        policy = self.scheduler.policy
+        decoding = all(len(c.tokens) == 1 for _, c in plan)
+        outside = bool(self._prefill_outside(plan))  # recomputed only after serving newcomers
         while fwd.step():
-            if not (enabled and budget > 0 and (pending or self.scheduler.submitted != self._admit_seen)):
-                continue
             if self._stopping.is_set():
                 break
-            if decoding:
-                budget -= self._interleave(plan, budget)
-            elif fwd.in_layers and not fwd.joined:  # one join per forward: chains would hold its oldest back
+            piece = Piece(top=top, decoding=decoding, in_layers=fwd.in_layers, joined=bool(fwd.joined),
+                          budget=budget, newcomers=outside or self.scheduler.has_arrivals)
+            action = policy.between_pieces(piece)
+            if action is Action.CONTINUE:
+                continue
+            if action is Action.INTERLEAVE:
+                budget -= self._interleave(plan, budget, held)
+            else:  # JOIN
                 extra = self._admit_prefills(plan, budget)
                 if extra:
                     joining = self.runner.start([c for _, c in extra])
@@ -251,14 +242,13 @@ class BatchingEngine(AdapterAdmin):
                     fwd.join(joining)
                     plan = plan + extra
                     budget -= sum(len(c.tokens) for _, c in extra)
-            pending = bool(self._prefill_outside(plan))
+            outside = bool(self._prefill_outside(plan))
         while fwd.step():  # only when stopping: finish without serving newcomers
             pass
         return plan, fwd.logits
 
     def _admit(self) -> None:
         sched = self.scheduler
-        self._admit_seen = sched.submitted
         sched.admit()
         for seq, error in sched.take_rejected():
             seq.finish_reason = FINISH_CANCELLED
@@ -284,21 +274,19 @@ class BatchingEngine(AdapterAdmin):
         sub.sort(key=lambda sc: sc[1].slot)
         return sub
 
-    def _interleave(self, paused: list, budget: int) -> int:
+    def _interleave(self, paused: list, budget: int, held: list[Sequence]) -> int:
         """Prefill newcomers while the decode forward of ``paused`` waits; returns tokens used."""
-        self._paused = True
-        try:
-            sub = self._admit_prefills(paused, budget)
-            if not sub:
-                return 0
-            used = sum(len(c.tokens) for _, c in sub)
-            sub, logits = self._forward(sub, budget - used, top=False)
-            self._sample_and_emit(sub, logits)
-            return sum(len(c.tokens) for _, c in sub)
-        finally:
-            self._paused = False
+        sub = self._admit_prefills(paused, budget)
+        if not sub:
+            return 0
+        used = sum(len(c.tokens) for _, c in sub)
+        sub, logits = self._forward(sub, budget - used, held, top=False)
+        self._sample_and_emit(sub, logits, held)
+        return sum(len(c.tokens) for _, c in sub)
 
-    def _sample_and_emit(self, plan: list, logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, plan: list, logits: torch.Tensor, held: list[Sequence] | None) -> None:
+        """Sample every sampling chunk's token and stream it; a finished sequence is released
+        now, or put in ``held`` while a paused forward still uses its row."""
         sampled = []
         for seq, chunk in plan:
             seq.computed += len(chunk.tokens)
@@ -310,9 +298,9 @@ class BatchingEngine(AdapterAdmin):
         self._report(len(plan), sum(len(c.tokens) for _, c in plan))
         now = time.monotonic()
         for seq, token in zip(sampled, tokens):
-            self._append(seq, token, now)
+            self._append(seq, token, now, held)
 
-    def _append(self, seq: Sequence, token: int, now: float) -> None:
+    def _append(self, seq: Sequence, token: int, now: float, held: list[Sequence] | None) -> None:
         if seq.cancelled:
             return  # dropped at the next step
         seq.output.append(token)
@@ -328,10 +316,10 @@ class BatchingEngine(AdapterAdmin):
             reason = FINISH_LENGTH
         seq.sink(TokenEvent([token], delta))
         if reason is not None:
-            if self._paused:  # a step is mid-forward: its rows must not move yet
-                self._deferred.append(seq)
-            else:
+            if held is None:
                 self.scheduler.release(seq)
+            else:
+                held.append(seq)
             self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
@@ -358,7 +346,11 @@ class BatchingEngine(AdapterAdmin):
                 except Exception as exc:
                     future.set_exception(exc)
 
-    async def _on_decode_thread(self, fn: Callable[[], Any]) -> Any:
+    def wake(self) -> None:
+        """Wake the decode thread (new work, or state for it to act on)."""
+        self._wake.set()
+
+    async def on_decode_thread(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the decode thread between steps (slot state is single-threaded)."""
         if self._thread is None:
             raise Unavailable("the engine is not running")
@@ -367,3 +359,19 @@ class BatchingEngine(AdapterAdmin):
             self._commands.append((fn, future))
         self._wake.set()
         return await asyncio.wrap_future(future)
+
+    # ---- admin (Engine protocol) -----------------------------------------------------------
+    async def list_adapters(self, name: str | None = None) -> list[AdapterStatus]:
+        return await self.admin.list_adapters(name)
+
+    async def load_adapter(self, ref: str) -> AdapterStatus:
+        return await self.admin.load_adapter(ref)
+
+    async def unload_adapter(self, ref: str) -> AdapterStatus:
+        return await self.admin.unload_adapter(ref)
+
+    async def pin_adapter(self, ref: str, pinned: bool) -> AdapterStatus:
+        return await self.admin.pin_adapter(ref, pinned)
+
+    async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
+        return await self.admin.refresh_aliases()

@@ -26,16 +26,6 @@ class KVCache:
         self.lengths: list[int] = []  # [num_rows] tokens written per row
         self._grow(max_rows, min(pos_block, max_positions))
 
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
-
-    def nbytes(self) -> int:
-        return self.row_capacity * self.pos_capacity * self.bytes_per_token
-
-    def used_tokens(self) -> int:
-        return sum(self.lengths)
-
     def alloc_row(self, max_len: int) -> int:
         """A fresh row for a sequence that will hold at most ``max_len`` tokens."""
         if self.num_rows >= self.max_rows:

@@ -104,21 +104,14 @@ class ModelRunner:
                         setattr(parent, name, wrapped[path])
         return wrapped
 
-    # ---- forward ---------------------------------------------------------------------
-    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Run one step over ``chunks`` (ordered so equal slots are adjacent) and return the
-        logits ``[num_sampling_chunks, vocab]`` of each sampling chunk's last token, in order.
-        Writes the chunks' K/V at their positions and updates ``kv.lengths``."""
-        fwd = self.start(chunks)
-        while fwd.step():
-            pass
-        return fwd.logits
-
+    # ---- forward (the public seams Forward drives) ----------------------------------------
     def start(self, chunks: list[Chunk]) -> "Forward":
-        """A forward to advance piece by piece (see :class:`Forward`)."""
+        """A forward over ``chunks`` (ordered so equal slots are adjacent) to advance piece
+        by piece (see :class:`Forward`); it writes the chunks' K/V at their positions."""
         return Forward(self, chunks)
 
-    def _rope(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def rope(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer type -> (cos, sin) ``[N, 1, head_dim]`` for the token positions ``pos`` [N]."""
         out = {}
         for t in set(self.layer_types):
             if self._rope_by_type:
@@ -128,8 +121,11 @@ class ModelRunner:
             out[t] = (cos[0].unsqueeze(1), sin[0].unsqueeze(1))  # [N, 1, head_dim]
         return out
 
-    def _layer(self, i: int, layer: nn.Module, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               plan: "_AttentionPlan", pos: torch.Tensor, rows: torch.Tensor, n_tok: int) -> torch.Tensor:
+    def decoder_layer(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      plan: "_AttentionPlan", pos: torch.Tensor, rows: torch.Tensor, n_tok: int) -> torch.Tensor:
+        """Decoder layer ``i`` over the step's hidden states ``h`` [N, hidden] -> [N, hidden];
+        writes the layer's K/V of tokens at (``rows`` [N], ``pos`` [N]) into the cache."""
+        layer = self.layers[i]
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         q = attn.q_proj(x).view(n_tok, self.num_heads, self.head_dim)
@@ -179,7 +175,7 @@ class Forward:
         self.lora = lora if lora.has_lora else None
         self.plan = _AttentionPlan(chunks, runner.kv.num_rows, runner.windows, dev)
         self.h = runner.inner.embed_tokens(torch.tensor(ids, device=dev))  # [N, hidden]
-        self.rope = runner._rope(self.h, self.pos)
+        self.rope = runner.rope(self.h, self.pos)
         self.layer = 0
         self.head_at = 0
         self.joined: list[Forward] = []
@@ -198,8 +194,8 @@ class Forward:
         if self.layer < len(r.layers):
             i = self.layer
             with use_batch(self.lora):
-                self.h = r._layer(i, r.layers[i], self.h, self.rope[r.layer_types[i]], self.plan, self.pos,
-                                  self.rows, self.n_tok)
+                self.h = r.decoder_layer(i, self.h, self.rope[r.layer_types[i]], self.plan, self.pos, self.rows,
+                                         self.n_tok)
             self.layer += 1
             return True
         if self.hs is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from adapterctl.server.engine.api import SamplingParams
+from adapterctl.server.types import SamplingParams
 
 _TOPP_PROBE = 1024  # candidates tried before falling back to a full sort for top-p
 

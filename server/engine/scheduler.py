@@ -22,11 +22,12 @@ from typing import Callable
 import torch
 
 from adapterctl.errors import ResourceExhausted
-from adapterctl.server.engine.api import GenerationRequest, SamplingParams, ServedAdapter
+from adapterctl.server.types import GenerationRequest, HostAdapter, SamplingParams, ServedAdapter
 from adapterctl.server.engine.config import EngineConfig
 from adapterctl.server.engine.kv import KVCache
+from adapterctl.server.engine.prefill import PrefillPolicy
 from adapterctl.server.engine.runner import Chunk
-from adapterctl.server.engine.slots import DeviceSlots, HostAdapter
+from adapterctl.server.engine.slots import DeviceSlots
 from adapterctl.server.textstream import StopTextStream
 
 log = logging.getLogger(__name__)
@@ -74,30 +75,37 @@ class Sequence:
 
 
 class Scheduler:
-    """Waiting queue + running set. ``submit``/``cancel`` are thread-safe; everything else
-    runs on the decode thread."""
+    """Waiting queue + running set. ``submit`` is thread-safe (a request is cancelled by
+    setting ``Sequence.cancelled`` from any thread); everything else runs on the decode
+    thread."""
 
-    def __init__(self, config: EngineConfig, kv: KVCache, slots: DeviceSlots) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCache, slots: DeviceSlots, policy: PrefillPolicy) -> None:
         self.config = config
         self.kv = kv
         self.slots = slots
+        self.policy = policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._lock = threading.Lock()
         self._reserved = 0  # sum of reserved_tokens over running
-        self._last_was_prefill = False
         self._rejected: list[tuple[Sequence, Exception]] = []
-        self.submitted = 0  # requests ever queued (a cheap "anything new?" check)
+        self.submitted = 0  # requests ever queued
+        self._seen = 0  # ``submitted`` when admission last looked at the queue
         self.draining: ServedAdapter | None = None  # adapter whose slot is being freed for a waiter
 
     # ---- any thread ----------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
         """Queue ``seq``; ResourceExhausted when the wait queue is full."""
         with self._lock:
-            if len(self.waiting) >= self.config.max_queue:
-                raise ResourceExhausted(f"the wait queue is full ({self.config.max_queue} requests); retry later")
+            if len(self.waiting) >= self.config.max_waiting:
+                raise ResourceExhausted(f"the wait queue is full ({self.config.max_waiting} requests); retry later")
             self.waiting.append(seq)
             self.submitted += 1
+
+    @property
+    def has_arrivals(self) -> bool:
+        """Requests were queued since admission last looked (a cheap "anything new?")."""
+        return self.submitted != self._seen
 
     @property
     def num_waiting(self) -> int:
@@ -124,6 +132,7 @@ class Scheduler:
         draining: ServedAdapter | None = None
         with self._lock:
             queue = list(self.waiting)
+            self._seen = self.submitted
         for seq in queue:
             if seq.cancelled:
                 continue
@@ -208,36 +217,24 @@ class Scheduler:
             self.slots.release(seq.served)
 
     def plan(self) -> list[tuple[Sequence, Chunk]]:
-        """The chunks of the next step, ordered by slot so LoRA segments are contiguous.
-
-        ``separate``: a step with pending prompts prefills only (lower TTFT), but never
-        twice in a row while rows are decoding. ``interleave``: decode steps whenever rows
-        decode (the engine prefills new prompts between their layers), prefill steps only
-        when nothing decodes. ``mixed``: prompt chunks ride along with the decode rows.
-        Always at most ``max_batch_tokens`` tokens.
-        """
+        """The chunks of the next step, ordered by slot so LoRA segments are contiguous:
+        decode rows and/or prompt chunks (oldest first) as :attr:`policy` shapes the step,
+        at most ``max_batch_tokens`` tokens."""
         decode = [s for s in self.running if not s.in_prefill]
-        prefill = [s for s in self.running if s.in_prefill]
-        prefill.sort(key=lambda s: s.arrival)
+        prefill = sorted((s for s in self.running if s.in_prefill), key=lambda s: s.arrival)
+        shape = self.policy.shape(bool(decode), bool(prefill))
         budget = self.config.max_batch_tokens
         chosen: list[tuple[Sequence, Chunk]] = []
-        mode = self.config.prefill_mode
-        separate = mode != "mixed"
-        if mode == "interleave":  # the engine prefills between the layers of decode steps
-            prefill_only = bool(prefill) and not decode
-        else:
-            prefill_only = bool(prefill) and separate and not (self._last_was_prefill and decode)
-        if not prefill_only:
+        if shape.decode:
             chosen = [(s, s.next_chunk(1)) for s in decode]
             budget -= len(chosen)
-        if prefill_only or not separate:
+        if shape.prefill:
             for s in prefill:
                 if budget <= 0:
                     break
                 chunk = s.next_chunk(budget)
                 chosen.append((s, chunk))
                 budget -= len(chunk.tokens)
-        self._last_was_prefill = prefill_only
         chosen.sort(key=lambda sc: sc[1].slot)
         return chosen
 

@@ -8,27 +8,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
 
 import torch
 
 from adapterctl.errors import FailedPrecondition, NotFound, ResourceExhausted
-from adapterctl.server.cache.lru import LRUCache
-from adapterctl.server.engine.api import EngineObserver, ServedAdapter
+from adapterctl.server.lru import LRUCache
+from adapterctl.server.types import EngineObserver, HostAdapter, ServedAdapter
 from adapterctl.server.engine.lora import LoraLinear, LoraWeights
 
 log = logging.getLogger(__name__)
-
-
-class HostAdapter(Protocol):
-    """What a slot needs from the host tier's ``LoadedAdapter`` (see notes/INTERFACES.md)."""
-
-    served: ServedAdapter
-    rank: int
-    scale: float
-    target_modules: tuple[str, ...]
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
-    nbytes: int
 
 
 def short_name(path: str) -> str:
@@ -54,14 +42,6 @@ class SlotBank:
     @property
     def module_types(self) -> tuple[str, ...]:
         return tuple(self._by_type)
-
-    def nbytes(self) -> int:
-        """Bytes held by allocated banks."""
-        total = 0
-        for m in self.modules.values():
-            if m.weights is not None:
-                total += (m.weights.A.numel() + m.weights.Bt.numel()) * m.weights.A.element_size()
-        return total
 
     def check(self, adapter: HostAdapter) -> None:
         """FailedPrecondition naming the problem if ``adapter`` cannot live in a slot."""
@@ -138,7 +118,6 @@ class DeviceSlots:
         self._free = list(range(bank.num_slots, 0, -1))  # pop() hands out 1, 2, ...
         self.lru: LRUCache[ServedAdapter, Resident] = LRUCache(
             max_items=bank.num_slots, sizeof=lambda r: r.nbytes, on_evict=self._on_evict)
-        self.on_slot_freed: Callable[[Resident], None] | None = None
 
     def lookup(self, served: ServedAdapter) -> Resident | None:
         """The resident entry (marked recently used) or None."""
@@ -206,8 +185,6 @@ class DeviceSlots:
     def _on_evict(self, served: ServedAdapter, entry: Resident) -> None:
         self._free.append(entry.slot)
         self.observer.on_cache("device", "evict", entry.label)
-        if self.on_slot_freed is not None:
-            self.on_slot_freed(entry)
 
     def _report(self) -> None:
         items = self.lru.items()

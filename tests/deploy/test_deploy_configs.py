@@ -2,7 +2,6 @@
 only sets real serve options; nginx hashes each adapter onto one replica."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import shutil
 import socket
@@ -26,12 +25,13 @@ def test_promtool(args):
 
 
 def test_compose_sets_only_real_options():
-    from adapterctl.server.config import ServerConfig
+    from adapterctl.options import click_params
+    from adapterctl.server.config import CLI_SETTINGS, ServerConfig
 
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"minio", "minio-init", "adapterctl-1", "adapterctl-2", "nginx", "prometheus"} <= set(services)
-    known = {"ADAPTERCTL_" + f.name.upper() for f in dataclasses.fields(ServerConfig)}
+    known = {p.envvar for p in click_params(ServerConfig, **CLI_SETTINGS)}
     for name in ("adapterctl-1", "adapterctl-2"):
         env = services[name]["environment"]
         assert {k for k in env if k.startswith("ADAPTERCTL_")} <= known

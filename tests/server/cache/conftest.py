@@ -16,7 +16,7 @@ import pytest
 
 from adapterctl.errors import IntegrityError, NotFound, Unavailable
 from adapterctl.refs import parse_ref
-from adapterctl.server.engine.api import EngineObserver
+from adapterctl.server.types import EngineObserver
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from adapterctl.errors import FailedPrecondition
 from adapterctl.server.cache.loaded import base_linear_shapes, check_lora_config, load_peft_dir
-from adapterctl.server.engine.api import ServedAdapter
+from adapterctl.server.types import ServedAdapter
 
 
 def _peft_deltas(tiny_model, adapter_dir, modules):

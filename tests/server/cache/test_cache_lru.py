@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from adapterctl.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from adapterctl.server.cache.lru import LRUCache
+from adapterctl.server.lru import LRUCache
 
 
 def _sized(max_items=None, max_bytes=None):

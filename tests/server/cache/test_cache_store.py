@@ -8,8 +8,9 @@ import threading
 import pytest
 
 from adapterctl.errors import FailedPrecondition, IntegrityError, NotFound, ResourceExhausted, Unavailable
-from adapterctl.server.cache.store import AdapterStore, AdapterStoreConfig
-from adapterctl.server.engine.api import ServedAdapter
+from adapterctl.server.cache.config import AdapterStoreConfig
+from adapterctl.server.cache.store import AdapterStore
+from adapterctl.server.types import ServedAdapter
 
 
 class Clock:
@@ -30,8 +31,10 @@ def new_store(tiny_base, fake_registry, observer, clock, tmp_path):
     stores: list[AdapterStore] = []
 
     def make(**overrides) -> AdapterStore:
-        overrides.setdefault("disk_dir", tmp_path / "disk")
-        store = AdapterStore(AdapterStoreConfig(**overrides), fake_registry, tiny_base, observer, clock=clock)
+        overrides.setdefault("cache_dir", tmp_path / "disk")
+        rank = overrides.pop("max_lora_rank", 64)
+        store = AdapterStore(AdapterStoreConfig(**overrides), fake_registry, tiny_base, observer, max_lora_rank=rank,
+                             clock=clock)
         stores.append(store)
         return store
 
@@ -51,7 +54,7 @@ def _served(m) -> ServedAdapter:
 
 
 def _disk_dirs(store):
-    return sorted(p.name for p in store.config.disk_dir.iterdir())
+    return sorted(p.name for p in store.config.cache_dir.iterdir())
 
 
 def test_cold_get_pulls_then_hits_host(new_store, published, fake_registry, observer):
@@ -150,7 +153,7 @@ def test_restart_reuses_disk_tier_and_repulls_corrupt_copies(new_store, publishe
     assert asyncio.run(restarted.get(a)).served == a and fake_registry.pulls[a.digest] == 1
     assert observer.loads[-1][0] == "disk"
     restarted.unload(a)
-    weights = restarted.config.disk_dir / a.digest.split(":")[1] / "adapter_model.safetensors"
+    weights = restarted.config.cache_dir / a.digest.split(":")[1] / "adapter_model.safetensors"
     weights.write_bytes(b"bit rot")
     assert asyncio.run(restarted.get(a)).served == a
     assert fake_registry.pulls[a.digest] == 2 and observer.loads[-1][0] == "registry"
@@ -168,7 +171,7 @@ def test_corrupt_pull_raises_and_leaves_nothing(new_store, published, fake_regis
 
 
 def test_registry_unreachable_and_unknown(new_store, published, fake_registry, observer, clock):
-    store = new_store(alias_refresh_seconds=30)
+    store = new_store(alias_refresh=30)
     fake_registry.down = True
     with pytest.raises(Unavailable):
         asyncio.run(store.resolve("a"))
@@ -217,7 +220,7 @@ def test_incompatible_manifests_are_refused_before_pulling(new_store, make_adapt
 
 
 def test_alias_hot_reload(new_store, make_adapter, fake_registry, tiny_base, clock):
-    store = new_store(alias_refresh_seconds=30)
+    store = new_store(alias_refresh=30)
     v1 = fake_registry.publish("m", make_adapter("a", seed=0), tiny_base.fingerprint)
     v2 = fake_registry.publish("m", make_adapter("b", seed=1), tiny_base.fingerprint)
     fake_registry.promote("m", 1, "prod")
@@ -276,33 +279,9 @@ def test_status_rows(new_store, published, fake_registry):
 def test_config_validation(tmp_path, adapterctl_home):
     from adapterctl.errors import InvalidArgument
 
-    assert AdapterStoreConfig().disk_dir == adapterctl_home / "adapters"
+    assert AdapterStoreConfig().cache_dir == adapterctl_home / "adapters"
     with pytest.raises(InvalidArgument):
         AdapterStoreConfig(host_max_bytes=-1)
-    with pytest.raises(InvalidArgument):
-        AdapterStoreConfig(max_lora_rank=0)
+    with pytest.raises(InvalidArgument, match="--alias-refresh"):
+        AdapterStoreConfig(alias_refresh=-1)
 
-
-def test_watch_aliases_refreshes_until_cancelled(new_store, monkeypatch):
-    store = new_store(alias_refresh_seconds=0.001)
-    calls: list[int] = []
-
-    async def go():
-        done = asyncio.Event()
-
-        async def refresh():
-            calls.append(1)
-            if len(calls) == 1:
-                raise Unavailable("first round fails; the watch keeps going")
-            done.set()
-            return []
-
-        monkeypatch.setattr(store, "refresh_aliases", refresh)
-        watch = asyncio.create_task(store.watch_aliases())
-        await asyncio.wait_for(done.wait(), timeout=10)
-        watch.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await watch
-
-    asyncio.run(go())
-    assert len(calls) >= 2

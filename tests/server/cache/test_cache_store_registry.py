@@ -7,7 +7,8 @@ import threading
 import pytest
 
 from adapterctl.errors import IntegrityError, NotFound
-from adapterctl.server.cache.store import AdapterStore, AdapterStoreConfig
+from adapterctl.server.cache.config import AdapterStoreConfig
+from adapterctl.server.cache.store import AdapterStore
 
 registry = pytest.importorskip("adapterctl.registry")
 if not hasattr(registry, "open_registry"):
@@ -48,8 +49,9 @@ def store_over(tiny_base, observer, tmp_path):
     stores: list[AdapterStore] = []
 
     def make(reader, **overrides) -> AdapterStore:
-        overrides.setdefault("disk_dir", tmp_path / "disk")
-        store = AdapterStore(AdapterStoreConfig(**overrides), reader, tiny_base, observer)
+        overrides.setdefault("cache_dir", tmp_path / "disk")
+        rank = overrides.pop("max_lora_rank", 64)
+        store = AdapterStore(AdapterStoreConfig(**overrides), reader, tiny_base, observer, max_lora_rank=rank)
         stores.append(store)
         return store
 
@@ -111,7 +113,7 @@ def test_corrupt_blob_is_refused_and_not_cached(reg, make_adapter, tiny_base, st
     served = asyncio.run(store.resolve("broken:1"))
     with pytest.raises(IntegrityError):
         asyncio.run(store.get(served))
-    assert list(store.config.disk_dir.iterdir()) == [] and store.peek(served) is None
+    assert list(store.config.cache_dir.iterdir()) == [] and store.peek(served) is None
     reg.store.put(keys[0], good)  # repaired: the next get succeeds
     assert asyncio.run(store.get(served)).served == served
 
@@ -138,4 +140,4 @@ def test_unreachable_registry_is_unavailable(store_over, tmp_path, monkeypatch):
     store = store_over(down)
     with pytest.raises(Unavailable):
         asyncio.run(store.resolve("anything"))
-    assert list(store.config.disk_dir.iterdir()) == []
+    assert list(store.config.cache_dir.iterdir()) == []

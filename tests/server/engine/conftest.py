@@ -1,5 +1,5 @@
 """Fixtures for the batching-engine tests: PEFT adapters saved from the tiny base, an
-in-memory adapter source, and helpers that run an engine and collect its outputs."""
+in-memory adapter source (``cache.memory.MemoryStore``), and helpers that run an engine and collect its outputs."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from adapterctl.errors import NotFound
-from adapterctl.server.engine.api import GenerationRequest, GenerationResult, SamplingParams, ServedAdapter
+from adapterctl.server.types import GenerationRequest, GenerationResult, SamplingParams, ServedAdapter
 
 # name -> LoraConfig kwargs; covers ranks {4, 8, 16, 64}, targets {q,v}, {q,k,v,o}, all linear, rsLoRA.
 ADAPTER_SPECS: dict[str, dict[str, Any]] = {
@@ -65,24 +64,6 @@ def peft_dirs(tiny_model, tmp_path_factory) -> dict[str, Path]:
             for i, (name, spec) in enumerate(ADAPTER_SPECS.items())}
 
 
-class DictStore:
-    """In-memory stand-in for AdapterStore: ``name`` or ``name:version`` -> LoadedAdapter."""
-
-    def __init__(self, adapters: dict[str, Any]) -> None:
-        self.adapters = dict(adapters)
-        self.gets = 0
-
-    async def resolve(self, ref: str) -> ServedAdapter:
-        name = ref.split(":")[0].split("@")[0]
-        if name not in self.adapters:
-            raise NotFound(f"adapter {name!r} not found")
-        return self.adapters[name].served
-
-    async def get(self, served: ServedAdapter):
-        self.gets += 1
-        return self.adapters[served.name]
-
-
 def load_dir(path: Path, base, name: str, max_rank: int = 64, version: int = 1):
     from adapterctl.server.cache.loaded import load_peft_dir
 
@@ -97,7 +78,7 @@ def loaded_adapters(peft_dirs, tiny_base) -> dict[str, Any]:
 
 @pytest.fixture
 def make_engine(tiny_base, tiny_model, tiny_tokenizer):
-    """``make_engine(store=None, **EngineConfig)`` -> a started BatchingEngine on a copy of
+    """``make_engine(store=None, **EngineConfig fields)`` -> a started BatchingEngine on a copy of
     the tiny model; stopped at teardown."""
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
@@ -156,6 +137,8 @@ def request_for():
 
 
 @pytest.fixture
-def dict_store(loaded_adapters) -> DictStore:
+def dict_store(loaded_adapters):
     """A fresh in-memory store over the four test adapters."""
-    return DictStore(loaded_adapters)
+    from adapterctl.server.cache.memory import MemoryStore
+
+    return MemoryStore(loaded_adapters)

@@ -11,24 +11,26 @@ PROMPT = [2, 651, 7344, 691]
 
 
 def test_load_pin_unload_and_list(run, make_engine, dict_store, collect, request_for):
-    engine = make_engine(dict_store, num_slots=2)
+    engine = make_engine(dict_store, max_adapters=2)
     status = run(engine.load_adapter("r4-qv"))
     assert (status.tier, status.rank, status.active_requests) == ("device", 4, 0)
     pinned = run(engine.pin_adapter("r4-qv", True))
     assert pinned.pinned and pinned.tier == "device"
     run(engine.load_adapter("r8-qkvo"))
     run(collect(engine, request_for(PROMPT, 2, "r64-all")))  # needs a slot: evicts r8, never the pinned r4
-    names = {row.name: row for row in run(engine.list_adapters())}
+    rows = run(engine.list_adapters())
+    names = {row.name: row for row in rows if row.tier == "device"}
     assert set(names) == {"r4-qv", "r64-all"} and names["r4-qv"].pinned
+    assert {row.name for row in rows if row.tier == "host"} == {"r8-qkvo", "r16-all-rslora"}  # the store's rows
     with pytest.raises(FailedPrecondition, match="pinned"):
         run(engine.unload_adapter("r4-qv"))
     run(engine.pin_adapter("r4-qv", False))
     assert run(engine.unload_adapter("r4-qv")).tier != "device"  # the reply says where it lives now
-    assert [row.name for row in run(engine.list_adapters())] == ["r64-all"]
+    assert [row.name for row in run(engine.list_adapters()) if row.tier == "device"] == ["r64-all"]
 
 
 def test_load_fails_when_every_slot_is_pinned(run, make_engine, dict_store, request_for):
-    engine = make_engine(dict_store, num_slots=1)
+    engine = make_engine(dict_store, max_adapters=1)
     run(engine.pin_adapter("r4-qv", True))
     with pytest.raises(ResourceExhausted, match="pinned"):
         run(engine.load_adapter("r8-qkvo"))
@@ -62,9 +64,9 @@ def test_retired_alias_version_leaves_the_device_once_idle(run, make_engine, dic
         await gen.__anext__()
         assert await engine.refresh_aliases() == [("r4-qv", "prod", 1, 2)]
         await collect(engine, request_for(PROMPT, 2, "r8-qkvo"))  # a few steps later: still in use
-        assert "r4-qv" in {row.name for row in await engine.list_adapters()}
+        assert "r4-qv" in {row.name for row in await engine.list_adapters() if row.tier == "device"}
         await gen.aclose()
         await collect(engine, request_for(PROMPT, 2, "r8-qkvo"))
-        return {row.name for row in await engine.list_adapters()}
+        return {row.name for row in await engine.list_adapters() if row.tier == "device"}
 
     assert run(scenario()) == {"r8-qkvo"}

@@ -51,7 +51,8 @@ def test_real_gemma_mixed_batch_matches_peft(gemma_base, tmp_path, request_for):
 
     from adapterctl.basemodel import load_model, load_tokenizer
     from adapterctl.server.cache.loaded import load_peft_dir
-    from adapterctl.server.engine.api import ServedAdapter
+    from adapterctl.server.cache.memory import MemoryStore
+    from adapterctl.server.types import ServedAdapter
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
 
@@ -73,14 +74,7 @@ def test_real_gemma_mixed_batch_matches_peft(gemma_base, tmp_path, request_for):
                                output_logits=True, return_dict_in_generate=True)
         want.append((out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits)[:, 0]))
 
-    class Store:
-        async def resolve(self, ref):
-            return loaded[ref].served
-
-        async def get(self, served):
-            return loaded[served.name]
-
-    engine = BatchingEngine(gemma_base, Store(), EngineConfig(device="cpu", max_batch_tokens=256),
+    engine = BatchingEngine(gemma_base, MemoryStore(loaded), EngineConfig(device="cpu", max_batch_tokens=256),
                             model=model, tokenizer=tok)
     logits: dict[str, list[torch.Tensor]] = {}
     engine.logits_hook = lambda seqs, rows: [logits.setdefault(s.request.request_id, []).append(r.clone())

@@ -42,7 +42,8 @@ def test_family_matches_hf_and_peft(kind, tmp_path, tiny_tokenizer, save_adapter
 
     from adapterctl.basemodel import resolve_base_model
     from adapterctl.server.cache.loaded import load_peft_dir
-    from adapterctl.server.engine.api import ServedAdapter
+    from adapterctl.server.cache.memory import MemoryStore
+    from adapterctl.server.types import ServedAdapter
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
 
@@ -50,7 +51,7 @@ def test_family_matches_hf_and_peft(kind, tmp_path, tiny_tokenizer, save_adapter
     model.save_pretrained(str(tmp_path / "base"))
     base = resolve_base_model(str(tmp_path / "base"), progress=False)
     adir = save_adapter(model, tmp_path / "ad", seed=3, r=8, lora_alpha=16, target_modules="all-linear")
-    store = _OneAdapter(load_peft_dir(adir, base, 64, served=ServedAdapter("ad", 1, "sha256:" + "1" * 64)))
+    store = MemoryStore({"ad": load_peft_dir(adir, base, 64, served=ServedAdapter("ad", 1, "sha256:" + "1" * 64))})
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), str(adir)).eval()
     want = []
     for adapter, prompt in [(None, p) for p in PROMPTS] + [("ad", p) for p in PROMPTS]:
@@ -75,17 +76,6 @@ def test_family_matches_hf_and_peft(kind, tmp_path, tiny_tokenizer, save_adapter
 
     got = [r.token_ids for _, r in asyncio.run(asyncio.wait_for(scenario(), 120))]
     assert got == want
-
-
-class _OneAdapter:
-    def __init__(self, loaded) -> None:
-        self.loaded = loaded
-
-    async def resolve(self, ref):
-        return self.loaded.served
-
-    async def get(self, served):
-        return self.loaded
 
 
 def test_unsupported_model_type_is_refused_by_name():

@@ -8,12 +8,13 @@ import asyncio
 import pytest
 
 from adapterctl.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from adapterctl.server.cache.memory import MemoryStore
 
 PROMPT = [2, 651, 7344, 691, 1590, 236761, 108, 2094]
 
 
 def test_seed_is_reproducible_regardless_of_neighbours(run, make_engine, dict_store, collect, request_for):
-    engine = make_engine(dict_store, num_slots=4)
+    engine = make_engine(dict_store, max_adapters=4)
     sampled = dict(temperature=1.5, top_p=0.95, top_k=50, seed=1234)
     _, alone = run(collect(engine, request_for(PROMPT, 16, "r8-qkvo", **sampled)))
 
@@ -57,7 +58,7 @@ def test_max_new_tokens_and_eos_finish_reasons(run, make_engine, collect, reques
 
 
 def test_cancel_frees_slot_and_kv_for_the_next_request(run, make_engine, dict_store, collect, request_for):
-    engine = make_engine(dict_store, num_slots=1, max_running_requests=2, max_batch_tokens=64)
+    engine = make_engine(dict_store, max_adapters=1, max_running_requests=2, max_batch_tokens=64)
 
     async def scenario():
         gen = engine.generate(request_for(PROMPT, 500, "r4-qv", rid="long"))
@@ -96,7 +97,7 @@ def test_task_cancellation_cancels_the_request(run, make_engine, collect, reques
 
 
 def test_full_queue_raises_resource_exhausted(run, make_engine, request_for):
-    engine = make_engine(None, max_running_requests=1, max_batch_tokens=32, max_queue=1)
+    engine = make_engine(None, max_running_requests=1, max_batch_tokens=32, max_waiting=1)
     rejected = []
     engine.observer.on_queue_rejected = lambda: rejected.append(1)
 
@@ -132,14 +133,15 @@ def test_refusals(run, make_engine, dict_store, request_for):
         run(engine.generate(request_for([10**9], 4)).__anext__())
 
 
-class _DirStore:
+class _DirStore(MemoryStore):
     """Resolves a name to a saved PEFT dir and loads it with the cache's real loader."""
 
     def __init__(self, dirs, base) -> None:
+        super().__init__({})
         self.dirs, self.base = dirs, base
 
     async def resolve(self, ref):
-        from adapterctl.server.engine.api import ServedAdapter
+        from adapterctl.server.types import ServedAdapter
 
         return ServedAdapter(ref, 1, "sha256:" + "0" * 64)
 
@@ -173,7 +175,7 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
     sampled: list[list[str]] = []
     engine.logits_hook = lambda seqs, _: sampled.append(sorted(s.request.request_id for s in seqs))
     arrived, armed = threading.Event(), threading.Event()
-    submit, layer = engine.scheduler.submit, engine.runner._layer
+    submit, layer = engine.scheduler.submit, engine.runner.decoder_layer
 
     def submit_and_signal(seq):
         submit(seq)
@@ -184,7 +186,7 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
         new: asyncio.Future = loop.create_future()
 
         def slow_layer(i, *args):
-            if i == 1 and armed.is_set() and not args[3].prefill:  # a decode step, paused after layer 0
+            if i == 1 and armed.is_set() and not args[2].prefill:  # a decode step, paused after layer 0
                 armed.clear()
                 loop.call_soon_threadsafe(lambda: new.set_result(asyncio.ensure_future(
                     collect(engine, request_for(PROMPT, 2, rid="new")))))
@@ -193,7 +195,7 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
             return layer(i, *args)
 
         engine.scheduler.submit = submit_and_signal
-        engine.runner._layer = slow_layer
+        engine.runner.decoder_layer = slow_layer
         long = engine.generate(request_for(PROMPT, 50, rid="long"))
         await long.__anext__()
         armed.set()
@@ -215,7 +217,7 @@ def test_prompt_arriving_during_a_prefill_shares_its_lm_head(mode, after, run, m
     sampled: list[list[str]] = []
     engine.logits_hook = lambda seqs, _: sampled.append(sorted(s.request.request_id for s in seqs))
     arrived = threading.Event()
-    submit, layer = engine.scheduler.submit, engine.runner._layer
+    submit, layer = engine.scheduler.submit, engine.runner.decoder_layer
 
     def submit_and_signal(seq):
         submit(seq)
@@ -227,7 +229,7 @@ def test_prompt_arriving_during_a_prefill_shares_its_lm_head(mode, after, run, m
         second: asyncio.Future = loop.create_future()
 
         def slow_layer(i, *args):
-            if i == 1 and not second.done() and args[3].prefill:  # "a"'s prefill, after layer 0
+            if i == 1 and not second.done() and args[2].prefill:  # "a"'s prefill, after layer 0
                 loop.call_soon_threadsafe(lambda: second.set_result(asyncio.ensure_future(
                     collect(engine, request_for(PROMPT[:5], 2, rid="b")))))
                 assert arrived.wait(30)
@@ -235,7 +237,7 @@ def test_prompt_arriving_during_a_prefill_shares_its_lm_head(mode, after, run, m
             return layer(i, *args)
 
         engine.scheduler.submit = submit_and_signal
-        engine.runner._layer = slow_layer
+        engine.runner.decoder_layer = slow_layer
         first = await collect(engine, request_for(PROMPT, 2, rid="a"))
         joined = await (await second)
         return first[1], joined[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterctl.server.engine.api import SamplingParams
+from adapterctl.server.types import SamplingParams
 from adapterctl.server.engine.batch import LoraBatch
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.lora import BACKENDS, LoraWeights, make_backend

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import pytest
 
 from adapterctl.errors import NotFound
-from adapterctl.server.engine.api import (FINISH_LENGTH, AdapterStatus, GenerationRequest, GenerationResult,
+from adapterctl.server.types import (FINISH_LENGTH, AdapterStatus, GenerationRequest, GenerationResult,
                                           ServedAdapter, TokenEvent)
 
 WRONG_FINGERPRINT = "sha256:" + "0" * 64
@@ -75,21 +75,21 @@ def published(tmp_path_factory, make_adapter):
 
 def start_server(tmp_path: Path, engine_factory=None, **overrides: Any):
     """A BackgroundServer on 127.0.0.1:0 (metrics on :0), started and SERVING."""
-    from adapterctl.server.app import BackgroundServer, build_engine
+    """``overrides`` are flat ServerConfig settings (any level of the tree, by name)."""
+    from adapterctl.options import from_kwargs
+    from adapterctl.server.app import BackgroundServer
+    from adapterctl.server.build import build_engine
     from adapterctl.server.config import ServerConfig
 
-    settings: dict[str, Any] = dict(port=0, metrics_port=0, engine="reference", alias_refresh=0,
+    settings: dict[str, Any] = dict(port=0, metrics_port=0, alias_refresh=0,
                                     shutdown_grace=2, cache_dir=tmp_path / "adapter-cache")
     settings.update(overrides)
-    return BackgroundServer(ServerConfig(**settings), engine_factory or build_engine).start()
+    return BackgroundServer(from_kwargs(ServerConfig, settings), engine_factory or build_engine).start()
 
 
-ENGINES = ("batched", "reference")
-
-
-def _engine_server(tmp_path_factory, published, tiny_base, engine: str):
+def _engine_server(tmp_path_factory, published, tiny_base):
     uri, _ = published
-    bg = start_server(tmp_path_factory.mktemp(f"grpc-server-{engine}"), engine=engine, registry=uri,
+    bg = start_server(tmp_path_factory.mktemp("grpc-server"), uri=uri,
                       alias_refresh=3600,  # aliases move only through the RefreshAliases RPC here
                       base_model=str(tiny_base.path), max_lora_rank=8, max_waiting=1, max_running_requests=1,
                       metrics_max_adapters=3, max_new_tokens_limit=2000, max_prompt_tokens=40)
@@ -97,18 +97,18 @@ def _engine_server(tmp_path_factory, published, tiny_base, engine: str):
     bg.stop()
 
 
-@pytest.fixture(scope="session", params=ENGINES)
-def server(request, tmp_path_factory, published, tiny_base):
-    """A server over ``published`` per engine, shared by the test modules: one request
-    runs at a time (max_running_requests 1) and one may wait (max_waiting 1);
-    max_lora_rank 8; metrics label cap 3; prompts up to 2000 tokens."""
-    yield from _engine_server(tmp_path_factory, published, tiny_base, request.param)
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, published, tiny_base):
+    """A server over ``published``, shared by the test modules: one request runs at a
+    time (max_running_requests 1) and one may wait (max_waiting 1); max_lora_rank 8;
+    metrics label cap 3; prompts up to 2000 tokens."""
+    yield from _engine_server(tmp_path_factory, published, tiny_base)
 
 
-@pytest.fixture(scope="module", params=ENGINES)
-def fresh_server(request, tmp_path_factory, published, tiny_base):
+@pytest.fixture(scope="module")
+def fresh_server(tmp_path_factory, published, tiny_base):
     """Like ``server`` but private to one module (for exact metric counts)."""
-    yield from _engine_server(tmp_path_factory, published, tiny_base, request.param)
+    yield from _engine_server(tmp_path_factory, published, tiny_base)
 
 
 @pytest.fixture

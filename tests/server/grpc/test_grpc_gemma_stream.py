@@ -9,9 +9,8 @@ from adapterctl.client import Client
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("engine", ["batched"])
-def test_gemma_chat_stream(make_server, gemma_base, tmp_path, engine):
-    bg = make_server(engine=engine, base_model=str(gemma_base.path), registry=f"file://{tmp_path / 'registry'}",
+def test_gemma_chat_stream(make_server, gemma_base, tmp_path):
+    bg = make_server(base_model=str(gemma_base.path), uri=f"file://{tmp_path / 'registry'}",
                      max_running_requests=1, max_new_tokens_limit=64, default_max_new_tokens=32,
                      max_prompt_tokens=128)
     turns = [{"role": "user", "content": "Write one witty sentence about a heist movie."}]

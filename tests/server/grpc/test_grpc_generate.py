@@ -1,4 +1,4 @@
-"""Generate / GenerateStream over a real port with the reference engine: streaming order
+"""Generate / GenerateStream over a real port: streaming order
 and final message, stop sequences, seeds, chat templates, cancel, and parity with stock PEFT."""
 from __future__ import annotations
 

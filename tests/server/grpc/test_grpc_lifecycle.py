@@ -25,7 +25,7 @@ def test_not_serving_while_loading(tmp_path, echo_engine_cls):
     from adapterctl.server.config import ServerConfig
 
     gate = asyncio.Event()
-    bg = BackgroundServer(ServerConfig(port=0, metrics_port=-1, alias_refresh=0),
+    bg = BackgroundServer(ServerConfig(port=0, metrics_port=-1),
                           lambda config, observer: echo_engine_cls(gate))
     bg.start(wait=False)
     try:
@@ -43,12 +43,12 @@ def test_not_serving_while_loading(tmp_path, echo_engine_cls):
 
 @pytest.fixture
 def served_process(tmp_path, tiny_base, published):
-    """``adapterctl serve`` in a subprocess (reference engine, JSON logs); yields (proc, address, log path)."""
+    """``adapterctl serve`` in a subprocess (JSON logs); yields (proc, address, log path)."""
     uri, _ = published
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "adapterctl.client.cli.main", "serve", "--engine", "reference",
+            [sys.executable, "-m", "adapterctl.client.cli.main", "serve",
              "--base-model", str(tiny_base.path), "--registry", uri, "--port", "0", "--metrics-port", "-1",
              "--shutdown-grace", "60", "--alias-refresh", "0", "--cache-dir", str(tmp_path / "cache"), "--log-json",
              "--ready-file", str(tmp_path / "ready.json")],

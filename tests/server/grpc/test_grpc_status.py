@@ -120,7 +120,7 @@ def test_unreachable_registry_is_unavailable(make_server, tiny_base, monkeypatch
                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_MAX_ATTEMPTS": "1"}.items():
         monkeypatch.setenv(key, value)
-    bg = make_server(registry="s3://nowhere/adapters", base_model=str(tiny_base.path))
+    bg = make_server(uri="s3://nowhere/adapters", base_model=str(tiny_base.path))
     with grpc.insecure_channel(bg.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         assert _code(stub.Generate, pb.GenerateRequest(prompt="hi", adapter="alpha", max_new_tokens=2),
@@ -134,7 +134,7 @@ def test_corrupt_registry_blob_is_data_loss(server, stub, client, published, mak
     from pathlib import Path
 
     uri, reg = published
-    name = f"corrupt-{server.config.engine}"  # one per engine's server (the registry is shared)
+    name = "corrupt"
     manifest = reg.publish(make_adapter(name, seed=99), name)
     weights = next(f for f in manifest.files if f.path.endswith(".safetensors"))
     blob = Path(uri.removeprefix("file://")) / "blobs/sha256" / weights.digest.partition(":")[2]

@@ -14,12 +14,25 @@ from adapterctl.server.textstream import StopTextStream
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"port": 70000}, {"metrics_port": -2}, {"max_adapters": 0}, {"max_waiting": -1}, {"engine": "fast"},
+    {"port": 70000}, {"metrics_port": -2}, {"max_adapters": 0}, {"max_waiting": -1}, {"dtype": "int3"},
     {"default_max_new_tokens": 2000}, {"tls_cert": "c.pem"}, {"tls_client_ca": "ca.pem"}, {"shutdown_grace": -1},
+    {"alias_refresh": -1}, {"host_max_bytes": -5},
 ])
 def test_config_validation(kwargs):
+    """Flat settings reach the component that declares them, and it refuses bad values."""
     with pytest.raises(InvalidArgument):
-        ServerConfig(**kwargs)
+        from_kwargs(ServerConfig, kwargs)
+
+
+def test_config_tree_declares_each_setting_once():
+    """Every serve option is one leaf of the tree, under one name, in one component."""
+    from adapterctl.options import leaf_fields
+
+    names = [f.name for f, _ in leaf_fields(ServerConfig)]
+    assert len(names) == len(set(names))
+    config = from_kwargs(ServerConfig, {"max_lora_rank": 16, "cache_dir": "/tmp/x", "uri": "s3://b/p"})
+    assert config.engine.max_lora_rank == 16 and str(config.store.cache_dir) == "/tmp/x"
+    assert config.registry.uri == "s3://b/p"
 
 
 def test_config_options_and_env(monkeypatch, tmp_path):
@@ -32,13 +45,14 @@ def test_config_options_and_env(monkeypatch, tmp_path):
 
     monkeypatch.setenv("ADAPTERCTL_METRICS_MAX_ADAPTERS", "7")
     monkeypatch.setenv("ADAPTERCTL_REGISTRY", "s3://b/p")
-    result = CliRunner().invoke(cmd, ["--port", "0", "--engine", "reference", "--log-json",
-                                      "--ready-file", str(tmp_path / "r.json")])
+    monkeypatch.setenv("ADAPTERCTL_MAX_RUNNING_REQUESTS", "5")
+    result = CliRunner().invoke(cmd, ["--port", "0", "--max-adapters", "3", "--log-json",
+                                      "--ready-file", str(tmp_path / "r.json"), "--host-max-bytes", "1000"])
     assert result.exit_code == 0, result.output
     config = seen["config"]
-    assert (config.port, config.engine, config.log_json, config.metrics_max_adapters) == (0, "reference", True, 7)
-    assert config.registry == "s3://b/p" and config.ready_file == tmp_path / "r.json"
-    assert config.resolved_engine == "reference"
+    assert (config.port, config.log_json, config.metrics_max_adapters) == (0, True, 7)
+    assert (config.engine.max_adapters, config.engine.max_running_requests, config.store.host_max_bytes) == (3, 5, 1000)
+    assert config.registry.uri == "s3://b/p" and config.ready_file == tmp_path / "r.json"
 
 
 class _CharTok:

@@ -1,4 +1,7 @@
-"""The contract between the gRPC layer and an inference engine.
+"""Types shared inside ``adapterctl.server``: the engine contract (requests, events,
+results), the adapter identity and status rows, the adapter-source and host-weights
+protocols, and the observer hooks. ``cache/`` and ``engine/`` import this module and
+never each other; ``build.py`` composes them.
 
 The servicer turns a request into a :class:`GenerationRequest` and iterates
 ``engine.generate(req)``: zero or more :class:`TokenEvent` then exactly one
@@ -14,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
+
+import torch
 
 from adapterctl.errors import InvalidArgument
 
@@ -107,6 +112,39 @@ class AdapterStatus:
     rank: int = 0
     active_requests: int = 0
     aliases: tuple[str, ...] = ()
+
+
+class HostAdapter(Protocol):
+    """Host-RAM weights of one adapter version (``cache.loaded.LoadedAdapter``), as a
+    device slot reads them."""
+
+    served: ServedAdapter
+    rank: int
+    scale: float
+    target_modules: tuple[str, ...]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
+    nbytes: int
+
+
+class AdapterSource(Protocol):
+    """Where an engine gets adapters (``cache.store.AdapterStore``): resolution, host
+    weights, residency and alias refresh."""
+
+    async def resolve(self, ref: str) -> ServedAdapter: ...
+
+    async def get(self, served: ServedAdapter) -> HostAdapter: ...
+
+    async def pin(self, served: ServedAdapter) -> HostAdapter: ...
+
+    def unpin(self, served: ServedAdapter) -> None: ...
+
+    def unload(self, served: ServedAdapter) -> bool: ...
+
+    async def status(self, name: str | None = None, include_registry: bool = False) -> list[AdapterStatus]: ...
+
+    async def refresh_aliases(self) -> list[tuple[str, str, int, int]]: ...
+
+    def close(self) -> None: ...
 
 
 class Engine(Protocol):
