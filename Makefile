@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-quick proto venv sysdeps clean
+.PHONY: demo test test-fast lint bench bench-quick proto venv sysdeps clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,26 @@ demo: $(STAMP)
 
 test: $(STAMP) sysdeps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Everything but the tests on the real Gemma 3 270M (marked slow).
+test-fast: $(STAMP) sysdeps
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# The static checks alone (make test runs them too, in tests/test_static_checks.py).
+lint: $(STAMP)
+	$(BIN)/pytest -q tests/test_static_checks.py tests/test_layering.py
+
+# The serving + training benchmark on the real base model; ratios in its last JSON line.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
+
+# Regenerate the committed gRPC code from proto/ (tests/test_proto.py fails on drift).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto -I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))') \
+		--python_out=proto --pyi_out=proto --grpc_python_out=proto proto/adapterctl/v1/adapterctl.proto
 
 # promtool (Debian package prometheus) checks the metrics exposition and deploy rules;
 # nginx runs the deploy config's consistent-hash routing test.

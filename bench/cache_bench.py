@@ -61,7 +61,11 @@ async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log,
         root = Path(tmp)
         reg = open_registry(uri)
         began = time.monotonic()
-        groups = (("cold", templates["r16"], n_cold, 11), ("z", templates["r8"], n_zipf, 12), ("h", templates["r8"], 16, 13))
+        groups = (
+            ("cold", templates["r16"], n_cold, 11),
+            ("z", templates["r8"], n_zipf, 12),
+            ("h", templates["r8"], 16, 13),
+        )
         for prefix, template, count, seed in groups:
             for d in random_adapters(template, root / "src", prefix, count, seed=seed):
                 reg.publish(d, d.name, base_model=str(base.path))
@@ -93,10 +97,17 @@ async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log,
             hot_s = sum(hot) / len(hot)
         finally:
             await engine.stop()
-    return {"p5_cold_load_ms_p50": median(cold), "p5_promote_ms_p50": median(promote),
-            "p5_zipf_over_hot": hot_s / zipf_s, "p5_zipf_tok_s": n_req * new / zipf_s, "p5_hot_tok_s": n_req * new / hot_s,
-            "p5_distinct_adapters": len(set(ks)), "p5_requests": n_req, "p5_registry_adapters": n_zipf,
-            "p5_hot_runs_s": hot}
+    return {
+        "p5_cold_load_ms_p50": median(cold),
+        "p5_promote_ms_p50": median(promote),
+        "p5_zipf_over_hot": hot_s / zipf_s,
+        "p5_zipf_tok_s": n_req * new / zipf_s,
+        "p5_hot_tok_s": n_req * new / hot_s,
+        "p5_distinct_adapters": len(set(ks)),
+        "p5_requests": n_req,
+        "p5_registry_adapters": n_zipf,
+        "p5_hot_runs_s": hot,
+    }
 
 
 async def _promote_ms(engine, store, ref: str) -> float:

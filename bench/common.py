@@ -59,7 +59,9 @@ def random_adapters(template: Path, root: Path, prefix: str, n: int, seed: int) 
         d = root / f"{prefix}{i}"
         d.mkdir(parents=True, exist_ok=True)
         (d / "adapter_config.json").write_text(config)
-        tensors = {k: torch.randn(s, generator=g) * (0.02 if "lora_B" in k else s[-1] ** -0.5) for k, s in shapes.items()}
+        tensors = {
+            k: torch.randn(s, generator=g) * (0.02 if "lora_B" in k else s[-1] ** -0.5) for k, s in shapes.items()
+        }
         save_file(tensors, str(d / "adapter_model.safetensors"))
         dirs.append(d)
     return dirs

@@ -54,8 +54,10 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
     base = base_model()
     tok = load_tokenizer(base)
     plain = load_model(base, device="cpu")
-    out: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
-                           "cpu_gemm": cpu_gemm}
+    out: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "cpu_gemm": cpu_gemm,
+    }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = Path(tmp)
         templates = {"r16": template_adapter(plain, root / "t16", 16, ["q_proj", "v_proj"]),

@@ -77,8 +77,14 @@ def run_stock(base_path: str, steps: int, batch: int, max_len: int, lr: float, s
               lockstep: tuple[Any, Any, Any] | None = None) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
     from transformers.trainer_callback import PrinterCallback
 
     tok = AutoTokenizer.from_pretrained(base_path)
@@ -178,8 +184,10 @@ def _run_lockstep(*args: Any, threads: int) -> tuple[dict[str, Any], dict[str, A
     barrier = ctx.Barrier(2)
     stock_turn, ours_turn = ctx.Semaphore(1), ctx.Semaphore(0)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_side, args=("run_stock", args, (barrier, stock_turn, ours_turn), results, threads)),
-             ctx.Process(target=_side, args=("run_adapterctl", args, (barrier, ours_turn, stock_turn), results, threads))]
+    procs = [
+        ctx.Process(target=_side, args=("run_stock", args, (barrier, stock_turn, ours_turn), results, threads)),
+        ctx.Process(target=_side, args=("run_adapterctl", args, (barrier, ours_turn, stock_turn), results, threads)),
+    ]
     for proc in procs:
         proc.start()
     out: dict[str, Any] = {}
@@ -217,8 +225,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'':12} {'tokens/s':>10} {'seconds':>9} {'final loss':>11} {'last step':>10}", file=sys.stderr)
     for name in ("stock", "adapterctl"):
         r = out[name]
-        print(f"{name:12} {r['tokens_per_s']:10.1f} {r['seconds']:9.2f} {r['final_loss']:11.4f} {r['last_step_loss']:10.4f}",
-              file=sys.stderr)
+        print(
+            f"{name:12} {r['tokens_per_s']:10.1f} {r['seconds']:9.2f} {r['final_loss']:11.4f} "
+            f"{r['last_step_loss']:10.4f}",
+            file=sys.stderr,
+        )
     print(f"tokens/s ratio adapterctl/stock: median paired step {out['p6_train_over_stock']:.3f}, "
           f"total {out['p6_total_ratio']:.3f}; "
           f"final loss rel. diff {out['p6_final_loss_rel_diff']:.2%}", file=sys.stderr)

@@ -13,8 +13,18 @@ from typing import Any, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from adapterctl.client.types import (AdapterInfo, AliasChange, Chunk, Connection, GenerateResult, build_request,
-                                     changes_from_proto, error_from_rpc, info_from_proto, result_from_proto)
+from adapterctl.client.types import (
+    AdapterInfo,
+    AliasChange,
+    Chunk,
+    Connection,
+    GenerateResult,
+    build_request,
+    changes_from_proto,
+    error_from_rpc,
+    info_from_proto,
+    result_from_proto,
+)
 from adapterctl.errors import AdapterctlError
 from adapterctl.v1 import adapterctl_pb2 as pb
 from adapterctl.v1 import adapterctl_pb2_grpc as pb_grpc

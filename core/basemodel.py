@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_MODEL = "gemma-3-270m"
 FINGERPRINT_FILE = "adapterctl-base.json"
 # Config keys that differ between conversions of the same weights.
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_model_name_or_path", "dtype", "torch_dtype", "quantization_config", "use_cache"}
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "_model_name_or_path",
+    "dtype",
+    "torch_dtype",
+    "quantization_config",
+    "use_cache",
+}
 # Gemma turn markers: generation stops at <end_of_turn> as well as <eos>.
 GEMMA_END_OF_TURN_ID = 106
 
@@ -140,9 +148,13 @@ def _download_hub_model(model_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        return Path(
+            snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+        )
     except Exception as exc:  # hub errors vary by version; report one line
-        raise NotFound(f"base model {model_id!r} is neither a local directory nor downloadable from the hub: {exc}") from exc
+        raise NotFound(
+            f"base model {model_id!r} is neither a local directory nor downloadable from the hub: {exc}"
+        ) from exc
 
 
 def _prepare_default_gemma(progress: bool) -> Path:

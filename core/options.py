@@ -105,7 +105,7 @@ def from_kwargs(cls: type[T], values: Mapping[str, Any], lower: Mapping[str, Any
     Validation errors from ``__post_init__`` propagate unchanged.
     """
     merged: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is a dataclass by contract
         sub = f.metadata.get("nested")
         if sub:
             if values.get(f.name) is not None:

@@ -1,6 +1,6 @@
 """Adapter registry: content-addressed blobs, versioned manifests, aliases; local and S3 backends.
 
-Public API (see INTERFACES.md and README_SECTION.md)::
+Public API (the README's "Registry" section documents the layout and guarantees)::
 
     from adapterctl.registry import open_registry
     reg = open_registry("s3://bucket/prefix")

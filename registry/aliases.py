@@ -48,11 +48,11 @@ class Aliases:
 
     def all(self, name: str) -> dict[str, int]:
         """``{alias: version}`` for every alias of ``name``."""
-        out = {}
+        out: dict[str, int] = {}
         for info in self.store.list(layout.aliases_prefix(name)):
             alias = layout.alias_of_key(info.key)
             state = self.read(name, alias) if alias else None
-            if state is not None:
+            if alias and state is not None:
                 out[alias] = state.version
         return out
 
@@ -91,7 +91,9 @@ class Aliases:
             return candidate
         raise FailedPrecondition(f"alias {name}:{alias} has no earlier target to roll back to")
 
-    def _write(self, name: str, alias: str, version: int, history: list[int], state: AliasState | None, by: str) -> None:
+    def _write(
+        self, name: str, alias: str, version: int, history: list[int], state: AliasState | None, by: str
+    ) -> None:
         doc = encode({
             "format": ALIAS_FORMAT, "name": name, "alias": alias, "version": version, "history": history,
             "updated": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "updated_by": by,

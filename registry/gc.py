@@ -53,7 +53,9 @@ def delete_version(versions: Versions, aliases: Aliases, name: str, version: int
     log.info("deleted %s (aliases left dangling: %s)", item.ref, pointing or "none")
 
 
-def collect_garbage(versions: Versions, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False) -> GcReport:
+def collect_garbage(
+    versions: Versions, grace_seconds: float = DEFAULT_GRACE_SECONDS, dry_run: bool = False
+) -> GcReport:
     """Delete blobs that no live manifest references and that are older than
     ``grace_seconds`` (by the store's modification time)."""
     store = versions.store

@@ -1,4 +1,4 @@
-"""Storage keys of the registry layout (documented in README_SECTION.md).
+"""Storage keys of the registry layout (documented in the README's "Storage layout").
 
     blobs/sha256/<hex>                           file content, stored once
     adapters/<name>/versions/<000000001>.json    manifest (or tombstone), create-only

@@ -19,7 +19,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from adapterctl.errors import AlreadyExists, Conflict, IntegrityError, NotFound, Unavailable
-from adapterctl.registry.store import CHUNK_SIZE, ObjectInfo, ObjectStore, ProgressCallback, check_key, fsync_dir, sha256_hex
+from adapterctl.registry.store import (
+    CHUNK_SIZE,
+    ObjectInfo,
+    ObjectStore,
+    ProgressCallback,
+    check_key,
+    fsync_dir,
+    sha256_hex,
+)
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """One immutable adapter version (see INTERFACES.md for the field contract)."""
+    """One immutable adapter version; JSON round-trip via :meth:`to_json` / :meth:`from_json`."""
 
     name: str
     version: int

@@ -122,6 +122,7 @@ class Registry:
             return self._versions.read(ref.name, ref.version)
         if ref.is_latest:
             return self._versions.latest(ref.name)
+        assert ref.alias is not None  # not a digest, a version or latest: an alias
         version = self._aliases.target(ref.name, ref.alias)
         try:
             return self._versions.read(ref.name, version)

@@ -65,7 +65,9 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self._prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         self.uri = f"s3://{bucket}/{self._prefix}"
-        self.endpoint_url = opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        self.endpoint_url = (
+            opts.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        )
         custom = bool(self.endpoint_url)
         path_style = custom if opts.path_style is None else opts.path_style
         when_required = custom if opts.checksums_when_required is None else opts.checksums_when_required
@@ -84,7 +86,9 @@ class S3Store(ObjectStore):
         )
         session = boto3.session.Session(region_name=opts.region)
         self._client = session.client("s3", endpoint_url=self.endpoint_url, config=config)
-        self._transfer = TransferConfig(multipart_threshold=opts.multipart_threshold, multipart_chunksize=opts.multipart_threshold)
+        self._transfer = TransferConfig(
+            multipart_threshold=opts.multipart_threshold, multipart_chunksize=opts.multipart_threshold
+        )
 
     # -- reads ---------------------------------------------------------------
     def get(self, key: str) -> tuple[bytes, str]:
@@ -143,7 +147,9 @@ class S3Store(ObjectStore):
     def touch(self, key: str) -> None:
         source = {"Bucket": self.bucket, "Key": self._key(key)}
         with self._errors(key):
-            self._client.copy_object(Bucket=self.bucket, Key=self._key(key), CopySource=source, MetadataDirective="REPLACE")
+            self._client.copy_object(
+                Bucket=self.bucket, Key=self._key(key), CopySource=source, MetadataDirective="REPLACE"
+            )
 
     def purge_incomplete(self, older_than: float) -> int:
         """Abort multipart uploads under the prefix started before ``older_than``."""
@@ -153,7 +159,9 @@ class S3Store(ObjectStore):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self._prefix):
                 for upload in page.get("Uploads", []):
                     if upload["Initiated"].timestamp() < older_than:
-                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                        self._client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
                         aborted += 1
         return aborted
 
@@ -198,4 +206,6 @@ class S3Store(ObjectStore):
             return Unauthenticated(f"S3 rejected the credentials for {self.uri}{where}: {code}")
         if status >= 500:
             return Unavailable(f"S3{where} failed on {key} after retries: {code or status}")
-        return AdapterctlError(f"S3 error on {self.uri}{key}: {code or status}: {error.get('Message', '')}".rstrip(": "))
+        return AdapterctlError(
+            f"S3 error on {self.uri}{key}: {code or status}: {error.get('Message', '')}".rstrip(": ")
+        )

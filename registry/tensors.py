@@ -135,7 +135,9 @@ def _module_of(name: str, peft_config: dict[str, Any], dims: ModelDims) -> tuple
         raise InvalidArgument(f"tensor {name!r} adapts {module!r}, which target_modules does not name")
     layer = _LAYER_RE.search(module)
     if layer and int(layer.group(1)) >= dims.layers:
-        raise InvalidArgument(f"tensor {name!r} is for layer {layer.group(1)} but the base model has {dims.layers} layers")
+        raise InvalidArgument(
+            f"tensor {name!r} is for layer {layer.group(1)} but the base model has {dims.layers} layers"
+        )
     return module, kind
 
 
@@ -170,6 +172,8 @@ def _check_bf16_finite(path: Path, names: list[str]) -> None:
         if info["dtype"] != "BF16":
             continue
         begin, end = info["data_offsets"]
-        words = np.memmap(path, dtype="<u2", mode="r", offset=8 + header_len + begin, shape=((end - begin) // 2,))
+        words: np.ndarray = np.memmap(
+            path, dtype="<u2", mode="r", offset=8 + header_len + begin, shape=((end - begin) // 2,)
+        )
         if ((words & 0x7F80) == 0x7F80).any():
             raise InvalidArgument(f"tensor {name!r} contains NaN or Inf values")

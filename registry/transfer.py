@@ -100,7 +100,9 @@ def _download(store: ObjectStore, manifest: Manifest, entry: FileEntry, target: 
             fh.flush()
             os.fsync(fh.fileno())
     except NotFound:
-        raise IntegrityError(f"{manifest.ref}: blob {entry.digest} of {entry.path} is missing from the registry") from None
+        raise IntegrityError(
+            f"{manifest.ref}: blob {entry.digest} of {entry.path} is missing from the registry"
+        ) from None
     actual = "sha256:" + digest.hexdigest()
     if size != entry.size or actual != entry.digest:
         raise IntegrityError(

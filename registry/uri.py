@@ -21,9 +21,15 @@ class RegistryConfig:
     """How to reach a registry. The fields (:func:`adapterctl.options.option`) are what
     the CLI turns into its common registry options."""
 
-    uri: str | None = option(None, "Registry URI: a path, file://PATH or s3://BUCKET/PREFIX "
-                             "[default: $ADAPTERCTL_HOME/registry].", cli_name="--registry", envvar="ADAPTERCTL_REGISTRY")
-    s3_endpoint_url: str | None = option(None, "S3-compatible endpoint (MinIO, Ceph, moto ...).", envvar="AWS_ENDPOINT_URL")
+    uri: str | None = option(
+        None,
+        "Registry URI: a path, file://PATH or s3://BUCKET/PREFIX [default: $ADAPTERCTL_HOME/registry].",
+        cli_name="--registry",
+        envvar="ADAPTERCTL_REGISTRY",
+    )
+    s3_endpoint_url: str | None = option(
+        None, "S3-compatible endpoint (MinIO, Ceph, moto ...).", envvar="AWS_ENDPOINT_URL"
+    )
     # None: path-style exactly when an endpoint URL is set (so the CLI gives --s3-path-style/--no-s3-path-style).
     s3_path_style: bool | None = option(None, "Path-style S3 addressing (the default when an endpoint URL is set).")
     s3_region: str | None = option(None, "S3 region [default: the standard AWS chain].")

@@ -92,12 +92,16 @@ def check_files(adapter_dir: Path) -> list[str]:
             )
     for name in REQUIRED_FILES:
         if name not in entries:
-            raise InvalidArgument(f"{adapter_dir} has no {name} (a PEFT LoRA adapter needs {' and '.join(REQUIRED_FILES)})")
+            raise InvalidArgument(
+                f"{adapter_dir} has no {name} (a PEFT LoRA adapter needs {' and '.join(REQUIRED_FILES)})"
+            )
     for name in entries:
         path = adapter_dir / name
         if name not in ALLOWED_FILES:
             kind = "directory" if path.is_dir() else "file"
-            raise InvalidArgument(f"unexpected {kind} {name!r} in {adapter_dir}: a version holds only {', '.join(ALLOWED_FILES)}")
+            raise InvalidArgument(
+                f"unexpected {kind} {name!r} in {adapter_dir}: a version holds only {', '.join(ALLOWED_FILES)}"
+            )
         if not path.is_file():
             raise InvalidArgument(f"{path} is not a regular file")
     return entries

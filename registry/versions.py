@@ -124,6 +124,8 @@ class Versions:
     def _index_digest(self, manifest: Manifest) -> None:
         """Best effort: the version is already published; by_digest falls back to a scan."""
         try:
-            self.store.put(layout.digest_key(manifest.name, manifest.digest), json.dumps({"version": manifest.version}).encode())
+            self.store.put(
+                layout.digest_key(manifest.name, manifest.digest), json.dumps({"version": manifest.version}).encode()
+            )
         except Exception as exc:  # noqa: BLE001 - never fail a publish that already happened
             log.warning("could not index digest of %s: %s", manifest.ref, exc)

@@ -22,11 +22,17 @@ from grpc_reflection.v1alpha import reflection
 from adapterctl.errors import Unavailable
 from adapterctl.server.build import build_engine
 from adapterctl.server.config import ServerConfig
-from adapterctl.server.types import Engine, EngineObserver
-from adapterctl.server.interceptors import (DRAINING, SERVING, AccessInterceptor, ErrorInterceptor, ServingState,
-                                            TokenTable)
+from adapterctl.server.interceptors import (
+    DRAINING,
+    SERVING,
+    AccessInterceptor,
+    ErrorInterceptor,
+    ServingState,
+    TokenTable,
+)
 from adapterctl.server.metrics import ServerMetrics
 from adapterctl.server.servicer import AdminServicer, InferenceServicer
+from adapterctl.server.types import Engine, EngineObserver
 from adapterctl.v1 import adapterctl_pb2 as pb
 from adapterctl.v1 import adapterctl_pb2_grpc as pb_grpc
 

@@ -34,7 +34,9 @@ def status_code(exc: BaseException, context: Any = None) -> grpc.StatusCode:
         return grpc.StatusCode[exc.status]
     if isinstance(exc, asyncio.CancelledError):
         remaining = context.time_remaining() if context is not None else None
-        return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+        )
     if isinstance(exc, grpc.aio.AbortError) and context is not None and context.code() is not None:
         return context.code()
     return grpc.StatusCode.INTERNAL

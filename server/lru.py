@@ -105,12 +105,6 @@ class LRUCache(Generic[K, V]):
         with self._lock:
             return self._nbytes
 
-    def sizeof_entry(self, key: K) -> int:
-        """The byte size recorded for ``key`` at ``put`` (0 when absent)."""
-        with self._lock:
-            entry = self._entries.get(key)
-            return 0 if entry is None else entry.nbytes
-
     def is_pinned(self, key: K) -> bool:
         with self._lock:
             entry = self._entries.get(key)

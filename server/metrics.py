@@ -10,8 +10,15 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics,
-                               start_http_server)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from adapterctl.server.types import EngineObserver
 
@@ -73,7 +80,9 @@ class ServerMetrics(EngineObserver):
         self.tpot = Histogram("adapterctl_time_per_output_token_seconds",
                               "Mean time per output token after the first, per request.", a,
                               buckets=TPOT_BUCKETS, registry=reg)
-        self.cache_hits = Counter("adapterctl_adapter_cache_hits", "Adapter cache hits by tier.", ["tier"], registry=reg)
+        self.cache_hits = Counter(
+            "adapterctl_adapter_cache_hits", "Adapter cache hits by tier.", ["tier"], registry=reg
+        )
         self.cache_misses = Counter("adapterctl_adapter_cache_misses", "Adapter cache misses by tier.", ["tier"],
                                     registry=reg)
         self.evictions = Counter("adapterctl_adapter_evictions", "Adapters evicted, by tier.", ["tier"], registry=reg)

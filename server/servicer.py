@@ -15,10 +15,20 @@ from typing import Any, AsyncIterator
 
 from adapterctl.errors import InvalidArgument
 from adapterctl.refs import parse_ref
-from adapterctl.server.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterStatus,
-                                          Engine, GenerationRequest, GenerationResult, SamplingParams, TokenEvent)
 from adapterctl.server.interceptors import ServingState, status_code
 from adapterctl.server.metrics import ServerMetrics
+from adapterctl.server.types import (
+    FINISH_CANCELLED,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    AdapterStatus,
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    TokenEvent,
+)
 from adapterctl.v1 import adapterctl_pb2 as pb
 from adapterctl.v1 import adapterctl_pb2_grpc as pb_grpc
 

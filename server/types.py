@@ -174,8 +174,10 @@ class Engine(Protocol):
 
 
 class EngineObserver:
-    """Hooks an engine calls so the server can export metrics without the engine
-    importing Prometheus. Every method is a no-op here; the metrics module overrides."""
+    """Hooks the engine and the adapter store call so the server can export metrics without
+    either importing Prometheus. Every method is a no-op here; ``metrics.ServerMetrics``
+    overrides them. Cache events: the store reports tiers host/disk/registry with the adapter
+    NAME, the device slots report tier device with ``NAME:VERSION``."""
 
     def on_step(self, batch_size: int, batch_tokens: int, running: int, waiting: int, kv_used: float) -> None: ...
 

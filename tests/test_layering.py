@@ -17,7 +17,16 @@ FOLDERS = {"core": "adapterctl", "registry": "adapterctl.registry", "trainer": "
            "server": "adapterctl.server", "client": "adapterctl.client"}
 FORBIDDEN = {
     "core": ("adapterctl.registry", "adapterctl.trainer", "adapterctl.server", "adapterctl.client", "grpc"),
-    "registry": ("adapterctl.trainer", "adapterctl.server", "adapterctl.client", "adapterctl.v1", "grpc", "torch", "transformers", "peft"),
+    "registry": (
+        "adapterctl.trainer",
+        "adapterctl.server",
+        "adapterctl.client",
+        "adapterctl.v1",
+        "grpc",
+        "torch",
+        "transformers",
+        "peft",
+    ),
     "trainer": ("adapterctl.server", "adapterctl.client", "adapterctl.v1", "grpc"),
     "server": ("adapterctl.trainer", "adapterctl.client", "adapterctl.registry.s3", "adapterctl.registry.local"),
     "client": (),

@@ -50,8 +50,27 @@ def test_defaults_and_types_round_trip(tmp_path):
     assert seen["config"] == Demo()
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text("")
-    result, seen = _run(["--name", "x", "--count", "7", "--ratio", "0.5", "--limit", "9", "--mode", "slow",
-                         "--tag-list", " q, v,,o ", "--verbose", "--no-color", "--path-style", "--config", str(cfg_file)])
+    result, seen = _run(
+        [
+            "--name",
+            "x",
+            "--count",
+            "7",
+            "--ratio",
+            "0.5",
+            "--limit",
+            "9",
+            "--mode",
+            "slow",
+            "--tag-list",
+            " q, v,,o ",
+            "--verbose",
+            "--no-color",
+            "--path-style",
+            "--config",
+            str(cfg_file),
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert seen["config"] == Demo("x", 7, 0.5, 9, "slow", ["q", "v", "o"], True, False, True, cfg_file)
 

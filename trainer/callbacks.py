@@ -35,8 +35,8 @@ class InterruptCallback(TrainerCallback):
         try:
             yield
         finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
+            for number, handler in self._previous.items():
+                signal.signal(number, handler)
             self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:

@@ -30,25 +30,58 @@ class TrainConfig:
     config serialises to JSON unchanged; ``__post_init__`` normalises and validates."""
 
     # --- data
-    data: str = option("", "Training data, JSONL: {text} | {prompt, completion} | {messages: [{role, content}]}.", group="data")
-    output: str = option("", "Output directory: a PEFT adapter (adapter_config.json, adapter_model.safetensors) + adapterctl.json.", group="data")
-    format: str = option("auto", "Data format; auto detects it per file from the keys of the records.", group="data", choices=FORMATS)
+    data: str = option(
+        "", "Training data, JSONL: {text} | {prompt, completion} | {messages: [{role, content}]}.", group="data"
+    )
+    output: str = option(
+        "",
+        "Output directory: a PEFT adapter (adapter_config.json, adapter_model.safetensors) + adapterctl.json.",
+        group="data",
+    )
+    format: str = option(
+        "auto", "Data format; auto detects it per file from the keys of the records.", group="data", choices=FORMATS
+    )
     eval_data: str | None = option(None, "Evaluation data (JSONL, same formats).", group="data")
-    eval_split: float = option(0.0, "Hold out this fraction (0-0.5) of the training records for evaluation.", group="data")
-    train_on_inputs: bool = option(False, "Also train on prompts / user turns (default: loss on completions / assistant turns only).", group="data")
-    max_seq_len: int = option(512, "Truncate tokenized records to this many tokens (the number truncated is reported).", group="data")
-    skip_bad_lines: bool = option(False, "Skip malformed JSONL lines (counted) instead of refusing to start.", group="data")
-    chat_template: str | None = option(None, "Jinja chat template file for {messages} data (default: the base model's).", group="data")
+    eval_split: float = option(
+        0.0, "Hold out this fraction (0-0.5) of the training records for evaluation.", group="data"
+    )
+    train_on_inputs: bool = option(
+        False, "Also train on prompts / user turns (default: loss on completions / assistant turns only).", group="data"
+    )
+    max_seq_len: int = option(
+        512, "Truncate tokenized records to this many tokens (the number truncated is reported).", group="data"
+    )
+    skip_bad_lines: bool = option(
+        False, "Skip malformed JSONL lines (counted) instead of refusing to start.", group="data"
+    )
+    chat_template: str | None = option(
+        None, "Jinja chat template file for {messages} data (default: the base model's).", group="data"
+    )
     # --- model and LoRA
-    base_model: str | None = option(None, "Base model: gemma-3-270m (default), a local directory or a Hugging Face id.", group="lora", envvar="ADAPTERCTL_BASE_MODEL")
+    base_model: str | None = option(
+        None,
+        "Base model: gemma-3-270m (default), a local directory or a Hugging Face id.",
+        group="lora",
+        envvar="ADAPTERCTL_BASE_MODEL",
+    )
     rank: int = option(16, "LoRA rank r.", group="lora")
-    alpha: float = option(32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).", group="lora")
+    alpha: float = option(
+        32.0, "LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).", group="lora"
+    )
     dropout: float = option(0.05, "LoRA dropout probability.", group="lora")
-    target_modules: list[str] = option(list(DEFAULT_TARGET_MODULES), "Comma-separated module names to adapt, or all-linear.", group="lora")
+    target_modules: list[str] = option(
+        list(DEFAULT_TARGET_MODULES), "Comma-separated module names to adapt, or all-linear.", group="lora"
+    )
     use_rslora: bool = option(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", group="lora")
-    use_dora: bool = option(False, "DoRA (weight-decomposed LoRA). Training only: the registry and server refuse DoRA adapters for now.", group="lora")
+    use_dora: bool = option(
+        False,
+        "DoRA (weight-decomposed LoRA). Training only: the registry and server refuse DoRA adapters for now.",
+        group="lora",
+    )
     # --- optimisation
-    epochs: float | None = option(None, f"Passes over the training data (default {DEFAULT_EPOCHS:g}); exclusive with --max-steps.", group="optim")
+    epochs: float | None = option(
+        None, f"Passes over the training data (default {DEFAULT_EPOCHS:g}); exclusive with --max-steps.", group="optim"
+    )
     max_steps: int | None = option(None, "Optimizer steps to run; exclusive with --epochs.", group="optim")
     batch_size: int = option(4, "Records per device per micro-batch.", group="optim")
     grad_accum: int = option(1, "Gradient accumulation: micro-batches per optimizer step.", group="optim")
@@ -59,20 +92,50 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay.", group="optim")
     max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0 disables).", group="optim")
     seed: int = option(42, "Seed for LoRA init, data order, dropout and the eval split.", group="optim")
-    precision: str = option("auto", "auto = bf16 autocast on GPUs that support it, else fp32 (CPU is always fp32).", group="optim", choices=PRECISIONS)
-    padding_free: bool = option(True, "Pack each batch's records into one row with per-record attention: no compute on padding, same loss.", group="optim")
-    group_by_length: bool = option(False, "Batch records of similar length together (less padding; changes the batch order).", group="optim")
+    precision: str = option(
+        "auto",
+        "auto = bf16 autocast on GPUs that support it, else fp32 (CPU is always fp32).",
+        group="optim",
+        choices=PRECISIONS,
+    )
+    padding_free: bool = option(
+        True,
+        "Pack each batch's records into one row with per-record attention: no compute on padding, same loss.",
+        group="optim",
+    )
+    group_by_length: bool = option(
+        False, "Batch records of similar length together (less padding; changes the batch order).", group="optim"
+    )
     # --- run control
-    eval_steps: int | None = option(None, "Evaluate every N steps (default: every epoch, and always at the end).", group="run")
-    save_steps: int | None = option(None, "Save a resumable checkpoint every N steps (Ctrl-C always saves one).", group="run")
-    checkpoint_dir: str | None = option(None, "Where checkpoints go (default: OUTPUT.checkpoints next to OUTPUT, which stays a plain PEFT dir).", group="run")
+    eval_steps: int | None = option(
+        None, "Evaluate every N steps (default: every epoch, and always at the end).", group="run"
+    )
+    save_steps: int | None = option(
+        None, "Save a resumable checkpoint every N steps (Ctrl-C always saves one).", group="run"
+    )
+    checkpoint_dir: str | None = option(
+        None,
+        "Where checkpoints go (default: OUTPUT.checkpoints next to OUTPUT, which stays a plain PEFT dir).",
+        group="run",
+    )
     resume: bool = option(False, "Resume from the last checkpoint in the checkpoint directory.", group="run")
-    keep_checkpoints: bool = option(False, "Keep the checkpoint directory after a successful run (default: remove it).", group="run")
-    num_processes: int = option(1, "Data-parallel processes (torch.distributed; gloo on CPU, nccl on GPUs).", group="run")
+    keep_checkpoints: bool = option(
+        False, "Keep the checkpoint directory after a successful run (default: remove it).", group="run"
+    )
+    num_processes: int = option(
+        1, "Data-parallel processes (torch.distributed; gloo on CPU, nccl on GPUs).", group="run"
+    )
     device: str = option("auto", "auto, cpu or cuda.", group="run", choices=("auto", "cpu", "cuda"))
     progress: bool = option(True, "Show a progress bar with loss and tokens/s.", group="run")
-    publish: str | None = option(None, "After training, publish the adapter to the registry under this name.", group="run")
-    registry: str | None = option(None, "Registry URI for --publish (default $ADAPTERCTL_REGISTRY or the local registry).", group="run", envvar="ADAPTERCTL_REGISTRY")
+    publish: str | None = option(
+        None, "After training, publish the adapter to the registry under this name.", group="run"
+    )
+    registry: str | None = option(
+        None,
+        "Registry URI for --publish (default $ADAPTERCTL_REGISTRY or the local registry).",
+        group="run",
+        envvar="ADAPTERCTL_REGISTRY",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -88,13 +151,19 @@ class TrainConfig:
         _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         _check(bool(self.target_modules), "target modules must not be empty")
-        _check("all-linear" not in self.target_modules or len(self.target_modules) == 1, "all-linear cannot be combined with module names")
+        _check(
+            "all-linear" not in self.target_modules or len(self.target_modules) == 1,
+            "all-linear cannot be combined with module names",
+        )
         _check(self.epochs is None or self.max_steps is None, "use either --epochs or --max-steps, not both")
         _check(self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         _check(self.max_steps is None or self.max_steps >= 1, f"max steps must be >= 1, got {self.max_steps}")
         _check(self.batch_size >= 1 and self.grad_accum >= 1, "batch size and grad accumulation must be >= 1")
         _check(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
-        _check(0.0 <= self.warmup_ratio < 1.0 and self.warmup_steps >= 0, "warmup ratio must be in [0, 1) and warmup steps >= 0")
+        _check(
+            0.0 <= self.warmup_ratio < 1.0 and self.warmup_steps >= 0,
+            "warmup ratio must be in [0, 1) and warmup steps >= 0",
+        )
         _check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight decay and max grad norm must be >= 0")
         _check(self.max_seq_len >= 2, f"max seq len must be >= 2, got {self.max_seq_len}")
         _check(0.0 <= self.eval_split <= 0.5, f"eval split must be in [0, 0.5], got {self.eval_split}")
@@ -106,7 +175,11 @@ class TrainConfig:
             from adapterctl.refs import validate_name
 
             validate_name(self.publish)
-            _check(not self.use_dora, "DoRA adapters cannot be published yet (the registry and server refuse them); drop --publish or --use-dora")
+            _check(
+                not self.use_dora,
+                "DoRA adapters cannot be published yet (the registry and server refuse them); "
+                "drop --publish or --use-dora",
+            )
 
     @property
     def resolved_epochs(self) -> float:
@@ -127,7 +200,9 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_sources(cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    def from_sources(
+        cls, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+    ) -> TrainConfig:
         """Merge defaults < ``config_file`` < ``overrides`` (None values in overrides are ignored)."""
         values: dict[str, Any] = load_config_file(config_file) if config_file else {}
         for key, value in (overrides or {}).items():

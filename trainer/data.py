@@ -182,7 +182,9 @@ def tokenize(data: DataFile, tokenizer: Any, *, max_seq_len: int, train_on_input
     return out
 
 
-def _encode(record: dict[str, Any], fmt: str, tok: Any, train_on_inputs: bool, where: str) -> tuple[list[int], list[int]]:
+def _encode(
+    record: dict[str, Any], fmt: str, tok: Any, train_on_inputs: bool, where: str
+) -> tuple[list[int], list[int]]:
     eos = tok.eos_token_id
     if fmt == "text":
         ids = tok(record["text"])["input_ids"] + [eos]
@@ -196,7 +198,9 @@ def _encode(record: dict[str, Any], fmt: str, tok: Any, train_on_inputs: bool, w
     return _encode_messages(record["messages"], tok, train_on_inputs, where)
 
 
-def _encode_messages(messages: list[dict[str, str]], tok: Any, train_on_inputs: bool, where: str) -> tuple[list[int], list[int]]:
+def _encode_messages(
+    messages: list[dict[str, str]], tok: Any, train_on_inputs: bool, where: str
+) -> tuple[list[int], list[int]]:
     if not tok.chat_template:
         raise InvalidArgument("the tokenizer has no chat template; pass --chat-template FILE for messages data")
     try:

@@ -35,10 +35,28 @@ def launch_distributed(config: TrainConfig) -> Any:
         config_path = Path(tmp) / "config.json"
         result_path = Path(tmp) / "result.json"
         config_path.write_text(json.dumps(config.replace(publish=None).to_dict()))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(config.num_processes),
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-               "-m", "adapterctl.trainer", "--config", str(config_path)]
-        env = {**os.environ, RESULT_ENV: str(result_path), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads(config)))}
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(config.num_processes),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{_free_port()}",
+            "-m",
+            "adapterctl.trainer",
+            "--config",
+            str(config_path),
+        ]
+        env = {
+            **os.environ,
+            RESULT_ENV: str(result_path),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads(config))),
+        }
         log.info("launching %d processes: %s", config.num_processes, " ".join(cmd))
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the workers handle Ctrl-C and checkpoint
         try:

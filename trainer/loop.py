@@ -28,7 +28,13 @@ from adapterctl.trainer.collate import ExampleDataset, PaddingFreeCollator, Righ
 from adapterctl.trainer.config import TrainConfig
 from adapterctl.trainer.data import PreparedData, prepare_data
 from adapterctl.trainer.launch import write_result
-from adapterctl.trainer.manifest import build_manifest, perplexity, resolved_target_modules, save_adapter, write_manifest
+from adapterctl.trainer.manifest import (
+    build_manifest,
+    perplexity,
+    resolved_target_modules,
+    save_adapter,
+    write_manifest,
+)
 from adapterctl.trainer.model import build_model
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,9 @@ class TrainingInterrupted(AdapterctlError):
     status = "CANCELLED"
 
     def __init__(self, step: int, checkpoint_dir: Path):
-        super().__init__(f"interrupted at step {step}; checkpoint saved in {checkpoint_dir}; rerun with --resume to continue")
+        super().__init__(
+            f"interrupted at step {step}; checkpoint saved in {checkpoint_dir}; rerun with --resume to continue"
+        )
         self.step = step
         self.checkpoint_dir = checkpoint_dir
 
@@ -78,7 +86,7 @@ class AdapterTrainer(Trainer):
             self.tokens_seen += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float | None]:
         """Mean cross-entropy over all eval label tokens. Every rank evaluates the whole
         (small) eval set unsharded, so all ranks agree without communication."""
         if self.eval_examples is None:
@@ -97,8 +105,11 @@ class AdapterTrainer(Trainer):
                 count += n
         model.train(was_training)
         loss = total / max(count, 1)
-        metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_perplexity": perplexity(loss),
-                   f"{metric_key_prefix}_tokens": count}
+        metrics: dict[str, float | None] = {
+            f"{metric_key_prefix}_loss": loss,
+            f"{metric_key_prefix}_perplexity": perplexity(loss),
+            f"{metric_key_prefix}_tokens": count,
+        }
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics=metrics)
         return metrics

@@ -1,4 +1,6 @@
-"""Export: the PEFT adapter files plus ``adapterctl.json`` (lineage), per notes/INTERFACES.md."""
+"""Export: the PEFT adapter files plus ``adapterctl.json``, the lineage record the registry
+reads (``base_model.fingerprint`` and ``config`` dims for its shape checks) and copies into
+the version manifest (``training``) on publish."""
 from __future__ import annotations
 
 import json
@@ -55,8 +57,10 @@ def library_versions() -> dict[str, str]:
 
 def build_manifest(config: TrainConfig, base: BaseModel, *, lora_targets: list[str], dataset: dict[str, Any],
                    metrics: dict[str, Any], wall_time_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``adapterctl.json`` document (see INTERFACES.md "Trainer output"); ``lora_targets``
-    are the module names actually adapted (``all-linear`` expanded)."""
+    """The ``adapterctl.json`` document: ``format``, ``base_model`` {id, fingerprint, config},
+    ``lora`` {rank, alpha, dropout, target_modules, use_rslora, use_dora} and ``training``
+    {dataset digests and counts, metrics, resolved config, library versions, wall time}.
+    ``lora_targets`` are the module names actually adapted (``all-linear`` expanded)."""
     base_config = base.config()
     return {
         "format": MANIFEST_FORMAT,

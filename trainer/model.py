@@ -37,7 +37,9 @@ class SelectedTokenLoss:
         kwargs.pop("use_cache", None)
         kwargs.pop("logits_to_keep", None)
         decoder = getattr(self, self.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs
+        ).last_hidden_state
         target = labels[:, 1:]                      # [B, T-1]: token t+1 is predicted at position t
         keep = target != IGNORE_INDEX               # [B, T-1]
         selected = hidden[:, :-1][keep]             # [N, H]

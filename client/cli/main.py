@@ -35,14 +35,10 @@ def cli(verbose: int) -> None:
 
 
 def _register() -> None:
+    """Add every noun module's commands. A module that fails to import stops the CLI with
+    its error: a missing command would otherwise hide a packaging mistake."""
     for module_name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:  # a noun not built yet
-                continue
-            raise
-        for command in getattr(module, "COMMANDS", []):
+        for command in importlib.import_module(module_name).COMMANDS:
             cli.add_command(command)
 
 

@@ -46,7 +46,9 @@ def _labels(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.command()
 @click.argument("adapter_dir", type=click.Path(path_type=Path))
 @click.option("--name", required=True, help="Adapter name; the version is the next integer.")
-@click.option("--label", "labels", multiple=True, callback=_labels, metavar="KEY=VALUE", help="Free-form label (repeatable).")
+@click.option(
+    "--label", "labels", multiple=True, callback=_labels, metavar="KEY=VALUE", help="Free-form label (repeatable)."
+)
 @click.option("--base-model", default=None, help="Base model id or directory, when adapterctl.json does not name one.")
 @registry_options
 def publish(adapter_dir: Path, name: str, labels: dict[str, str], base_model: str | None, registry: Registry) -> None:
@@ -92,12 +94,20 @@ def show(ref: str, as_json: bool, registry: Registry) -> None:
         return
     lora, base = manifest.lora, manifest.base_model
     lines = [
-        ("ref", manifest.ref), ("digest", manifest.digest), ("aliases", ", ".join(aliases) or "-"),
-        ("created", f"{manifest.created} by {manifest.publisher.get('user')}@{manifest.publisher.get('host')} "
-                    f"({manifest.publisher.get('tool')})"),
+        ("ref", manifest.ref),
+        ("digest", manifest.digest),
+        ("aliases", ", ".join(aliases) or "-"),
+        (
+            "created",
+            f"{manifest.created} by {manifest.publisher.get('user')}@{manifest.publisher.get('host')} "
+            f"({manifest.publisher.get('tool')})",
+        ),
         ("base model", f"{base.get('id')} ({base.get('fingerprint')})"),
-        ("lora", f"rank {lora.get('rank')}, alpha {lora.get('alpha')}, rsLoRA {'yes' if lora.get('use_rslora') else 'no'}, "
-                 f"targets {','.join(lora.get('target_modules', []))}, {lora.get('dtype')}"),
+        (
+            "lora",
+            f"rank {lora.get('rank')}, alpha {lora.get('alpha')}, rsLoRA {'yes' if lora.get('use_rslora') else 'no'}, "
+            f"targets {','.join(lora.get('target_modules', []))}, {lora.get('dtype')}",
+        ),
         ("size", f"{_size(manifest.total_bytes)} in {len(manifest.files)} files"),
         ("labels", ", ".join(f"{k}={v}" for k, v in sorted(manifest.labels.items())) or "-"),
     ]

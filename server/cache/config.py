@@ -17,9 +17,9 @@ class AdapterStoreConfig:
 
     cache_dir: Path | None = option(None, "Disk tier for pulled adapters (default $ADAPTERCTL_HOME/adapters).",
                                     path="dir")
-    disk_max_bytes: int | None = option(20 << 30, "Disk-tier budget in bytes (unset: unbounded).")
+    disk_max_bytes: int | None = option(20 << 30, "Disk-tier budget in bytes.")
     verify_disk: bool = option(True, "Re-check the sha256 of disk-tier files before loading them.")
-    host_max_bytes: int | None = option(2 << 30, "Host-RAM budget for adapter weights in bytes (unset: unbounded).")
+    host_max_bytes: int | None = option(2 << 30, "Host-RAM budget for adapter weights in bytes.")
     host_max_items: int | None = option(None, "Most adapter versions kept in host RAM (unset: no count limit).")
     alias_refresh: float = option(30.0, "Hot reload: seconds a resolved NAME / NAME:ALIAS is trusted before it is "
                                   "re-resolved, and the period of the background refresh (0 = re-resolve on every "

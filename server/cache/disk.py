@@ -57,7 +57,9 @@ class DiskTier:
         self.root.mkdir(parents=True, exist_ok=True)
         self._observer = observer
         self._verify = verify
-        self.lru: LRUCache[str, DiskEntry] = LRUCache(None, max_bytes, sizeof=lambda e: e.nbytes, on_evict=self._evicted)
+        self.lru: LRUCache[str, DiskEntry] = LRUCache(
+            None, max_bytes, sizeof=lambda e: e.nbytes, on_evict=self._evicted
+        )
         self._scan()
 
     @contextlib.contextmanager
@@ -128,7 +130,9 @@ class DiskTier:
         try:
             self.lru.put(key, entry, acquire=True)
         except ResourceExhausted as exc:
-            log.warning("disk tier cannot hold %s:%d (%s); loading without caching", manifest.name, manifest.version, exc)
+            log.warning(
+                "disk tier cannot hold %s:%d (%s); loading without caching", manifest.name, manifest.version, exc
+            )
             return None
         shutil.rmtree(entry.path, ignore_errors=True)  # a leftover not in the index
         os.replace(pulled, entry.path)
@@ -169,7 +173,9 @@ class DiskTier:
             try:
                 meta = json.loads((child / MARKER).read_text())
                 nbytes = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
-                entry = DiskEntry(child, meta["name"], int(meta["version"]), meta["digest"], int(meta.get("rank", 0)), nbytes)
+                entry = DiskEntry(
+                    child, meta["name"], int(meta["version"]), meta["digest"], int(meta.get("rank", 0)), nbytes
+                )
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("ignoring unreadable disk cache entry %s: %s", child, exc)
                 continue

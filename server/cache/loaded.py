@@ -187,7 +187,10 @@ def build_loaded(
         match = _PEFT_KEY.match(key)
         if match is None:
             feature = next((f for hint, f in _KEY_HINTS.items() if hint in key), None)
-            raise FailedPrecondition(f"{where}: " + (f"{feature} is not supported by this server" if feature else f"unexpected tensor {key!r}"))
+            raise FailedPrecondition(
+                f"{where}: "
+                + (f"{feature} is not supported by this server" if feature else f"unexpected tensor {key!r}")
+            )
         pairs.setdefault(match["module"], {})[match["ab"]] = tensor
     if not pairs:
         raise FailedPrecondition(f"{where}: {WEIGHTS_FILE} holds no LoRA weights")
@@ -245,7 +248,9 @@ def _check_targets_exist(targets: Any, shapes: Mapping[str, tuple[int, int]], wh
     if not isinstance(targets, (list, tuple)):
         return  # a regex string or None: the per-tensor module check covers it
     names = {m.rsplit(".", 1)[-1] for m in shapes} | set(shapes)
-    missing = [t for t in targets if t != "all-linear" and t not in names and not any(m.endswith("." + t) for m in shapes)]
+    missing = [
+        t for t in targets if t != "all-linear" and t not in names and not any(m.endswith("." + t) for m in shapes)
+    ]
     if missing:
         raise FailedPrecondition(f"{where}: target modules {missing} do not exist in the base model")
 

@@ -85,7 +85,9 @@ class RefResolver:
         except Unavailable as exc:
             if entry is None:
                 raise
-            log.warning("registry unreachable; serving %s:%s as version %d (stale): %s", *key, entry.manifest.version, exc)
+            log.warning(
+                "registry unreachable; serving %s:%s as version %d (stale): %s", *key, entry.manifest.version, exc
+            )
             return entry.manifest
         except NotFound:
             self._aliases.pop(key)
@@ -109,7 +111,13 @@ class RefResolver:
                 try:
                     manifest = self._fetch(ref)
                 except Unavailable as exc:
-                    log.warning("alias refresh of %s:%s failed, keeping version %d: %s", name, alias, entry.manifest.version, exc)
+                    log.warning(
+                        "alias refresh of %s:%s failed, keeping version %d: %s",
+                        name,
+                        alias,
+                        entry.manifest.version,
+                        exc,
+                    )
                     continue
                 except NotFound:
                     log.info("alias %s:%s no longer exists; forgetting it", name, alias)
@@ -117,7 +125,9 @@ class RefResolver:
                     continue
                 if manifest.digest != entry.manifest.digest:
                     changes.append((name, alias, entry.manifest.version, manifest.version))
-                    log.info("alias %s:%s moved from version %d to %d", name, alias, entry.manifest.version, manifest.version)
+                    log.info(
+                        "alias %s:%s moved from version %d to %d", name, alias, entry.manifest.version, manifest.version
+                    )
                 self._aliases.put((name, alias), _AliasEntry(manifest, self._clock()))
         return changes
 

@@ -15,8 +15,8 @@ from adapterctl.refs import validate_name
 from adapterctl.server.cache.config import AdapterStoreConfig
 from adapterctl.server.cache.disk import DiskTier
 from adapterctl.server.cache.loaded import LoadedAdapter, check_base_fingerprint, check_lora_config, load_peft_dir
-from adapterctl.server.lru import LRUCache
 from adapterctl.server.cache.resolver import RefResolver, served_of
+from adapterctl.server.lru import LRUCache
 from adapterctl.server.types import AdapterStatus, EngineObserver, ServedAdapter
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class AdapterStore:
         self._host: LRUCache[str, LoadedAdapter] = LRUCache(
             config.host_max_items, config.host_max_bytes, sizeof=lambda a: a.nbytes, on_evict=self._host_evicted
         )
+        assert config.cache_dir is not None  # AdapterStoreConfig defaults it
         self._disk = DiskTier(config.cache_dir, config.disk_max_bytes, self._observer, verify=config.verify_disk)
         self._executor = concurrent.futures.ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-load")
         self._inflight: dict[str, concurrent.futures.Future[LoadedAdapter]] = {}
@@ -65,7 +66,9 @@ class AdapterStore:
     async def resolve(self, ref: str) -> ServedAdapter:
         """The exact version ``ref`` names (aliases cached ``alias_refresh_seconds``).
         NotFound, InvalidArgument, Unavailable (registry unreachable, nothing cached)."""
-        manifest = self._resolver.cached(ref) or await asyncio.to_thread(self._resolver.resolve, ref)
+        manifest = self._resolver.cached(ref)
+        if manifest is None:
+            manifest = await asyncio.to_thread(self._resolver.resolve, ref)
         return served_of(manifest)
 
     async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
@@ -129,7 +132,15 @@ class AdapterStore:
         for entry in self._disk.entries():
             if entry.digest not in rows and name in (None, entry.name):
                 aliases = self._resolver.aliases_of(entry.name, entry.version)
-                rows[entry.digest] = AdapterStatus(entry.name, entry.version, entry.digest, "disk", bytes=entry.nbytes, rank=entry.rank, aliases=aliases)
+                rows[entry.digest] = AdapterStatus(
+                    entry.name,
+                    entry.version,
+                    entry.digest,
+                    "disk",
+                    bytes=entry.nbytes,
+                    rank=entry.rank,
+                    aliases=aliases,
+                )
         if include_registry:
             for row in await asyncio.to_thread(self._registry_rows, name):
                 if row.digest in rows:  # resident: the registry knows all its aliases
@@ -169,12 +180,21 @@ class AdapterStore:
         check_lora_config(manifest.lora or {}, self.max_lora_rank, where)
         check_base_fingerprint(fingerprint, self._base, where)
         with self._disk.checkout(manifest, self._reader) as (path, source):
-            loaded = load_peft_dir(path, self._base, self.max_lora_rank, served=served, expected_fingerprint=fingerprint)
+            loaded = load_peft_dir(
+                path, self._base, self.max_lora_rank, served=served, expected_fingerprint=fingerprint
+            )
         self._host.put(served.digest, loaded)
         seconds = time.perf_counter() - started
         self._observer.on_load(source, seconds, served.name)
         self._report_host()
-        log.info("loaded adapter %s:%d from %s in %.1f ms (%d bytes)", served.name, served.version, source, seconds * 1e3, loaded.nbytes)
+        log.info(
+            "loaded adapter %s:%d from %s in %.1f ms (%d bytes)",
+            served.name,
+            served.version,
+            source,
+            seconds * 1e3,
+            loaded.nbytes,
+        )
         return loaded
 
     def _host_evicted(self, digest: str, loaded: LoadedAdapter) -> None:
@@ -196,5 +216,9 @@ class AdapterStore:
             for m in versions:
                 rank = int((m.lora or {}).get("rank") or 0)
                 aliases = tuple(sorted(set(by_version.get(m.version, ()))))
-                rows.append(AdapterStatus(m.name, m.version, m.digest, "registry", bytes=m.total_bytes, rank=rank, aliases=aliases))
+                rows.append(
+                    AdapterStatus(
+                        m.name, m.version, m.digest, "registry", bytes=m.total_bytes, rank=rank, aliases=aliases
+                    )
+                )
         return rows

@@ -67,7 +67,9 @@ class AdapterAdmin:
         def load() -> AdapterStatus:
             if self.slots.ensure(adapter) is None:
                 raise ResourceExhausted("every device slot is pinned or in use; retry when requests finish")
-            return self._device_status(served)
+            status = self._device_status(served)
+            assert status is not None  # just ensured, on the decode thread
+            return status
 
         return await self.host.on_decode_thread(load)
 
@@ -75,7 +77,7 @@ class AdapterAdmin:
         """Drop from the device and host tiers; FailedPrecondition while pinned or in use."""
         served = await self._resolve(ref)
 
-        def unload() -> AdapterStatus:
+        def unload() -> AdapterStatus | None:
             status = self._device_status(served)
             if status is not None:
                 if status.active_requests:

@@ -58,11 +58,15 @@ class EngineConfig:
                                   f"max_running_requests ({self.max_running_requests}): every running row decodes "
                                   "one token per step")
         if self.prefill_mode not in PREFILL_MODES:
-            raise InvalidArgument(f"EngineConfig.prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}")
+            raise InvalidArgument(
+                f"EngineConfig.prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}"
+            )
         from adapterctl.server.engine.lora import BACKENDS
 
         if self.lora_backend not in BACKENDS:
-            raise InvalidArgument(f"EngineConfig.lora_backend must be one of {tuple(BACKENDS)}, got {self.lora_backend!r}")
+            raise InvalidArgument(
+                f"EngineConfig.lora_backend must be one of {tuple(BACKENDS)}, got {self.lora_backend!r}"
+            )
         from adapterctl.server.engine.kernels import GEMMS
 
         if self.cpu_gemm not in GEMMS:

@@ -28,9 +28,20 @@ from adapterctl.server.engine.sampling import make_generator, sample
 from adapterctl.server.engine.scheduler import Scheduler, Sequence
 from adapterctl.server.engine.slots import DeviceSlots
 from adapterctl.server.textstream import StopTextStream
-from adapterctl.server.types import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterSource,
-                                     AdapterStatus, EngineObserver, GenerationRequest, GenerationResult, HostAdapter,
-                                     ServedAdapter, TokenEvent)
+from adapterctl.server.types import (
+    FINISH_CANCELLED,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    AdapterSource,
+    AdapterStatus,
+    EngineObserver,
+    GenerationRequest,
+    GenerationResult,
+    HostAdapter,
+    ServedAdapter,
+    TokenEvent,
+)
 
 log = logging.getLogger(__name__)
 

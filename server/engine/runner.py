@@ -19,9 +19,9 @@ from torch import nn
 
 from adapterctl.errors import FailedPrecondition
 from adapterctl.server.engine.batch import LoraBatch, use_batch
+from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.kernels import pick_gemm
 from adapterctl.server.engine.kv import KVCache
-from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.lora import LoraLinear, make_backend
 from adapterctl.server.engine.slots import SlotBank
 
@@ -161,7 +161,10 @@ class Forward:
     def __init__(self, runner: ModelRunner, chunks: list[Chunk]) -> None:
         self.r, self.chunks = runner, chunks
         dev = runner.device
-        ids, positions, rows, slots = [], [], [], []
+        ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        slots: list[int] = []
         for c in chunks:
             n = len(c.tokens)
             ids += c.tokens

@@ -29,7 +29,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     if greedy:
         idx = torch.tensor(greedy, device=logits.device)
-        picks = logits.index_select(0, idx).argmax(-1).tolist() if len(greedy) < len(params) else logits.argmax(-1).tolist()
+        picks = (
+            logits.index_select(0, idx).argmax(-1).tolist() if len(greedy) < len(params) else logits.argmax(-1).tolist()
+        )
         for i, t in zip(greedy, picks):
             out[i] = int(t)
     for i, p in enumerate(params):

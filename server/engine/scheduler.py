@@ -22,13 +22,13 @@ from typing import Callable
 import torch
 
 from adapterctl.errors import ResourceExhausted
-from adapterctl.server.types import GenerationRequest, HostAdapter, SamplingParams, ServedAdapter
 from adapterctl.server.engine.config import EngineConfig
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.prefill import PrefillPolicy
 from adapterctl.server.engine.runner import Chunk
 from adapterctl.server.engine.slots import DeviceSlots
 from adapterctl.server.textstream import StopTextStream
+from adapterctl.server.types import GenerationRequest, HostAdapter, SamplingParams, ServedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ class Scheduler:
                 admitted.append(seq)
                 for b, _ in blocked:
                     b.bypassed += 1
-            elif reason == "slot" and self._all_slots_pinned(seq.served):
+            elif reason == "slot" and seq.served is not None and self._all_slots_pinned(seq.served):
                 self._rejected.append((seq, ResourceExhausted(
                     f"every device slot is pinned; adapter {seq.served.name}:{seq.served.version} cannot be loaded")))
             else:
@@ -191,6 +191,7 @@ class Scheduler:
         if seq.served is not None:
             resident = self.slots.lookup(seq.served)
             if resident is None:
+                assert seq.adapter is not None  # host weights travel with a sequence until it has a slot
                 resident = self.slots.ensure(seq.adapter) if self.slots.can_load() else None
                 if resident is None:
                     return "slot"

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from adapterctl.errors import FailedPrecondition, NotFound, ResourceExhausted
+from adapterctl.server.engine.lora import LoraLinear, LoraWeights
 from adapterctl.server.lru import LRUCache
 from adapterctl.server.types import EngineObserver, HostAdapter, ServedAdapter
-from adapterctl.server.engine.lora import LoraLinear, LoraWeights
 
 log = logging.getLogger(__name__)
 

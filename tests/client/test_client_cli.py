@@ -52,7 +52,12 @@ def test_cli_prints_one_line_and_exits_1(address):
 
 def test_adapters_commands(address):
     listing = _run("adapters", "ls", "--server", address)
-    assert listing.exit_code == 0 and listing.output.splitlines()[0].split()[:4] == ["NAME", "VERSION", "ALIASES", "TIER"]
+    assert listing.exit_code == 0 and listing.output.splitlines()[0].split()[:4] == [
+        "NAME",
+        "VERSION",
+        "ALIASES",
+        "TIER",
+    ]
     assert "echo" in listing.output.splitlines()[1]
     rows = [json.loads(line) for line in _run("adapters", "ls", "--server", address, "--json").output.splitlines()]
     assert rows[0]["name"] == "echo" and rows[0]["tier"] == "device"

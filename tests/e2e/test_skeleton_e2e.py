@@ -73,7 +73,9 @@ def test_train_publish_serve_generate(gemma_base, s3_registry_uri, moto_server, 
             with pytest.raises(NotFound):
                 client.generate(PROMPT, adapter="no-such-adapter", max_new_tokens=4)
             again = client.generate(PROMPT, adapter="reviews:1", max_new_tokens=NEW_TOKENS)
-        metrics = urllib.request.urlopen(f"http://{info['host']}:{info['metrics_port']}/metrics", timeout=10).read().decode()
+        metrics = (
+            urllib.request.urlopen(f"http://{info['host']}:{info['metrics_port']}/metrics", timeout=10).read().decode()
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
@@ -84,5 +86,8 @@ def test_train_publish_serve_generate(gemma_base, s3_registry_uri, moto_server, 
     assert list(tuned.token_ids) == _reference_greedy(gemma_base.path, adapter_dir)
     assert list(base.token_ids) == _reference_greedy(gemma_base.path, None)
     assert tuned.token_ids != base.token_ids, "the trained adapter should change the greedy output"
-    ok_lines = [l for l in metrics.splitlines() if l.startswith("adapterctl_requests_total") and 'adapter="reviews"' in l]
-    assert any('code="OK"' in l and float(l.rsplit(" ", 1)[1]) >= 2 for l in ok_lines), ok_lines
+    ok_lines = [
+        line for line in metrics.splitlines()
+        if line.startswith("adapterctl_requests_total") and 'adapter="reviews"' in line
+    ]
+    assert any('code="OK"' in line and float(line.rsplit(" ", 1)[1]) >= 2 for line in ok_lines), ok_lines

@@ -83,7 +83,9 @@ def test_unknown_version_and_alias_of_a_known_name(registry, adapter_dir):
 def test_same_content_twice_shares_blobs_without_second_upload(registry, adapter_dir, monkeypatch):
     uploads: list[str] = []
     real_put_file = registry.store.put_file
-    monkeypatch.setattr(registry.store, "put_file", lambda key, *a, **kw: (uploads.append(key), real_put_file(key, *a, **kw))[1])
+    monkeypatch.setattr(
+        registry.store, "put_file", lambda key, *a, **kw: (uploads.append(key), real_put_file(key, *a, **kw))[1]
+    )
     first = registry.publish(adapter_dir, "reviews")
     assert len(uploads) == 3
     second = registry.publish(adapter_dir, "reviews")

@@ -13,8 +13,12 @@ PUBLISHERS = 8
 def test_concurrent_publishers_get_versions_1_to_8_exactly_once(registry, registry_uri, adapter_dir):
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(PUBLISHERS), ctx.Queue()
-    procs = [ctx.Process(target=registry_testkit.publish_worker, args=(registry_uri, str(adapter_dir), "race", barrier, results))
-             for _ in range(PUBLISHERS)]
+    procs = [
+        ctx.Process(
+            target=registry_testkit.publish_worker, args=(registry_uri, str(adapter_dir), "race", barrier, results)
+        )
+        for _ in range(PUBLISHERS)
+    ]
     for p in procs:
         p.start()
     try:
@@ -31,5 +35,7 @@ def test_concurrent_publishers_get_versions_1_to_8_exactly_once(registry, regist
     assert [m.version for m in manifests] == list(range(1, PUBLISHERS + 1))
     first = manifests[0]
     for m in manifests:
-        assert m.name == "race" and m.files == first.files and m.lora == first.lora and m.total_bytes == first.total_bytes
+        assert (
+            m.name == "race" and m.files == first.files and m.lora == first.lora and m.total_bytes == first.total_bytes
+        )
         assert registry.resolve(f"race@{m.digest}") == m

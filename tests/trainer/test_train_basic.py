@@ -17,12 +17,16 @@ def test_train_writes_loadable_adapter_that_lowers_loss(tiny_config, tiny_base):
 
     from adapterctl.basemodel import load_model, load_tokenizer
     from adapterctl.trainer import train
-    from adapterctl.trainer.data import load_jsonl, tokenize
     from adapterctl.trainer.collate import RightPadCollator
+    from adapterctl.trainer.data import load_jsonl, tokenize
 
     result = train(tiny_config(max_steps=8))
     out = result.output_dir
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "adapterctl.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapterctl.json",
+    ]
     assert len(result.losses) == 8 and result.steps == 8
 
     weights = load_file(out / "adapter_model.safetensors")

@@ -29,9 +29,14 @@ def test_validation_messages():
 def test_config_file_then_flags_override(tmp_path, suffix):
     path = tmp_path / f"train{suffix}"
     if suffix == ".yaml":
-        path.write_text("data: a.jsonl\noutput: out\nrank: 8\nlr: 0.001\nmax-steps: 5\ntarget_modules: [q_proj, o_proj]\n")
+        path.write_text(
+            "data: a.jsonl\noutput: out\nrank: 8\nlr: 0.001\nmax-steps: 5\ntarget_modules: [q_proj, o_proj]\n"
+        )
     else:
-        path.write_text('data = "a.jsonl"\noutput = "out"\nrank = 8\nlr = 0.001\nmax_steps = 5\ntarget_modules = ["q_proj", "o_proj"]\n')
+        path.write_text(
+            'data = "a.jsonl"\noutput = "out"\nrank = 8\nlr = 0.001\nmax_steps = 5\n'
+            'target_modules = ["q_proj", "o_proj"]\n'
+        )
     cfg = TrainConfig.from_sources(path, {"rank": 4, "alpha": None, "epochs": 2.0})
     assert (cfg.rank, cfg.lr, cfg.alpha, cfg.target_modules) == (4, 0.001, 32.0, ["q_proj", "o_proj"])
     assert cfg.epochs == 2.0 and cfg.max_steps is None  # a flag for one of a pair clears the file's other one

@@ -77,14 +77,18 @@ def test_messages_need_generation_marks_for_masking(tmp_path, tiny_base):
 
     plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     tok = load_tokenizer(tiny_base, chat_template=plain)
-    data = load_jsonl(_write(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}]))
+    data = load_jsonl(
+        _write(tmp_path, [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    )
     with pytest.raises(InvalidArgument, match="generation"):
         tokenize(data, tok, max_seq_len=64, train_on_inputs=False)
     assert tokenize(data, tok, max_seq_len=64, train_on_inputs=True).examples
 
 
 def test_malformed_lines_name_file_and_line(tmp_path):
-    path = _write(tmp_path, [{"text": "ok"}, "", "{not json", {"prompt": "p", "completion": "c"}, [1, 2], {"text": "fine"}])
+    path = _write(
+        tmp_path, [{"text": "ok"}, "", "{not json", {"prompt": "p", "completion": "c"}, [1, 2], {"text": "fine"}]
+    )
     with pytest.raises(InvalidArgument) as info:
         load_jsonl(path)
     message = str(info.value)
@@ -113,7 +117,9 @@ def test_truncation_and_dropped_counts(tmp_path, tok):
     text_data = load_jsonl(path, skip_bad_lines=True)  # the prompt/completion line does not match "text"
     out = tokenize(text_data, tok, max_seq_len=16, train_on_inputs=False)
     assert out.truncated == 1 and len(out.examples[0].input_ids) == 16
-    pc = load_jsonl(_write(tmp_path, [{"prompt": long_text, "completion": "lost"}, {"prompt": "p", "completion": "kept"}]))
+    pc = load_jsonl(
+        _write(tmp_path, [{"prompt": long_text, "completion": "lost"}, {"prompt": "p", "completion": "kept"}])
+    )
     out = tokenize(pc, tok, max_seq_len=16, train_on_inputs=False)
     assert out.truncated == 1 and out.dropped == 1 and len(out.examples) == 1
 

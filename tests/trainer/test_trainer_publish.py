@@ -23,4 +23,8 @@ def test_publish_lands_a_version_with_lineage(tiny_config, tiny_base, s3_registr
     assert training["metrics"]["eval_perplexity"] > 1
     assert training["config"]["publish"] == "reviews" and training["wall_time_s"] > 0
     assert {"torch", "transformers", "peft"} <= set(training["versions"])
-    assert sorted(f.path for f in manifest.files) == ["adapter_config.json", "adapter_model.safetensors", "adapterctl.json"]
+    assert sorted(f.path for f in manifest.files) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "adapterctl.json",
+    ]

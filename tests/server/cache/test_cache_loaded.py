@@ -138,20 +138,37 @@ def test_refuses_targets_missing_from_base(make_adapter, tiny_base, tmp_path):
     bad_cfg = _rewrite(src, tmp_path / "cfg", config={"target_modules": ["q_proj", "c_attn"]})
     with pytest.raises(FailedPrecondition, match=r"target modules \['c_attn'\] do not exist"):
         load_peft_dir(bad_cfg, tiny_base, 64)
-    renamed = _rewrite(src, tmp_path / "keys", tensors=lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()})
+    renamed = _rewrite(
+        src, tmp_path / "keys", tensors=lambda t: {k.replace("layers.1.", "layers.7."): v for k, v in t.items()}
+    )
     with pytest.raises(FailedPrecondition, match="model.layers.7.self_attn.q_proj does not exist"):
         load_peft_dir(renamed, tiny_base, 64)
 
 
 def test_refuses_shape_mismatch_and_stray_tensors(make_adapter, tiny_base, tmp_path):
     src = make_adapter("plain", r=4, lora_alpha=8)
-    wide = _rewrite(src, tmp_path / "wide", tensors=lambda t: {k: torch.zeros(4, 128) if k.endswith("q_proj.lora_A.weight") else v for k, v in t.items()})
+    wide = _rewrite(
+        src,
+        tmp_path / "wide",
+        tensors=lambda t: {k: torch.zeros(4, 128) if k.endswith("q_proj.lora_A.weight") else v for k, v in t.items()},
+    )
     with pytest.raises(FailedPrecondition, match=r"base .* needs A \(4, 64\)"):
         load_peft_dir(wide, tiny_base, 64)
-    dora = _rewrite(src, tmp_path / "stray", tensors=lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)})
+    dora = _rewrite(
+        src,
+        tmp_path / "stray",
+        tensors=lambda t: {
+            **t,
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64),
+        },
+    )
     with pytest.raises(FailedPrecondition, match="DoRA"):
         load_peft_dir(dora, tiny_base, 64)
-    half = _rewrite(src, tmp_path / "half", tensors=lambda t: {k: v for k, v in t.items() if "layers.0.self_attn.q_proj.lora_B" not in k})
+    half = _rewrite(
+        src,
+        tmp_path / "half",
+        tensors=lambda t: {k: v for k, v in t.items() if "layers.0.self_attn.q_proj.lora_B" not in k},
+    )
     with pytest.raises(FailedPrecondition, match="not both A and B"):
         load_peft_dir(half, tiny_base, 64)
 

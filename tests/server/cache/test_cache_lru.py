@@ -11,7 +11,9 @@ from adapterctl.server.lru import LRUCache
 
 def _sized(max_items=None, max_bytes=None):
     evicted: list[tuple[str, int]] = []
-    cache: LRUCache[str, int] = LRUCache(max_items, max_bytes, sizeof=lambda v: v, on_evict=lambda k, v: evicted.append((k, v)))
+    cache: LRUCache[str, int] = LRUCache(
+        max_items, max_bytes, sizeof=lambda v: v, on_evict=lambda k, v: evicted.append((k, v))
+    )
     return cache, evicted
 
 

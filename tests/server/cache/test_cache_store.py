@@ -69,7 +69,12 @@ def test_cold_get_pulls_then_hits_host(new_store, published, fake_registry, obse
     served, first, second = asyncio.run(go())
     assert served == _served(published["a"]) and first is second and first.served == served
     assert fake_registry.pulls[served.digest] == 1
-    assert observer.cache == [("host", "miss", "a"), ("disk", "miss", "a"), ("registry", "hit", "a"), ("host", "hit", "a")]
+    assert observer.cache == [
+        ("host", "miss", "a"),
+        ("disk", "miss", "a"),
+        ("registry", "hit", "a"),
+        ("host", "hit", "a"),
+    ]
     assert [(s, n) for s, _, n in observer.loads] == [("registry", "a")] and observer.loads[0][1] > 0
     assert observer.residency["host"] == (1, first.nbytes, 0) and observer.residency["disk"][0] == 1
     assert _disk_dirs(store) == [served.digest.split(":")[1]]
@@ -128,7 +133,9 @@ def test_cancelled_waiter_does_not_cancel_the_shared_load(new_store, published, 
     assert asyncio.run(go()).served == served and fake_registry.pulls[served.digest] == 1
 
 
-def test_host_eviction_falls_back_to_disk_then_disk_eviction_removes_dirs(new_store, published, fake_registry, observer):
+def test_host_eviction_falls_back_to_disk_then_disk_eviction_removes_dirs(
+    new_store, published, fake_registry, observer
+):
     a, b, c = (_served(published[n]) for n in "abc")
     size = published["a"].total_bytes
     store = new_store(host_max_items=1, disk_max_bytes=2 * size + 4096)
@@ -141,7 +148,12 @@ def test_host_eviction_falls_back_to_disk_then_disk_eviction_removes_dirs(new_st
         return again
 
     asyncio.run(go())
-    assert fake_registry.pulls[a.digest] == 1 and [s for s, _, _ in observer.loads] == ["registry", "registry", "disk", "registry"]
+    assert fake_registry.pulls[a.digest] == 1 and [s for s, _, _ in observer.loads] == [
+        "registry",
+        "registry",
+        "disk",
+        "registry",
+    ]
     assert ("host", "evict", "a") in observer.cache and ("disk", "evict", "b") in observer.cache
     assert _disk_dirs(store) == sorted(d.digest.split(":")[1] for d in (a, c))
 
@@ -211,7 +223,9 @@ def _raise_not_found(manifest, dest, **_):
         (None, {"rank": 128}, "rank 128 exceeds"),
     ],
 )
-def test_incompatible_manifests_are_refused_before_pulling(new_store, make_adapter, fake_registry, tiny_base, fingerprint, lora, message):
+def test_incompatible_manifests_are_refused_before_pulling(
+    new_store, make_adapter, fake_registry, tiny_base, fingerprint, lora, message
+):
     store = new_store()
     manifest = fake_registry.publish("x", make_adapter("a", seed=0), fingerprint or tiny_base.fingerprint, **lora)
     with pytest.raises(FailedPrecondition, match=message):
@@ -267,7 +281,11 @@ def test_status_rows(new_store, published, fake_registry):
         await store.pin(a)
         store.unpin(a)
         await store.get(b)  # a -> disk only
-        return await store.status(), await store.status("a", include_registry=True), await store.status(include_registry=True)
+        return (
+            await store.status(),
+            await store.status("a", include_registry=True),
+            await store.status(include_registry=True),
+        )
 
     resident, only_a, everything = asyncio.run(go())
     assert [(r.name, r.version, r.tier) for r in resident] == [("a", 1, "disk"), ("b", 1, "host")]

@@ -5,6 +5,7 @@ skipping (vLLM-style) lets the whole flood overtake it."""
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 
 PROMPT = [2, 651, 7344, 691, 1590]
@@ -13,7 +14,9 @@ ROWS = 6  # max_running_requests: the most rows that can be admitted while a slo
 
 def _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass: int) -> int:
     """How many requests queued after the cold one got their first token before it."""
-    engine = make_engine(dict_store, max_adapters=2, max_running_requests=ROWS, max_batch_tokens=32, max_bypass=max_bypass)
+    engine = make_engine(
+        dict_store, max_adapters=2, max_running_requests=ROWS, max_batch_tokens=32, max_bypass=max_bypass
+    )
     hot = ["r4-qv", "r8-qkvo"]
     first_step: dict[str, int] = {}  # request id -> index of the step that sampled its first token
     steps = iter(range(10**9))

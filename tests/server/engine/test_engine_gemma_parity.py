@@ -18,7 +18,9 @@ def _train_two_steps(model, tokenizer, out):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        copy.deepcopy(model), LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"])
+    )
     batch = tokenizer(["The movie was wonderful, a joy from start to end.",
                        "A dull, lifeless film that I would not recommend."], return_tensors="pt", padding=True)
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=5e-3)
@@ -52,13 +54,16 @@ def test_real_gemma_mixed_batch_matches_peft(gemma_base, tmp_path, request_for):
     from adapterctl.basemodel import load_model, load_tokenizer
     from adapterctl.server.cache.loaded import load_peft_dir
     from adapterctl.server.cache.memory import MemoryStore
-    from adapterctl.server.types import ServedAdapter
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
+    from adapterctl.server.types import ServedAdapter
 
     model = load_model(gemma_base, device="cpu")
     tok = load_tokenizer(gemma_base)
-    dirs = {"trained": _train_two_steps(model, tok, tmp_path / "trained"), "rslora": _random_rslora(model, tmp_path / "rs")}
+    dirs = {
+        "trained": _train_two_steps(model, tok, tmp_path / "trained"),
+        "rslora": _random_rslora(model, tmp_path / "rs"),
+    }
     loaded = {n: load_peft_dir(d, gemma_base, 64, served=ServedAdapter(n, 1, "sha256:" + str(i) * 64))
               for i, (n, d) in enumerate(dirs.items())}
     long_prompt = tok("word " * 600).input_ids[:560]

@@ -43,9 +43,9 @@ def test_family_matches_hf_and_peft(kind, tmp_path, tiny_tokenizer, save_adapter
     from adapterctl.basemodel import resolve_base_model
     from adapterctl.server.cache.loaded import load_peft_dir
     from adapterctl.server.cache.memory import MemoryStore
-    from adapterctl.server.types import ServedAdapter
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
+    from adapterctl.server.types import ServedAdapter
 
     model = _tiny(kind)
     model.save_pretrained(str(tmp_path / "base"))

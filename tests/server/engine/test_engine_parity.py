@@ -41,7 +41,9 @@ def peft_reference(tiny_model, peft_dirs):
 
 
 @pytest.mark.parametrize("backend,prefill_mode", [("auto", "interleave"), ("gather", "mixed"), ("segment", "separate")])
-def test_mixed_batch_matches_peft(backend, prefill_mode, run, make_engine, dict_store, collect, request_for, peft_reference):
+def test_mixed_batch_matches_peft(
+    backend, prefill_mode, run, make_engine, dict_store, collect, request_for, peft_reference
+):
     engine = make_engine(dict_store, lora_backend=backend, prefill_mode=prefill_mode, max_adapters=4,
                          max_running_requests=16, max_batch_tokens=48)
     logits: dict[str, list[torch.Tensor]] = {}

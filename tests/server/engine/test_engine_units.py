@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterctl.server.types import SamplingParams
 from adapterctl.server.engine.batch import LoraBatch
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.lora import BACKENDS, LoraWeights, make_backend
 from adapterctl.server.engine.sampling import make_generator, sample
+from adapterctl.server.types import SamplingParams
 
 
 def _bank(num_slots=4, max_rank=16, d_in=24, d_out=40, ranks=(0, 4, 16, 0, 8)) -> LoraWeights:

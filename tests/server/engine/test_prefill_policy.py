@@ -43,7 +43,9 @@ def test_between_pieces_in_interleave_mode(piece, action):
 @pytest.mark.parametrize("mode", ["separate", "mixed"])
 def test_other_modes_never_act_inside_a_forward(mode):
     policy = PrefillPolicy(mode)
-    assert {policy.between_pieces(_piece(**kw)) for kw in ({}, {"decoding": False}, {"top": False})} == {Action.CONTINUE}
+    assert {policy.between_pieces(_piece(**kw)) for kw in ({}, {"decoding": False}, {"top": False})} == {
+        Action.CONTINUE
+    }
 
 
 def test_unknown_mode_is_refused():

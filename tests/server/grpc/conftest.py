@@ -14,8 +14,14 @@ from typing import Any, Callable
 import pytest
 
 from adapterctl.errors import NotFound
-from adapterctl.server.types import (FINISH_LENGTH, AdapterStatus, GenerationRequest, GenerationResult,
-                                          ServedAdapter, TokenEvent)
+from adapterctl.server.types import (
+    FINISH_LENGTH,
+    AdapterStatus,
+    GenerationRequest,
+    GenerationResult,
+    ServedAdapter,
+    TokenEvent,
+)
 
 WRONG_FINGERPRINT = "sha256:" + "0" * 64
 

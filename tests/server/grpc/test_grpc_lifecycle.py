@@ -73,7 +73,9 @@ def test_sigterm_drains_then_exits_zero(served_process):
     with grpc.insecure_channel(address) as channel, Client(address, timeout=120) as client:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == SERVING
-        stream = client.generate_stream("Once upon a time", adapter="alpha", max_new_tokens=120, request_id="inflight-1")
+        stream = client.generate_stream(
+            "Once upon a time", adapter="alpha", max_new_tokens=120, request_id="inflight-1"
+        )
         chunks = iter(stream)
         next(chunks)  # in flight now
         proc.send_signal(signal.SIGTERM)
