@@ -53,6 +53,17 @@ def requests_by_adapter(port: int, code: str = "OK") -> dict[str, float]:
 
 
 @pytest.fixture(scope="session")
+def grpc_fixtures():
+    """tests/server/grpc/conftest.py as a module (start_server, EchoEngine, ...)."""
+    return GRPC_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def samples_of() -> Callable[[int], list[Any]]:
+    return metric_samples
+
+
+@pytest.fixture(scope="session")
 def serve_settings() -> Callable[[list[str], dict[str, str]], Any]:
     """``check(argv, env) -> ServerConfig``: ``argv`` (the words after ``adapterctl serve``)
     parsed by the real click command (an unknown flag raises NoSuchOption), each value and
