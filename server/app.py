@@ -162,6 +162,7 @@ class AdapterctlServer:
         # Stop accepting at once: grpc closes the listener and sends GOAWAY on open connections,
         # so a proxy (deploy/nginx) reconnects to another replica instead of passing on UNAVAILABLE.
         closing = asyncio.ensure_future(self._server.stop(grace)) if self._server is not None else None
+        await asyncio.sleep(0)  # let it start (listener closed) before health says NOT_SERVING
         await self._health.enter_graceful_shutdown()
         log.info("draining: in-flight requests have %.1fs", grace)
         for task in self._tasks:

@@ -17,7 +17,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx not installed (make sysdeps: Debian nginx-light)")
 
 
 def _grpc_fixtures():
@@ -123,8 +122,20 @@ class Nginx:
         return err
 
 
+@pytest.fixture(scope="session")
+def nginx_installed() -> None:
+    if NGINX is None:
+        pytest.skip("nginx not installed (make sysdeps: Debian nginx-light)")
+
+
+@pytest.fixture(scope="session")
+def ok_requests() -> Callable[[int], dict[str, float]]:
+    """``ok_requests(metrics_port) -> {adapter label: OK requests}``."""
+    return requests_by_adapter
+
+
 @pytest.fixture
-def run_nginx(tmp_path) -> Iterator[Callable[[list[str]], Nginx]]:
+def run_nginx(tmp_path, nginx_installed) -> Iterator[Callable[[list[str]], Nginx]]:
     """``run_nginx([replica address, ...]) -> Nginx`` (stopped after the test)."""
     started: list[Nginx] = []
 
