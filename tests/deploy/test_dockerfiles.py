@@ -49,7 +49,7 @@ def test_parses_and_copies_only_existing_paths(path):
 def test_entrypoint_is_serve_with_real_flags(path, serve_settings):
     parsed = instructions(path)
     entry = [i for i in parsed if i.cmd == "ENTRYPOINT"]
-    assert len(entry) == 1 and list(entry[0].value) == ENTRYPOINT  # tests/deploy/test_k8s.py relies on it
+    assert len(entry) == 1 and list(entry[0].value) == ENTRYPOINT
     config = serve_settings(ENTRYPOINT[2:], {})
     assert config.host == "0.0.0.0" and config.log_json
     user = [i.value[0] for i in parsed if i.cmd == "USER"]

@@ -16,8 +16,17 @@ KUBECTL = shutil.which("kubectl")
 KUBERNETES_VERSION = "1.30"  # oldest release the manifests target (native gRPC probes are GA since 1.27)
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with kustomize v5) not installed: "
                                                         "the manifests cannot be rendered here")
-# The image's ENTRYPOINT words after `adapterctl serve` (test_dockerfiles checks the Dockerfiles say this).
-ENTRYPOINT_ARGS = ["--host", "0.0.0.0", "--metrics-host", "0.0.0.0", "--log-json"]
+IMAGES = {"cpu": "deploy/Dockerfile", "gpu": "deploy/Dockerfile.gpu"}  # the image each overlay runs
+
+
+def entrypoint_args(overlay_name: str) -> list[str]:
+    """The words after ``adapterctl serve`` in the ENTRYPOINT of the overlay's Dockerfile."""
+    import dockerfile
+
+    parsed = dockerfile.parse_file(str(DEPLOY.parent / IMAGES[overlay_name]))
+    words = list(next(i for i in parsed if i.cmd == "ENTRYPOINT").value)
+    assert words[:2] == ["adapterctl", "serve"], words
+    return words[2:]
 
 
 def render(path: Path) -> list[dict]:
@@ -68,7 +77,7 @@ def test_server_flags_and_settings_are_real_serve_options(overlay, serve_setting
     container = server_container(docs)
     config_map = one(docs, "ConfigMap", "adapterctl-config")
     assert [e["configMapRef"]["name"] for e in container["envFrom"]] == [config_map["metadata"]["name"]]
-    config = serve_settings(ENTRYPOINT_ARGS + container["args"], config_map["data"])
+    config = serve_settings(entrypoint_args(name) + container["args"], config_map["data"])
     assert (config.port, config.metrics_port, config.host) == (50051, 9400, "0.0.0.0")
     assert config.registry.startswith("s3://")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
