@@ -1,13 +1,15 @@
 """deploy/grafana/adapterctl.json cannot drift from the server: every metric a panel or
 template variable queries is in the /metrics exposition of a live server (tiny model,
 batching engine, after real requests), with the labels the queries filter and group by;
-every query is valid PromQL (promtool); compose provisions the dashboard."""
+every query is valid PromQL (promtool) and returns series from a real Prometheus scraping
+that server; compose provisions the dashboard."""
 from __future__ import annotations
 
 import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ import yaml
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = json.loads((DEPLOY / "grafana/adapterctl.json").read_text())
 PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+VARIABLES = {"$replica": ".+", "$adapter": ".+", "$__rate_interval": "1m"}  # what Grafana substitutes
 METRIC = re.compile(r"\b(adapterctl_[a-z0-9_]+)\b")
 SELECTOR = re.compile(r"\b(adapterctl_[a-z0-9_]+)\{([^}]*)\}")
 GROUPING = re.compile(r"\bby \(([\w, ]+)\) \((?:rate\()?(adapterctl_[a-z0-9_]+)")
@@ -30,6 +34,12 @@ def panels(dashboard: dict) -> list[dict]:
     return [p for p in out if p["type"] != "row"]
 
 
+def substitute(expr: str) -> str:
+    for var, value in VARIABLES.items():
+        expr = expr.replace(var, value)
+    return expr
+
+
 def queries() -> list[str]:
     """Every PromQL string in the dashboard: panel targets and template-variable queries."""
     exprs = [t["expr"] for p in panels(DASHBOARD) for t in p["targets"]]
@@ -38,9 +48,9 @@ def queries() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def exposition(tmp_path_factory, make_adapter, tiny_base, grpc_fixtures, samples_of) -> dict[str, set[str]]:
-    """Sample name -> label names, from a live server after an adapter, a base-model, a
-    streamed and a failing request (so per-request series exist)."""
+def live_server(tmp_path_factory, make_adapter, tiny_base, grpc_fixtures):
+    """A server (tiny model, batching engine) after an adapter, a base-model, a streamed and
+    a failing request, so per-request series exist."""
     from adapterctl.client import Client
     from adapterctl.errors import NotFound
     from adapterctl.registry import open_registry
@@ -57,13 +67,62 @@ def exposition(tmp_path_factory, make_adapter, tiny_base, grpc_fixtures, samples
             list(client.generate_stream("Hello", adapter="reviews", max_new_tokens=4))
             with pytest.raises(NotFound):
                 client.generate("x", adapter="nosuch", max_new_tokens=2)
-        samples = samples_of(server.server.metrics_port)
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def exposition(live_server, samples_of) -> dict[str, set[str]]:
+    """Sample name -> label names in the live server's /metrics."""
     names: dict[str, set[str]] = {}
-    for sample in samples:
+    for sample in samples_of(live_server.server.metrics_port):
         names.setdefault(sample.name, set()).update(sample.labels)
     return names
+
+
+@pytest.fixture(scope="module")
+def prometheus(live_server, tmp_path_factory):
+    """A real Prometheus scraping the live server every second; yields query(path, **params)."""
+    if PROMETHEUS is None:
+        pytest.skip("prometheus not installed (Debian package 'prometheus')")
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("prometheus")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "adapterctl", "static_configs": [
+            {"targets": [f"127.0.0.1:{live_server.server.metrics_port}"]}]}]}))
+    proc = subprocess.Popen([PROMETHEUS, f"--config.file={root / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=(root / "log").open("w"))
+
+    def query(path: str, **params: str) -> list:
+        url = f"http://127.0.0.1:{port}/api/v1/{path}?" + urllib.parse.urlencode(params)
+        body = json.loads(urllib.request.urlopen(url, timeout=10).read())
+        assert body["status"] == "success", body
+        return body["data"]["result"] if isinstance(body["data"], dict) else body["data"]
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # rate() needs two scrapes of every series in its window
+            assert proc.poll() is None, (root / "log").read_text()[-2000:]
+            try:
+                if query("query", query='count_over_time(up{job="adapterctl"}[1m]) >= 3'):
+                    break
+            except OSError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, "Prometheus did not scrape the server 3 times in 120 s"
+            time.sleep(0.5)
+        yield query
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 def test_dashboard_shape():
@@ -106,13 +165,6 @@ def test_check_catches_a_metric_the_server_lacks(exposition):
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package 'prometheus')")
 def test_every_query_is_valid_promql(tmp_path):
-    concrete = {"$replica": ".+", "$adapter": ".+", "$__rate_interval": "1m"}
-
-    def substitute(expr: str) -> str:
-        for var, value in concrete.items():
-            expr = expr.replace(var, value)
-        return expr
-
     rules = [{"record": f"dashboard:query{i}", "expr": substitute(q)} for i, q in enumerate(queries())
              if not q.startswith("label_values(")]
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -120,6 +172,21 @@ def test_every_query_is_valid_promql(tmp_path):
                           timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{len(rules)} rules found" in proc.stdout
+
+
+def test_every_panel_query_returns_series_from_a_real_prometheus(prometheus):
+    empty = []
+    for panel in panels(DASHBOARD):
+        for target in panel["targets"]:
+            if not prometheus("query", query=substitute(target["expr"])):
+                empty.append(f"{panel['title']}: {target['expr']}")
+    assert not empty, "panels with no data from a live server:\n" + "\n".join(empty)
+    for variable in (v for v in DASHBOARD["templating"]["list"] if v["type"] == "query"):
+        selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["definition"]).groups()
+        values = prometheus(f"label/{label}/values", **{"match[]": substitute(selector)})
+        assert values, variable["name"]
+        if variable["name"] == "adapter":
+            assert {"reviews", "__base__"} <= set(values)
 
 
 def test_compose_provisions_grafana_with_the_dashboard():
