@@ -1,5 +1,6 @@
 """Server process lifecycle: bind (health NOT_SERVING) -> load the model -> SERVING ->
-on SIGTERM drain (NOT_SERVING, new RPCs UNAVAILABLE, in-flight get --shutdown-grace) -> exit 0.
+on SIGTERM drain (NOT_SERVING, listener closed + GOAWAY, new RPCs UNAVAILABLE, in-flight get
+--shutdown-grace) -> exit 0.
 
 :class:`AdapterctlServer` runs on the caller's event loop; :func:`run` is the CLI
 entry point; :class:`BackgroundServer` runs one on a thread (tests, notebooks).
@@ -147,17 +148,22 @@ class AdapterctlServer:
         """Drain: NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds, stop the engine."""
         grace = self.config.shutdown_grace if grace is None else grace
         self.state.phase = DRAINING
+        # Stop accepting at once: grpc closes the listener and sends GOAWAY on open connections,
+        # so a proxy (deploy/nginx) reconnects to another replica instead of passing on UNAVAILABLE.
+        closing = asyncio.ensure_future(self._server.stop(grace)) if self._server is not None else None
+        await asyncio.sleep(0)  # let it start (listener closed) before health says NOT_SERVING
         await self._health.enter_graceful_shutdown()
         log.info("draining: in-flight requests have %.1fs", grace)
         for task in self._tasks:
             task.cancel()
-        if self._server is not None:
+        if closing is not None:
             try:  # generations get the grace period; then anything left (e.g. health watches) is cancelled
                 if self.state.inflight:
                     await asyncio.wait_for(self.state.wait_idle(), grace)
             except asyncio.TimeoutError:
                 log.warning("grace period over with %d request(s) in flight; cancelling them", self.state.inflight)
             await self._server.stop(0)
+            await closing
         if self.engine is not None:
             await self.engine.stop()
         self.metrics.stop_http()

@@ -25,6 +25,7 @@ from adapterctl.server.types import EngineObserver
 BASE_LABEL = "__base__"
 OTHER_LABEL = "__other__"
 TIERS = ("device", "host", "disk", "registry")
+AUTH_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")  # the codes AccessInterceptor refuses with
 
 # Buckets for LLM serving: a request takes 50 ms .. minutes, the first token 10 ms
 # .. tens of seconds (queueing + prefill), one output token 5 ms .. 1 s.
@@ -109,6 +110,8 @@ class ServerMetrics(EngineObserver):
         for tier in TIERS:  # export zeros so dashboards and rules see every tier from the start
             for family in (self.cache_hits, self.cache_misses, self.evictions):
                 family.labels(tier=tier)
+        for code in AUTH_CODES:  # likewise: refused RPCs read 0, not "no data", until the first one
+            self.auth_failures.labels(code=code)
         self._http: Any = None
 
     # ---- requests (servicer) ----------------------------------------------------------
