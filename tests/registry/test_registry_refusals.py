@@ -69,7 +69,7 @@ CASES = {
     "dora-magnitude": (
         {f"{Q0}__lora_magnitude_vector": np.ones((64,), np.float32)}, FailedPrecondition, "DoRA magnitude vector"),
     "int-dtype": ({f"{Q0}__lora_A__weight": np.ones((4, 64), np.int32)}, InvalidArgument, "has dtype I32"),
-    "no-fingerprint": (lambda d: (d / "adapterctl.json").unlink(), FailedPrecondition, "no base model fingerprint"),
+    "no-fingerprint": (lambda d: (d / "adapterctl.json").unlink(), FailedPrecondition, "names base model 'fake-base', which does not resolve on this machine"),
     "bad-fingerprint": (lambda d: _edit_json(d / "adapterctl.json", base_model={"id": "x", "fingerprint": "md5:1"}),
                         InvalidArgument, "is not sha256:<64 hex>"),
     "no-base-config": (lambda d: _edit_json(d / "adapterctl.json", base_model={"id": "x", "fingerprint": FINGERPRINT}),
