@@ -53,12 +53,18 @@ class SamplingParams:
 class GenerationRequest:
     """``prompt_ids`` are already tokenised (chat templates applied by the caller);
     ``adapter`` is a reference string (``name``, ``name:3``, ``name:prod``,
-    ``name@sha256:…``) or None for the base model."""
+    ``name@sha256:…``) or None for the base model. ``routing_key`` picks the
+    version of a weighted alias (sticky per key; "" = random). ``served`` is set
+    by the engine when it resolves ``adapter`` at admission (once: the request
+    runs on that version to the end, whatever the alias does meanwhile)."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
+    routing_key: str = ""
+    served: "ServedAdapter | None" = None
+    route: str = ""  # "primary" / "canary" when ``adapter`` is an alias, set with ``served``
 
 
 @dataclass(frozen=True)

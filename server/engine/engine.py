@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class AdapterSource(Protocol):
     """What the engine needs from the adapter store (``adapterctl.server.cache.AdapterStore``)."""
 
-    async def resolve(self, ref: str) -> ServedAdapter: ...
+    async def resolve(self, ref: str, routing_key: str = "") -> ServedAdapter: ...
 
     async def get(self, served: ServedAdapter) -> HostAdapter: ...
 
@@ -128,7 +128,7 @@ class BatchingEngine(AdapterAdmin):
         self._check_prompt(request.prompt_ids, params.max_new_tokens)
         served, adapter = None, None
         if request.adapter:
-            served, adapter = await self._fetch(request.adapter)
+            served, adapter = await self._fetch(request.adapter, request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -172,11 +172,17 @@ class BatchingEngine(AdapterAdmin):
             raise InvalidArgument(f"prompt + max_new_tokens ({len(ids) + max_new}) exceeds the KV budget "
                                   f"({self.config.max_kv_tokens} tokens)")
 
-    async def _fetch(self, ref: str) -> tuple[ServedAdapter, HostAdapter]:
+    async def _fetch(self, ref: str, request: GenerationRequest | None = None) -> tuple[ServedAdapter, HostAdapter]:
         if self.store is None:
             raise NotFound(f"adapter {ref!r}: this engine serves the base model only (no adapter store)")
         started = time.perf_counter()
-        served = await self.store.resolve(ref)
+        key = request.routing_key if request is not None else ""
+        # Stores (and test doubles) without weighted aliases take the reference alone.
+        served = await (self.store.resolve(ref, key) if key else self.store.resolve(ref))
+        if request is not None:  # the version this request runs on, for its metrics and log
+            request.served = served
+            route_role = getattr(self.store, "route_role", None)
+            request.route = route_role(ref, served) if route_role else ""
         adapter = await self.store.get(served)
         self.runner.bank.check(adapter)
         log.debug("adapter %s:%d ready on host in %.1f ms", served.name, served.version,
