@@ -27,18 +27,8 @@ def canary_registry(tmp_path_factory, make_adapter):
 
 
 @pytest.fixture(scope="module")
-def canary_server(tmp_path_factory, canary_registry, tiny_base):
-    from adapterctl.server.app import BackgroundServer, build_engine
-    from adapterctl.server.config import ServerConfig
-
-    config = ServerConfig(port=0, metrics_port=0, engine="batched", registry=canary_registry.uri,
-                          alias_refresh=3600,  # weights move only through RefreshAliases here
-                          base_model=str(tiny_base.path), max_lora_rank=8, max_running_requests=WORKERS,
-                          max_waiting=64, max_new_tokens_limit=2000, max_prompt_tokens=40, shutdown_grace=2,
-                          cache_dir=tmp_path_factory.mktemp("canary-cache"))
-    bg = BackgroundServer(config, build_engine).start()
-    yield bg
-    bg.stop()
+def canary_server(canary_registry, start_batched):
+    return start_batched(canary_registry.uri, max_running_requests=WORKERS)
 
 
 @pytest.fixture
