@@ -191,9 +191,14 @@ class Registry:
         state = self._aliases.state(ref.name, ref.alias)
         try:
             primary = self._versions.read(ref.name, state.version)
-            canary = self._versions.read(ref.name, state.canary.version) if state.canary else None
         except NotFound as exc:  # forced delete of an aliased version
             raise NotFound(f"{ref} -> {exc}") from None
+        canary = None
+        if state.canary is not None:
+            try:
+                canary = self._versions.read(ref.name, state.canary.version)
+            except NotFound as exc:  # canary deleted with --force: the primary keeps all traffic
+                log.warning("%s: canary %s; routing everything to %s", ref, exc, primary.ref)
         return Route(primary, canary, state.canary.weight if canary else 0.0)
 
     def labels(self, ref: str | AdapterRef) -> dict[str, str]:

@@ -184,7 +184,7 @@ class RefResolver:
         """Primary and canary of an alias from one registry read; readers without
         ``resolve_route`` (no weighted aliases) give the primary only."""
         route = getattr(self._reader, "resolve_route", None)
-        if ref.alias is None or route is None:
+        if ref.is_latest or route is None:
             return _AliasEntry(self._fetch(ref), self._clock())
         found = route(ref)
         canary = self._remember(ref, found.canary) if found.canary is not None else None

@@ -76,6 +76,9 @@ def test_canary_refusals(four_versions):
     reg.promote("reviews", 4, "prod", canary=10)
     with pytest.raises(FailedPrecondition, match="target of alias prod"):
         reg.delete("reviews", 4)  # the canary is a target too
+    reg.delete("reviews", 4, force=True)  # then the primary keeps all traffic
+    route = reg.resolve_route("reviews:prod")
+    assert (route.primary.version, route.canary, route.weight) == (3, None, 0.0)
 
 
 def test_an_old_reader_reads_the_primary_of_a_weighted_alias(four_versions):
