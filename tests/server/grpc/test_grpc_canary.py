@@ -106,6 +106,10 @@ def test_ninety_ten_split_is_sticky_and_follows_the_registry(canary_client, cana
     assert per_version[("2", "canary")] >= sum(v == 2 for v in first.values())
     assert per_version[("1", "primary")] >= sum(v == 1 for v in first.values())
     assert per_version[("3", "canary")] >= 1
+    for (name, labels), value in sorted(samples.items()):
+        if name.startswith(("adapterctl_alias_request_duration_seconds_", "adapterctl_alias_time_to_first_token")) \
+                and name.endswith(("_sum", "_count")) and dict(labels)["alias"] == "prod":
+            print(f"{name}{{{','.join(f'{k}={v!r}' for k, v in labels)}}} {value:g}")
     counts = {dict(labels)["version"]: value for (name, labels), value in samples.items()
               if name == "adapterctl_alias_time_to_first_token_seconds_count" and dict(labels)["alias"] == "prod"}
     assert counts["1"] > 0 and counts["2"] > 0
