@@ -5,10 +5,12 @@
         for chunk in (stream := c.generate_stream("Hello")):
             print(chunk.text, end="")
         print(stream.result.finish_reason)
+        for r in c.compare("Hello", adapters=["reviews:3", "reviews:4", ""]):  # "" = base model
+            print(r.adapter, r.text)
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,7 +27,7 @@ from adapterctl.client.types import (
     info_from_proto,
     result_from_proto,
 )
-from adapterctl.errors import AdapterctlError
+from adapterctl.errors import AdapterctlError, InvalidArgument
 from adapterctl.v1 import adapterctl_pb2 as pb
 from adapterctl.v1 import adapterctl_pb2_grpc as pb_grpc
 
@@ -91,6 +93,26 @@ class Client:
         """Generate a completion for ``prompt`` or ``messages=[...]``; see ``build_request`` for params."""
         request = build_request(prompt, **params)
         return result_from_proto(self._call(self._inference.Generate, request, request.adapter, timeout))
+
+    def compare(self, prompt: str | None = None, *, adapters: Sequence[str], timeout: float | None = None,
+                **params: Any) -> list[GenerateResult]:
+        """The same request once per reference in ``adapters`` ("" = the base model), sent
+        concurrently (the server batches them); results in the order of ``adapters``.
+        Raises the first failure (in that order) after every call has finished."""
+        if not adapters:
+            raise InvalidArgument("compare needs at least one adapter reference")
+        requests = [build_request(prompt, adapter=ref, **params) for ref in adapters]
+        futures = [self._call(self._inference.Generate.future, r, r.adapter, timeout) for r in requests]
+        results: list[GenerateResult] = []
+        failure: AdapterctlError | None = None
+        for future in futures:
+            try:
+                results.append(result_from_proto(future.result()))
+            except grpc.RpcError as exc:
+                failure = failure or error_from_rpc(exc)
+        if failure is not None:
+            raise failure
+        return results
 
     def chat(self, messages: Any, *, timeout: float | None = None, **params: Any) -> GenerateResult:
         return self.generate(messages=messages, timeout=timeout, **params)

@@ -131,10 +131,13 @@ def _message(m: Message | Mapping[str, str] | Sequence[str]) -> pb.ChatMessage:
 
 def build_request(prompt: str | None = None, *, messages: Iterable[Any] | None = None, adapter: str = "",
                   max_new_tokens: int = 0, temperature: float = 0.0, top_p: float | None = None, top_k: int = 0,
-                  seed: int | None = None, stop: Iterable[str] = (), request_id: str = "") -> pb.GenerateRequest:
-    """A GenerateRequest; pass ``prompt`` or ``messages`` (Message, {"role","content"} or (role, content))."""
+                  seed: int | None = None, stop: Iterable[str] = (), request_id: str = "",
+                  routing_key: str = "") -> pb.GenerateRequest:
+    """A GenerateRequest; pass ``prompt`` or ``messages`` (Message, {"role","content"} or (role, content)).
+    ``routing_key`` (an end-user id) keeps a weighted alias on one version for that key."""
     req = pb.GenerateRequest(adapter=adapter or "", prompt=prompt or "", max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, stop=list(stop), request_id=request_id)
+                             temperature=temperature, top_k=top_k, stop=list(stop), request_id=request_id,
+                             routing_key=routing_key)
     if messages is not None:
         req.messages.extend(_message(m) for m in messages)
     if top_p is not None:

@@ -7,6 +7,9 @@ Accepted forms:
   * a local directory holding ``config.json`` and ``*.safetensors``.
   * a Hugging Face model id (downloaded with ``huggingface_hub.snapshot_download``).
 
+The recorded ``id`` is canonical (:func:`canonical_id`): the prepared default's
+directory is ``gemma-3-270m`` wherever ``$ADAPTERCTL_HOME`` is.
+
 The fingerprint is ``sha256:<hex>`` over the model's config (without volatile
 keys) and the bytes of its weight files; it is computed once per directory and
 cached in ``adapterctl-base.json`` (or ``$ADAPTERCTL_HOME/fingerprints/``).
@@ -71,7 +74,41 @@ def resolve_base_model(name_or_path: str | None = None, *, progress: bool = True
         path = _download_hub_model(name)
     if not (path / "config.json").is_file():
         raise InvalidArgument(f"base model {name!r}: {path} has no config.json")
-    return BaseModel(id=name, path=path, fingerprint=fingerprint(path))
+    return BaseModel(id=canonical_id(name, path), path=path, fingerprint=fingerprint(path))
+
+
+def canonical_id(name: str, path: Path) -> str:
+    """The id to record for a base: ``gemma-3-270m`` for the prepared default's
+    directory, ``org/model`` for a Hugging Face cache snapshot, else ``name``."""
+    resolved = path.resolve()
+    if resolved == (home() / "models" / DEFAULT_BASE_MODEL).resolve():
+        return DEFAULT_BASE_MODEL
+    parts = resolved.parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/")
+    return name
+
+
+def resolve_local_base_model(name_or_path: str, *, progress: bool = True) -> BaseModel:
+    """Like :func:`resolve_base_model` but never downloads: ``name_or_path`` must be the
+    default (prepared from its installed package), a local directory with safetensors
+    weights, or a Hugging Face id already in the local cache. NotFound otherwise."""
+    if name_or_path == DEFAULT_BASE_MODEL or Path(name_or_path).expanduser().is_dir():
+        return resolve_base_model(name_or_path, progress=progress)
+    if name_or_path.startswith((".", "/", "~")) or Path(name_or_path).expanduser().exists():
+        raise NotFound(f"base model directory {name_or_path!r} does not exist on this machine")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(name_or_path, local_files_only=True, allow_patterns=_HUB_PATTERNS))
+    except Exception:  # not cached (or not a valid repo id): hub errors vary by version
+        raise NotFound(
+            f"base model {name_or_path!r} is not a local directory and not in the Hugging Face cache"
+        ) from None
+    if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+        raise NotFound(f"base model {name_or_path!r} is cached at {path} without config.json and safetensors weights")
+    return BaseModel(id=canonical_id(name_or_path, path), path=path, fingerprint=fingerprint(path))
 
 
 def fingerprint(path: Path) -> str:
@@ -144,13 +181,14 @@ def _atomic_write_text(target: Path, text: str) -> None:
     os.replace(tmp, target)
 
 
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+
+
 def _download_hub_model(model_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(
-            snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
-        )
+        return Path(snapshot_download(model_id, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:  # hub errors vary by version; report one line
         raise NotFound(
             f"base model {model_id!r} is neither a local directory nor downloadable from the hub: {exc}"

@@ -9,13 +9,17 @@ Public API (the README's "Registry" section documents the layout and guarantees)
 """
 from __future__ import annotations
 
+from adapterctl.registry.aliases import AliasState, Canary
 from adapterctl.registry.gc import GcReport
 from adapterctl.registry.manifest import FileEntry, Manifest
-from adapterctl.registry.registry import Registry, RegistryReader
+from adapterctl.registry.registry import Registry, RegistryReader, Route
 from adapterctl.registry.store import ObjectInfo, ObjectStore
 from adapterctl.registry.uri import BACKENDS, RegistryConfig, open_registry, open_store
 
 __all__ = [
+    "AliasState",
+    "Canary",
+    "Route",
     "BACKENDS",
     "FileEntry",
     "GcReport",

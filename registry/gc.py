@@ -41,11 +41,11 @@ def delete_version(versions: Versions, aliases: Aliases, name: str, version: int
     item, etag = versions.read_any(name, version)
     if isinstance(item, Tombstone):
         raise NotFound(f"{name}:{version} was already deleted ({item.deleted})")
-    pointing = sorted(a for a, v in aliases.all(name).items() if v == version)
+    pointing = sorted(a for a, state in aliases.states(name).items() if version in state.versions())
     if pointing and not force:
         raise FailedPrecondition(
-            f"{name}:{version} is the target of alias {', '.join(pointing)}; promote another version "
-            "first or pass --force"
+            f"{name}:{version} is the target of alias {', '.join(pointing)} (primary or canary); "
+            "promote another version first or pass --force"
         )
     deleted = datetime.now(timezone.utc).isoformat(timespec="seconds")
     versions.store.put_if_match(layout.version_key(name, version), tombstone_bytes(item, deleted), etag)

@@ -4,6 +4,7 @@
     adapters/<name>/versions/<000000001>.json    manifest (or tombstone), create-only
     adapters/<name>/aliases/<alias>.json         alias target + history, moved with CAS
     adapters/<name>/digests/<hex>                manifest digest -> version (an index)
+    adapters/<name>/labels/<000000001>.json      labels set after publish, moved with CAS
 
 Version numbers are zero-padded so lexical key order is numeric order.
 """
@@ -58,3 +59,8 @@ def alias_of_key(key: str) -> str | None:
 
 def digest_key(name: str, digest: str) -> str:
     return f"{ADAPTERS}{validate_name(name)}/digests/{validate_digest(digest).partition(':')[2]}"
+
+
+def labels_key(name: str, version: int) -> str:
+    """Mutable labels of ``name:version``, kept beside its immutable manifest."""
+    return version_key(name, version).replace("/versions/", "/labels/", 1)

@@ -10,6 +10,7 @@ import getpass
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -17,8 +18,9 @@ from typing import Protocol, runtime_checkable
 from adapterctl import __version__
 from adapterctl.errors import NotFound
 from adapterctl.refs import AdapterRef, parse_ref, validate_name
-from adapterctl.registry.aliases import Aliases
+from adapterctl.registry.aliases import Aliases, AliasState
 from adapterctl.registry.gc import DEFAULT_GRACE_SECONDS, GcReport, collect_garbage, delete_version
+from adapterctl.registry.labels import Labels
 from adapterctl.registry.manifest import Manifest
 from adapterctl.registry.store import ObjectStore
 from adapterctl.registry.transfer import pull_files, upload_blobs
@@ -26,6 +28,16 @@ from adapterctl.registry.validate import validate_adapter, validate_labels
 from adapterctl.registry.versions import Versions
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a reference sends traffic: ``primary``, and ``canary`` for ``weight``
+    percent of it (None / 0 for anything but a weighted alias)."""
+
+    primary: Manifest
+    canary: Manifest | None = None
+    weight: float = 0.0
 
 
 @runtime_checkable
@@ -42,6 +54,8 @@ class RegistryReader(Protocol):
 
     def aliases(self, name: str) -> dict[str, int]: ...
 
+    def resolve_route(self, ref: str | AdapterRef) -> Route: ...
+
 
 class Registry:
     """A registry over ``store``. ``quiet`` turns progress bars off by default;
@@ -52,6 +66,7 @@ class Registry:
         self.quiet = quiet
         self._versions = Versions(store)
         self._aliases = Aliases(self._versions)
+        self._labels = Labels(self._versions)
 
     @property
     def uri(self) -> str:
@@ -94,14 +109,29 @@ class Registry:
         log.info("published %s (%s, %d new blobs)", manifest.ref, manifest.digest, uploaded)
         return manifest
 
-    def promote(self, name: str, version: int, alias: str) -> int | None:
+    def promote(self, name: str, version: int, alias: str, *, canary: float | None = None) -> int | None:
         """Point ``alias`` at ``name:version`` (compare-and-swap; Conflict if it moved
-        concurrently). Returns the previous target, None for a new alias."""
+        concurrently). Returns the previous primary, None for a new alias.
+
+        With ``canary`` (a percentage in (0, 100)) the primary stays and ``name:version``
+        gets that share of the traffic instead; without it a canary is dropped."""
+        if canary is not None:
+            return self._aliases.set_canary(name, int(version), alias, canary, by=_publisher_id()).version
         return self._aliases.promote(name, int(version), alias, by=_publisher_id())
 
     def rollback(self, name: str, alias: str) -> int:
-        """Move ``alias`` back to the version it pointed to before; returns it."""
+        """Drop ``alias``'s canary if it has one, else move it back to the version it
+        pointed to before; returns the primary now."""
         return self._aliases.rollback(validate_name(name), alias, by=_publisher_id())
+
+    def set_labels(
+        self, name: str, version: int, labels: dict[str, str], remove: tuple[str, ...] = ()
+    ) -> dict[str, str]:
+        """Set (merge) and remove labels of a published version, beside its immutable
+        manifest (compare-and-swap); returns every label of the version now."""
+        name = validate_name(name)
+        self._labels.update(name, int(version), labels, tuple(remove), by=_publisher_id())
+        return self.labels(f"{name}:{int(version)}")
 
     def delete(self, name: str, version: int, force: bool = False) -> None:
         """Delete ``name:version`` (its number is never reused); FailedPrecondition
@@ -148,7 +178,36 @@ class Registry:
         return numbers[-1] if numbers else None
 
     def aliases(self, name: str) -> dict[str, int]:
+        """``{alias: primary version}``."""
         return self._aliases.all(validate_name(name))
+
+    def alias_states(self, name: str) -> dict[str, AliasState]:
+        """``{alias: state}``: primary, canary and weight, history."""
+        return self._aliases.states(validate_name(name))
+
+    def resolve_route(self, ref: str | AdapterRef) -> Route:
+        """The primary and (for a weighted alias) canary manifests ``ref`` sends traffic
+        to, from one read of the alias document."""
+        ref = parse_ref(ref) if isinstance(ref, str) else ref
+        if ref.alias is None or ref.is_latest or ref.version is not None or ref.digest is not None:
+            return Route(self.resolve(ref))
+        state = self._aliases.state(ref.name, ref.alias)
+        try:
+            primary = self._versions.read(ref.name, state.version)
+        except NotFound as exc:  # forced delete of an aliased version
+            raise NotFound(f"{ref} -> {exc}") from None
+        canary = None
+        if state.canary is not None:
+            try:
+                canary = self._versions.read(ref.name, state.canary.version)
+            except NotFound as exc:  # canary deleted with --force: the primary keeps all traffic
+                log.warning("%s: canary %s; routing everything to %s", ref, exc, primary.ref)
+        return Route(primary, canary, state.canary.weight if canary else 0.0)
+
+    def labels(self, ref: str | AdapterRef) -> dict[str, str]:
+        """Every label of the version ``ref`` names: publish-time ones overlaid with those set since."""
+        manifest = self.resolve(ref)
+        return self._labels.effective(manifest.name, manifest.version, manifest.labels)
 
     def _show(self, progress: bool) -> bool:
         return progress or not self.quiet

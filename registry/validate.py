@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterctl.basemodel import resolve_base_model
+from adapterctl.basemodel import BaseModel, resolve_base_model, resolve_local_base_model
 from adapterctl.errors import FailedPrecondition, InvalidArgument, NotFound
 from adapterctl.registry.manifest import ALLOWED_FILES
 from adapterctl.registry.tensors import ModelDims, check_tensors
@@ -62,7 +62,7 @@ def validate_adapter(adapter_dir: Path, base_model: str | None = None, *, progre
     peft_config = _read_json(adapter_dir / CONFIG_FILE)
     meta = _read_json(adapter_dir / META_FILE) if META_FILE in names else {}
     _check_peft_config(peft_config, meta)
-    base, base_config = _base_model(meta, base_model, adapter_dir, progress)
+    base, base_config = _base_model(meta, base_model, peft_config, progress)
     summary = check_tensors(adapter_dir / WEIGHTS_FILE, peft_config, ModelDims.from_config(base_config))
     lora = {
         "rank": int(peft_config["r"]),
@@ -146,8 +146,41 @@ def _check_peft_config(config: dict[str, Any], meta: dict[str, Any]) -> None:
         raise InvalidArgument(f"{META_FILE} says rank {meta_rank} but {CONFIG_FILE} has r={rank}")
 
 
-def _base_model(meta: dict[str, Any], base_model: str | None, adapter_dir: Path, progress: bool):
-    """``({"id", "fingerprint"}, config dict)`` from ``--base-model`` or adapterctl.json."""
+def infer_base_model(adapter_dir: Path, *, progress: bool = False) -> BaseModel | None:
+    """The base a stock PEFT directory (no adapterctl.json fingerprint) names in
+    ``adapter_config.json``'s ``base_model_name_or_path``, when this machine has it
+    (see :func:`adapterctl.basemodel.resolve_local_base_model`); None when the
+    directory declares its base itself. FailedPrecondition when it names none or
+    one that does not resolve here."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        return None  # publish refuses the directory itself, with the reason
+    meta_path = adapter_dir / META_FILE
+    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    if (meta.get("base_model") or {}).get("fingerprint"):
+        return None
+    return _named_base(_read_json(adapter_dir / CONFIG_FILE), progress)
+
+
+def _named_base(peft_config: dict[str, Any], progress: bool) -> BaseModel:
+    named = peft_config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named.strip():
+        raise FailedPrecondition(
+            f"no base model: {CONFIG_FILE} has no base_model_name_or_path and {META_FILE} no fingerprint; "
+            "pass --base-model to name the base it was trained on"
+        )
+    try:
+        return resolve_local_base_model(named.strip(), progress=progress)
+    except (NotFound, InvalidArgument) as exc:
+        raise FailedPrecondition(
+            f"{CONFIG_FILE} names base model {named!r}, which does not resolve on this machine ({exc}); "
+            "pass --base-model ID_OR_DIR"
+        ) from None
+
+
+def _base_model(meta: dict[str, Any], base_model: str | None, peft_config: dict[str, Any], progress: bool):
+    """``({"id", "fingerprint"}, config dict)`` from ``--base-model``, adapterctl.json,
+    or else the ``base_model_name_or_path`` of adapter_config.json (resolved locally)."""
     declared = meta.get("base_model") or {}
     declared_fp = declared.get("fingerprint")
     if declared_fp is not None and not _FINGERPRINT_RE.match(str(declared_fp)):
@@ -161,10 +194,8 @@ def _base_model(meta: dict[str, Any], base_model: str | None, adapter_dir: Path,
             )
         return {"id": declared.get("id") or resolved.id, "fingerprint": resolved.fingerprint}, resolved.config()
     if not declared_fp:
-        raise FailedPrecondition(
-            f"no base model fingerprint for {adapter_dir}: {META_FILE} (written by `adapterctl train`) "
-            "has none; pass --base-model to name the base it was trained on"
-        )
+        resolved = _named_base(peft_config, progress)
+        return {"id": resolved.id, "fingerprint": resolved.fingerprint}, resolved.config()
     if not isinstance(declared.get("config"), dict):
         raise FailedPrecondition(
             f"{META_FILE} has no base_model.config to check tensor shapes against; pass --base-model"

@@ -4,9 +4,16 @@
 Per-adapter series use the label ``adapter``: the base model is ``__base__``, the
 first ``max_adapters`` adapter names that served a request keep their own value,
 everything else is ``__other__`` (so label cardinality is bounded).
+
+Per-alias-version series (``adapterctl_alias_*``, for canary decisions) add
+``alias``, ``version`` and ``role`` (primary / canary): at most
+``MAX_ALIASES_PER_ADAPTER`` aliases per adapter label (then ``__other__``) and the
+``MAX_VERSIONS_PER_ALIAS`` most recent versions per alias (an alias has at most
+two live versions; older versions' series are removed).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -36,6 +43,8 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BATCH_TOKEN_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384)
 TOKEN_COUNT_BUCKETS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 32768)
+MAX_ALIASES_PER_ADAPTER = 8
+MAX_VERSIONS_PER_ALIAS = 4
 
 
 class AdapterLabels:
@@ -60,6 +69,32 @@ class AdapterLabels:
         return OTHER_LABEL
 
 
+class AliasVersions:
+    """Bounded ``(adapter label, alias) -> recent versions`` bookkeeping; ``admit``
+    returns the alias label to use and the label sets whose series must go."""
+
+    def __init__(self) -> None:
+        self._versions: dict[tuple[str, str], list[str]] = {}
+        self._issued: dict[tuple[str, str, str], set[tuple[str, str]]] = {}  # -> {(role, code)}
+        self._lock = threading.Lock()
+
+    def admit(self, adapter: str, alias: str, version: str, role: str, code: str
+              ) -> tuple[str, list[tuple[str, str, str, str, str]]]:
+        """``(alias label, [(adapter, alias, version, role, code) of series to remove])``."""
+        with self._lock:
+            known = [a for (ad, a) in self._versions if ad == adapter]
+            if alias not in known and len(known) >= MAX_ALIASES_PER_ADAPTER:
+                alias = OTHER_LABEL
+            versions = self._versions.setdefault((adapter, alias), [])
+            if version in versions:
+                versions.remove(version)
+            versions.append(version)
+            dropped, versions[:] = versions[:-MAX_VERSIONS_PER_ALIAS], versions[-MAX_VERSIONS_PER_ALIAS:]
+            self._issued.setdefault((adapter, alias, version), set()).add((role, code))
+            gone = [(adapter, alias, v, r, c) for v in dropped for r, c in self._issued.pop((adapter, alias, v), ())]
+        return alias, gone
+
+
 class ServerMetrics(EngineObserver):
     """Every adapterctl metric, registered on ``self.registry``."""
 
@@ -81,6 +116,21 @@ class ServerMetrics(EngineObserver):
         self.tpot = Histogram("adapterctl_time_per_output_token_seconds",
                               "Mean time per output token after the first, per request.", a,
                               buckets=TPOT_BUCKETS, registry=reg)
+        alias_labels = ["adapter", "alias", "version", "role"]
+        self.alias_requests = Counter(
+            "adapterctl_alias_requests",
+            "Generate requests for an alias (NAME:ALIAS), by the version that served "
+            "them, its role in the alias (primary / canary) and gRPC status code.",
+            [*alias_labels, "code"],
+            registry=reg,
+        )
+        self.alias_latency = Histogram("adapterctl_alias_request_duration_seconds",
+                                       "Latency of requests for an alias, by serving version.", alias_labels,
+                                       buckets=LATENCY_BUCKETS, registry=reg)
+        self.alias_ttft = Histogram("adapterctl_alias_time_to_first_token_seconds",
+                                    "Time to first token of requests for an alias, by serving version.", alias_labels,
+                                    buckets=TTFT_BUCKETS, registry=reg)
+        self._alias_versions = AliasVersions()
         self.cache_hits = Counter(
             "adapterctl_adapter_cache_hits", "Adapter cache hits by tier.", ["tier"], registry=reg
         )
@@ -130,6 +180,23 @@ class ServerMetrics(EngineObserver):
             if completion_tokens > 1:
                 self.tpot.labels(adapter=label).observe(max(0.0, latency - ttft) / (completion_tokens - 1))
 
+    def observe_alias_request(self, adapter: str, alias: str, version: int, role: str, code: str,
+                              latency: float, ttft: float | None) -> None:
+        """One finished request for ``adapter:alias`` that ``adapter:version`` served
+        (``role`` primary / canary, "" unknown)."""
+        label, role = self.labels.label(adapter, claim=code == "OK"), role or "primary"
+        alias, gone = self._alias_versions.admit(label, alias, str(version), role, code)
+        for ad, al, ver, r, c in gone:
+            self.alias_requests.remove(ad, al, ver, r, c)
+            for family in (self.alias_latency, self.alias_ttft):
+                with contextlib.suppress(KeyError):  # removed with another code already, or never observed
+                    family.remove(ad, al, ver, r)
+        labels = {"adapter": label, "alias": alias, "version": str(version), "role": role}
+        self.alias_requests.labels(**labels, code=code).inc()
+        self.alias_latency.labels(**labels).observe(latency)
+        if ttft is not None:
+            self.alias_ttft.labels(**labels).observe(ttft)
+
     def set_base_model(self, model_id: str, fingerprint: str, device: str, dtype: str, engine: str) -> None:
         self.base_model.info({"id": model_id, "fingerprint": fingerprint, "device": device, "dtype": dtype,
                               "engine": engine})
@@ -172,3 +239,4 @@ class ServerMetrics(EngineObserver):
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+

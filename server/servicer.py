@@ -37,6 +37,7 @@ request_log = logging.getLogger("adapterctl.server.requests")
 
 ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID = 128
+MAX_ROUTING_KEY = 256
 _FINISH = {FINISH_LENGTH: pb.FINISH_REASON_LENGTH, FINISH_STOP: pb.FINISH_REASON_STOP,
            FINISH_EOS: pb.FINISH_REASON_EOS, FINISH_CANCELLED: pb.FINISH_REASON_CANCELLED}
 
@@ -103,6 +104,15 @@ def _adapter_name(ref: str) -> str | None:
         return "__invalid__"
 
 
+def _alias(ref: str) -> str | None:
+    """The named alias of ``ref`` (``prod`` of ``name:prod``), None for any other reference."""
+    try:
+        parsed = parse_ref(ref)
+    except InvalidArgument:
+        return None
+    return None if parsed.is_latest or parsed.alias is None else parsed.alias
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
     """Generate and GenerateStream over one engine."""
 
@@ -136,7 +146,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         limit = min(self._limit, self.engine.max_new_tokens_limit)
         sampling = build_sampling(request, min(self._default_max_new_tokens, limit), limit)
         ids = prompt_ids(self.engine.tokenizer, request, self.engine.max_prompt_tokens)
-        return GenerationRequest(request_id=request_id, prompt_ids=ids, sampling=sampling, adapter=ref or None)
+        if len(request.routing_key) > MAX_ROUTING_KEY:
+            raise InvalidArgument(f"routing_key is {len(request.routing_key)} characters; at most {MAX_ROUTING_KEY}")
+        return GenerationRequest(request_id=request_id, prompt_ids=ids, sampling=sampling, adapter=ref or None,
+                                 routing_key=request.routing_key)
 
     async def _run(self, request: pb.GenerateRequest, context) -> AsyncIterator[TokenEvent | GenerationResult]:
         """Engine events for ``request``; records metrics and one log line however it ends."""
@@ -145,6 +158,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         first_token: float | None = None
         result: GenerationResult | None = None
         code, prompt_len = "OK", 0
+        gen_request: GenerationRequest | None = None
         self._state.enter()
         try:
             gen_request = self._request(request, request_id)
@@ -165,22 +179,28 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise
         finally:
             self._state.exit()
-            self._record(request, request_id, result, code, prompt_len, started, first_token)
+            self._record(request, request_id, result, code, prompt_len, started, first_token, gen_request)
 
     def _record(self, request: pb.GenerateRequest, request_id: str, result: GenerationResult | None, code: str,
-                prompt_len: int, started: float, first_token: float | None) -> None:
+                prompt_len: int, started: float, first_token: float | None,
+                gen_request: GenerationRequest | None = None) -> None:
         latency = time.monotonic() - started
-        served = result.adapter if result else None
+        served = result.adapter if result else gen_request.served if gen_request else None
         name = served.name if served else _adapter_name(request.adapter.strip())
         completion = result.completion_tokens if result else 0
         ttft = first_token - started if first_token is not None else None
         self._metrics.observe_request(name, code, prompt_len, completion, latency, ttft)
+        alias = _alias(request.adapter.strip()) if served else None
+        if alias:
+            self._metrics.observe_alias_request(served.name, alias, served.version, gen_request.route if gen_request
+                                                else "", code, latency, ttft)
         request_log.info("generate %s", code, extra={
             "request_id": request_id, "adapter": name or "", "adapter_ref": _printable(request.adapter[:200]),
             "version": served.version if served else None, "digest": served.digest if served else None,
             "prompt_tokens": prompt_len, "completion_tokens": completion,
             "finish_reason": result.finish_reason if result else None, "latency_ms": round(latency * 1000, 1),
-            "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None, "status": code})
+            "ttft_ms": round(ttft * 1000, 1) if ttft is not None else None, "status": code,
+            "route": gen_request.route if gen_request else ""})
 
 
 class AdminServicer(pb_grpc.AdminServicer):

@@ -58,12 +58,18 @@ class SamplingParams:
 class GenerationRequest:
     """``prompt_ids`` are already tokenised (chat templates applied by the caller);
     ``adapter`` is a reference string (``name``, ``name:3``, ``name:prod``,
-    ``name@sha256:…``) or None for the base model."""
+    ``name@sha256:…``) or None for the base model. ``routing_key`` picks the
+    version of a weighted alias (sticky per key; "" = random). ``served`` is set
+    by the engine when it resolves ``adapter`` at admission (once: the request
+    runs on that version to the end, whatever the alias does meanwhile)."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     adapter: str | None = None
+    routing_key: str = ""
+    served: "ServedAdapter | None" = None
+    route: str = ""  # "primary" / "canary" when ``adapter`` is an alias, set with ``served``
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,15 @@ class AdapterSource(Protocol):
     """Where an engine gets adapters (``cache.store.AdapterStore``): resolution, host
     weights, residency and alias refresh."""
 
-    async def resolve(self, ref: str) -> ServedAdapter: ...
+    async def resolve(self, ref: str, routing_key: str = "") -> ServedAdapter:
+        """The exact version ``ref`` names; for a weighted alias, the version ``routing_key``
+        sticks to (random per call without a key)."""
+        ...
+
+    def route_role(self, ref: str, served: ServedAdapter) -> str:
+        """"primary" or "canary" when ``ref`` is a weighted alias that resolved to ``served``,
+        else ""."""
+        ...
 
     async def get(self, served: ServedAdapter) -> HostAdapter: ...
 

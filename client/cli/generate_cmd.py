@@ -1,5 +1,6 @@
-"""``adapterctl generate``: one generation through a running server; also the shared
-connection options (--server, --token, TLS, --timeout) of every client command."""
+"""``adapterctl generate``: one generation through a running server, or the same request
+for several ``--adapter`` references side by side; also the shared connection options
+(--server, --token, TLS, --timeout) of every client command."""
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,10 @@ def make_client(opts: dict[str, Any]):
 
 @click.command("generate")
 @connection_options
-@click.option("--adapter", "-a", default="", help="Adapter reference: NAME, NAME:VERSION, NAME:ALIAS, "
-              "NAME@sha256:... (default: the base model).")
+@click.option("--adapter", "-a", "adapters", multiple=True, help="Adapter reference: NAME, NAME:VERSION, "
+              "NAME:ALIAS, NAME@sha256:... (default: the base model; \"\" names it too). Repeat to compare: the "
+              "same request goes to each concurrently and the results print side by side.")
+@click.option("--routing-key", default="", help="Sticky routing key (an end-user id) for weighted aliases.")
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @click.option("--max-new-tokens", "-n", type=int, default=0, help="Tokens to generate (0 = server default).")
 @click.option("--temperature", "-t", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -60,10 +63,13 @@ def make_client(opts: dict[str, Any]):
 @click.option("--system", help="System message (implies --chat).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
 @click.argument("prompt")
-def generate(prompt: str, stream: bool, chat: bool, system: str | None, as_json: bool, **opts: Any) -> None:
+def generate(prompt: str, adapters: tuple[str, ...], stream: bool, chat: bool, system: str | None, as_json: bool,
+             **opts: Any) -> None:
     """Generate a completion for PROMPT ("-" reads stdin) and print it."""
     if prompt == "-":
         prompt = sys.stdin.read()
+    if len(adapters) > 1 and stream:
+        raise click.UsageError("--stream takes one --adapter; several are compared side by side")
     client = make_client(opts)
     params: dict[str, Any] = dict(opts)
     if chat or system:
@@ -71,6 +77,12 @@ def generate(prompt: str, stream: bool, chat: bool, system: str | None, as_json:
         params["messages"] = turns
     else:
         params["prompt"] = prompt
+    if len(adapters) > 1:
+        with client:
+            results = client.compare(adapters=list(adapters), **params)
+        _print_comparison(adapters, results, prompt, as_json)
+        return
+    params["adapter"] = adapters[0] if adapters else ""
     with client:
         if stream:
             handle = client.generate_stream(**params)
@@ -86,6 +98,25 @@ def generate(prompt: str, stream: bool, chat: bool, system: str | None, as_json:
                 click.echo(result.text)
     if as_json and result is not None:
         click.echo(json.dumps(asdict(result)))
+
+
+def _print_comparison(refs: tuple[str, ...], results: list, prompt: str, as_json: bool) -> None:
+    """One JSON object per line with the requested ``ref``, or a table (one column per reference)."""
+    if as_json:
+        for ref, result in zip(refs, results):
+            click.echo(json.dumps({"ref": ref, **asdict(result)}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"prompt: {prompt!r}", show_lines=True)
+    for ref, result in zip(refs, results):
+        served = f"{result.adapter.name}:{result.adapter.version}" if result.adapter and result.adapter.name else "base"
+        table.add_column(
+            f"{ref or 'base model'}\n-> {served}, {result.completion_tokens} tokens, {result.finish_reason}"
+        )
+    table.add_row(*(result.text for result in results))
+    Console(width=max(80, 40 * len(results))).print(table)
 
 
 COMMANDS = [generate]

@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     "adapterctl.client.cli.serve_cmd",
     "adapterctl.client.cli.generate_cmd",
     "adapterctl.client.cli.adapters_cmd",
+    "adapterctl.client.cli.eval_cmd",
 )
 
 

@@ -1,4 +1,4 @@
-"""Registry commands: publish, list, show, pull, promote, rollback, delete, gc.
+"""Registry commands: publish, list, show, pull, promote, rollback, label, delete, gc.
 
 The common registry options come from :class:`adapterctl.registry.RegistryConfig`'s
 fields (one definition: name, help, envvar). Errors are domain errors; the CLI
@@ -16,7 +16,8 @@ import click
 from adapterctl.errors import InvalidArgument
 from adapterctl.options import click_options, from_kwargs
 from adapterctl.refs import parse_ref
-from adapterctl.registry import Manifest, Registry, RegistryConfig
+from adapterctl.registry import AliasState, Manifest, Registry, RegistryConfig
+from adapterctl.registry.validate import infer_base_model
 
 
 def registry_options(func):
@@ -49,10 +50,17 @@ def _labels(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--label", "labels", multiple=True, callback=_labels, metavar="KEY=VALUE", help="Free-form label (repeatable)."
 )
-@click.option("--base-model", default=None, help="Base model id or directory, when adapterctl.json does not name one.")
+@click.option("--base-model", default=None,
+              help="Base model id or directory, when neither adapterctl.json nor adapter_config.json's "
+                   "base_model_name_or_path names one this machine has.")
 @registry_options
 def publish(adapter_dir: Path, name: str, labels: dict[str, str], base_model: str | None, registry: Registry) -> None:
     """Publish ADAPTER_DIR (a PEFT LoRA directory) and print NAME:VERSION."""
+    if base_model is None:
+        inferred = infer_base_model(adapter_dir, progress=not registry.quiet)
+        if inferred is not None:
+            click.echo(f"base model: {inferred.id} ({inferred.fingerprint[:19]}...) inferred from "
+                       f"adapter_config.json base_model_name_or_path (at {inferred.path})", err=True)
     manifest = registry.publish(adapter_dir, name, labels=labels, base_model=base_model, progress=not registry.quiet)
     click.echo(manifest.ref)
 
@@ -70,14 +78,14 @@ def list_(name: str | None, as_json: bool, registry: Registry) -> None:
             click.echo(line)
         return
     manifests = registry.list_versions(name)
-    aliases = registry.aliases(name)
+    states = registry.alias_states(name)
     if as_json:
-        click.echo(json.dumps([{**m.to_dict(), "aliases": _aliases_of(m, aliases)} for m in manifests], indent=2))
+        click.echo(json.dumps([{**m.to_dict(), **_alias_fields(m, states)} for m in manifests], indent=2))
         return
     click.echo("VERSION\tCREATED\tSIZE\tRANK\tTARGETS\tALIASES\tDIGEST")
     for m in manifests:
         click.echo(f"{m.version}\t{m.created[:19]}\t{_size(m.total_bytes)}\t{m.lora.get('rank')}\t"
-                   f"{','.join(m.lora.get('target_modules', []))}\t{','.join(_aliases_of(m, aliases)) or '-'}\t"
+                   f"{','.join(m.lora.get('target_modules', []))}\t{','.join(_alias_marks(m, states)) or '-'}\t"
                    f"{m.digest[:19]}")
 
 
@@ -88,15 +96,22 @@ def list_(name: str | None, as_json: bool, registry: Registry) -> None:
 def show(ref: str, as_json: bool, registry: Registry) -> None:
     """Show the manifest REF names (NAME, NAME:VERSION, NAME:ALIAS, NAME@sha256:...)."""
     manifest = registry.resolve(ref)
-    aliases = _aliases_of(manifest, registry.aliases(manifest.name))
+    states = registry.alias_states(manifest.name)
+    labels = registry.labels(f"{manifest.name}@{manifest.digest}")
+    parsed = parse_ref(ref)
+    state = states.get(parsed.alias) if parsed.alias else None
+    route = _route_dict(parsed.alias, state) if parsed.alias and state else None
     if as_json:
-        click.echo(json.dumps({**manifest.to_dict(), "aliases": aliases}, indent=2, sort_keys=True))
+        doc = {**manifest.to_dict(), **_alias_fields(manifest, states), "labels": labels}
+        if route:
+            doc["route"] = route
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
     lora, base = manifest.lora, manifest.base_model
     lines = [
         ("ref", manifest.ref),
         ("digest", manifest.digest),
-        ("aliases", ", ".join(aliases) or "-"),
+        ("aliases", ", ".join(_alias_marks(manifest, states)) or "-"),
         (
             "created",
             f"{manifest.created} by {manifest.publisher.get('user')}@{manifest.publisher.get('host')} "
@@ -109,8 +124,11 @@ def show(ref: str, as_json: bool, registry: Registry) -> None:
             f"targets {','.join(lora.get('target_modules', []))}, {lora.get('dtype')}",
         ),
         ("size", f"{_size(manifest.total_bytes)} in {len(manifest.files)} files"),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(manifest.labels.items())) or "-"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"),
     ]
+    if route:
+        lines.insert(1, ("routing", ", ".join(f"{manifest.name}:{t['version']} {t['weight']:g}%"
+                                              for t in (route["primary"], route["canary"]) if t)))
     training = manifest.training or {}
     if training:
         metrics = ", ".join(f"{k} {v}" for k, v in (training.get("metrics") or {}).items() if v is not None)
@@ -135,11 +153,17 @@ def pull(ref: str, dest: Path, registry: Registry) -> None:
 @click.command()
 @click.argument("ref", metavar="NAME:VERSION")
 @click.argument("alias")
+@click.option("--canary", type=click.FloatRange(0, 100, min_open=True, max_open=True), default=None,
+              metavar="PERCENT", help="Keep ALIAS's primary and send PERCENT of its traffic to NAME:VERSION.")
 @registry_options
-def promote(ref: str, alias: str, registry: Registry) -> None:
-    """Point ALIAS at NAME:VERSION (compare-and-swap: fails if it moved meanwhile)."""
+def promote(ref: str, alias: str, canary: float | None, registry: Registry) -> None:
+    """Point ALIAS at NAME:VERSION (compare-and-swap: fails if it moved meanwhile);
+    with --canary, split ALIAS's traffic between its primary and NAME:VERSION."""
     name, version = _name_version(ref, "promote")
-    previous = registry.promote(name, version, alias)
+    previous = registry.promote(name, version, alias, canary=canary)
+    if canary is not None:
+        click.echo(f"{name}:{alias} -> {_routing(name, registry.alias_states(name)[alias])}")
+        return
     click.echo(f"{name}:{alias} -> {name}:{version}" + (f" (was {previous})" if previous else ""))
 
 
@@ -148,9 +172,25 @@ def promote(ref: str, alias: str, registry: Registry) -> None:
 @click.argument("alias")
 @registry_options
 def rollback(name: str, alias: str, registry: Registry) -> None:
-    """Move ALIAS of NAME back to the version it pointed to before."""
+    """Drop ALIAS's canary if it has one, else move ALIAS back to its previous version."""
+    before = registry.alias_states(name).get(alias)
     version = registry.rollback(name, alias)
-    click.echo(f"{name}:{alias} -> {name}:{version}")
+    dropped = f" (canary {name}:{before.canary.version} dropped)" if before and before.canary else ""
+    click.echo(f"{name}:{alias} -> {name}:{version}{dropped}")
+
+
+@click.command()
+@click.argument("ref", metavar="NAME:VERSION")
+@click.argument("labels", nargs=-1, metavar="KEY=VALUE... | KEY-")
+@registry_options
+def label(ref: str, labels: tuple[str, ...], registry: Registry) -> None:
+    """Set (KEY=VALUE) or remove (KEY-) labels of a published version; the manifest
+    stays immutable (labels are kept beside it, compare-and-swap). Prints them all."""
+    name, version = _name_version(ref, "label")
+    remove = tuple(item[:-1] for item in labels if item.endswith("-") and "=" not in item)
+    pairs = _labels(None, None, tuple(item for item in labels if "=" in item or not item.endswith("-")))
+    for key, value in sorted(registry.set_labels(name, version, pairs, remove).items()):
+        click.echo(f"{key}={value}")
 
 
 @click.command()
@@ -186,8 +226,30 @@ def _name_version(ref: str, verb: str) -> tuple[str, int]:
     return parsed.name, parsed.version
 
 
-def _aliases_of(manifest: Manifest, aliases: dict[str, int]) -> list[str]:
-    return sorted(a for a, v in aliases.items() if v == manifest.version)
+def _alias_marks(manifest: Manifest, states: dict[str, AliasState]) -> list[str]:
+    """``prod`` for an alias sending all its traffic here, ``prod(10%)`` for a share."""
+    out = []
+    for alias, state in sorted(states.items()):
+        share = state.versions().get(manifest.version)
+        if share is not None:
+            out.append(alias if share == 100 else f"{alias}({share:g}%)")
+    return out
+
+
+def _alias_fields(manifest: Manifest, states: dict[str, AliasState]) -> dict:
+    """JSON: ``aliases`` (primary of), ``alias_weights`` ``{alias: percent}`` (every alias routing here)."""
+    weights = {a: s.versions()[manifest.version] for a, s in sorted(states.items()) if manifest.version in s.versions()}
+    return {"aliases": sorted(a for a, s in states.items() if s.version == manifest.version), "alias_weights": weights}
+
+
+def _route_dict(alias: str, state: AliasState) -> dict:
+    canary = state.canary
+    return {"alias": alias, "primary": {"version": state.version, "weight": state.primary_weight},
+            "canary": {"version": canary.version, "weight": canary.weight} if canary else None}
+
+
+def _routing(name: str, state: AliasState) -> str:
+    return ", ".join(f"{name}:{v} ({w:g}%)" for v, w in state.versions().items())
 
 
 def _size(n: float) -> str:
@@ -197,4 +259,4 @@ def _size(n: float) -> str:
         n, i = n / 1024, i + 1
     return f"{n:.0f} B" if i == 0 else f"{n:.1f} {units[i]}"
 
-COMMANDS = [publish, list_, show, pull, promote, rollback, delete, gc]
+COMMANDS = [publish, list_, show, pull, promote, rollback, label, delete, gc]

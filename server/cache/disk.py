@@ -1,5 +1,5 @@
 """The disk tier: verified registry pulls kept as plain PEFT dirs under
-``<disk_dir>/<digest-hex>/``, budgeted in bytes, least recently used removed."""
+``<cache_dir>/<digest-hex>/``, budgeted in bytes, least recently used removed."""
 from __future__ import annotations
 
 import contextlib

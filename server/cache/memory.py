@@ -22,11 +22,14 @@ class MemoryStore:
         self.gets = 0  # get() calls, for tests of the engine's fetch path
         self._pinned: set[str] = set()
 
-    async def resolve(self, ref: str) -> ServedAdapter:
+    async def resolve(self, ref: str, routing_key: str = "") -> ServedAdapter:
         name = parse_ref(ref).name
         if name not in self.adapters:
             raise NotFound(f"adapter {name!r} not found")
         return self.adapters[name].served
+
+    def route_role(self, ref: str, served: ServedAdapter) -> str:
+        return ""  # no aliases, so no canaries
 
     async def get(self, served: ServedAdapter) -> LoadedAdapter:
         self.gets += 1

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 from adapterctl.basemodel import BaseModel
 from adapterctl.errors import NotFound
-from adapterctl.refs import validate_name
+from adapterctl.refs import parse_ref, validate_name
 from adapterctl.server.cache.config import AdapterStoreConfig
 from adapterctl.server.cache.disk import DiskTier
 from adapterctl.server.cache.loaded import LoadedAdapter, check_base_fingerprint, check_lora_config, load_peft_dir
@@ -63,13 +63,18 @@ class AdapterStore:
         self._report_host()
 
     # ---- resolution ----------------------------------------------------------------
-    async def resolve(self, ref: str) -> ServedAdapter:
-        """The exact version ``ref`` names (aliases cached ``alias_refresh_seconds``).
+    async def resolve(self, ref: str, routing_key: str = "") -> ServedAdapter:
+        """The exact version ``ref`` names (aliases cached ``alias_refresh`` seconds; a
+        weighted alias routes by ``routing_key``, see resolver.canary_bucket).
         NotFound, InvalidArgument, Unavailable (registry unreachable, nothing cached)."""
-        manifest = self._resolver.cached(ref)
+        manifest = self._resolver.cached(ref, routing_key)
         if manifest is None:
-            manifest = await asyncio.to_thread(self._resolver.resolve, ref)
+            manifest = await asyncio.to_thread(self._resolver.resolve, ref, routing_key)
         return served_of(manifest)
+
+    def route_role(self, ref: str, served: ServedAdapter) -> str:
+        """``primary`` / ``canary``: the part of alias ``ref`` that ``served`` is; "" if none."""
+        return self._resolver.route_role(ref, served.version) if served.name == parse_ref(ref).name else ""
 
     async def refresh_aliases(self) -> list[tuple[str, str, int, int]]:
         """Re-resolve every alias in use now; ``(name, alias, old, new)`` per move. The old

@@ -133,7 +133,7 @@ class BatchingEngine:
         self._check_prompt(request.prompt_ids, params.max_new_tokens)
         served, adapter = None, None
         if request.adapter:
-            served, adapter = await self.fetch(request.adapter)
+            served, adapter = await self.fetch(request.adapter, request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -177,12 +177,17 @@ class BatchingEngine:
             raise InvalidArgument(f"prompt + max_new_tokens ({len(ids) + max_new}) exceeds the KV budget "
                                   f"({self.config.max_kv_tokens} tokens)")
 
-    async def fetch(self, ref: str) -> tuple[ServedAdapter, HostAdapter]:
-        """Resolve ``ref`` and get its host weights (loading them), checked against the slots."""
+    async def fetch(self, ref: str, request: GenerationRequest | None = None) -> tuple[ServedAdapter, HostAdapter]:
+        """Resolve ``ref`` (sticky by ``request.routing_key`` for weighted aliases) and get its
+        host weights (loading them), checked against the slots. Records on ``request`` the
+        version it runs on (``served``) and its role in the alias (``route``)."""
         if self.store is None:
             raise NotFound(f"adapter {ref!r}: this engine serves the base model only (no adapter store)")
         started = time.perf_counter()
-        served = await self.store.resolve(ref)
+        served = await self.store.resolve(ref, request.routing_key if request is not None else "")
+        if request is not None:  # resolved once, at admission: in-flight requests keep their version
+            request.served = served
+            request.route = self.store.route_role(ref, served)
         adapter = await self.store.get(served)
         self.runner.bank.check(adapter)
         log.debug("adapter %s:%d ready on host in %.1f ms", served.name, served.version,

@@ -109,8 +109,12 @@ class Nginx:
         (workdir / "nginx.conf").write_text(conf)
         (workdir / "upstreams.conf").write_text(
             "".join(f"server {address} max_fails=3 fail_timeout=10s;\n" for address in replicas))
-        self.proc = subprocess.Popen([NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"),
-                                      "-g", "daemon off;"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
 
     @property
     def address(self) -> str:

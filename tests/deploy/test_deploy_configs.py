@@ -18,7 +18,8 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not insta
 
 @needs_promtool
 @pytest.mark.parametrize("args", [["check", "config", "prometheus.yml"], ["check", "rules", "rules.yml"],
-                                  ["test", "rules", "rules_test.yml"]])
+                                  ["test", "rules", "rules_test.yml"], ["check", "rules", "canary_rules.yml"],
+                                  ["test", "rules", "canary_rules_test.yml"]])
 def test_promtool(args):
     proc = subprocess.run([PROMTOOL, *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

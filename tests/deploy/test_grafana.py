@@ -58,7 +58,7 @@ def live_server(tmp_path_factory, make_adapter, tiny_base, grpc_fixtures):
     root = tmp_path_factory.mktemp("grafana")
     uri = f"file://{root / 'registry'}"
     open_registry(uri).publish(make_adapter("grafana-a", seed=5), "reviews")
-    server = grpc_fixtures.start_server(root / "server", engine="batched", registry=uri,
+    server = grpc_fixtures.start_server(root / "server", uri=uri,
                                         base_model=str(tiny_base.path), max_prompt_tokens=40)
     try:
         with Client(server.address, timeout=60) as client:

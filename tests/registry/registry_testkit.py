@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,25 @@ def write_bf16_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     head = json.dumps(header).encode()
     head += b" " * (-len(head) % 8)
     path.write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+class PauseAfterAliasRead:
+    """Store proxy: every reader of an alias waits for the others, so all of them
+    hold the same etag when they write — a deterministic lost-update race."""
+
+    def __init__(self, store, parties: int) -> None:
+        self._store = store
+        self._barrier = threading.Barrier(parties)
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def get(self, key):
+        try:
+            return self._store.get(key)
+        finally:
+            if "/aliases/" in key:
+                self._barrier.wait(timeout=30)
 
 
 # -- worker processes (multiprocessing "spawn" imports this module by name) ----------

@@ -1,10 +1,10 @@
 """Aliases (promote / rollback with compare-and-swap) and delete; both backends."""
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from registry_testkit import PauseAfterAliasRead
 
 from adapterctl.errors import Conflict, FailedPrecondition, InvalidArgument, NotFound
 from adapterctl.registry import Registry
@@ -15,25 +15,6 @@ def three_versions(registry, adapter_dir):
     for _ in range(3):
         registry.publish(adapter_dir, "reviews")
     return registry
-
-
-class PauseAfterAliasRead:
-    """Store proxy: every reader of an alias waits for the others, so all of them
-    hold the same etag when they write — a deterministic lost-update race."""
-
-    def __init__(self, store, parties: int) -> None:
-        self._store = store
-        self._barrier = threading.Barrier(parties)
-
-    def __getattr__(self, name):
-        return getattr(self._store, name)
-
-    def get(self, key):
-        try:
-            return self._store.get(key)
-        finally:
-            if "/aliases/" in key:
-                self._barrier.wait(timeout=30)
 
 
 def test_promote_resolve_and_rollback(three_versions):

@@ -127,7 +127,11 @@ CASES = {
         "DoRA magnitude vector",
     ),
     "int-dtype": ({f"{Q0}__lora_A__weight": np.ones((4, 64), np.int32)}, InvalidArgument, "has dtype I32"),
-    "no-fingerprint": (lambda d: (d / "adapterctl.json").unlink(), FailedPrecondition, "no base model fingerprint"),
+    "no-fingerprint": (
+        lambda d: (d / "adapterctl.json").unlink(),
+        FailedPrecondition,
+        "names base model 'fake-base', which does not resolve on this machine",
+    ),
     "bad-fingerprint": (
         lambda d: _edit_json(d / "adapterctl.json", base_model={"id": "x", "fingerprint": "md5:1"}),
         InvalidArgument,

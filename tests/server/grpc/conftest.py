@@ -117,6 +117,26 @@ def fresh_server(tmp_path_factory, published, tiny_base):
     yield from _engine_server(tmp_path_factory, published, tiny_base)
 
 
+@pytest.fixture(scope="module")
+def start_batched(tmp_path_factory, tiny_base):
+    """``start_batched(registry_uri, **config) -> BackgroundServer``: the batching engine on
+    the tiny base with room for concurrent requests (8 running, 64 waiting), aliases moved
+    only by RefreshAliases; stopped at the end of the module."""
+    started = []
+
+    def start(registry_uri: str, **overrides: Any):
+        settings: dict[str, Any] = dict(uri=registry_uri, alias_refresh=3600,
+                                        base_model=str(tiny_base.path), max_lora_rank=8, max_running_requests=8,
+                                        max_waiting=64, max_new_tokens_limit=2000, max_prompt_tokens=40)
+        settings.update(overrides)
+        started.append(start_server(tmp_path_factory.mktemp("batched-server"), **settings))
+        return started[-1]
+
+    yield start
+    for bg in started:
+        bg.stop()
+
+
 @pytest.fixture
 def client(server):
     from adapterctl.client import Client

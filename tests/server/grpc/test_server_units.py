@@ -106,6 +106,7 @@ def test_readme_section_lists_only_real_metrics():
 
     m = ServerMetrics(2)
     m.observe_request("a", "OK", 3, 4, 1.0, 0.1)
+    m.observe_alias_request("a", "prod", 2, "canary", "OK", 1.0, 0.1)
     m.on_step(1, 1, 1, 0, 0.5)
     m.on_load("disk", 0.1, "a")
     m.on_residency("device", 1, 10, 0)
