@@ -47,6 +47,8 @@ class ServerConfig:
     port: int = option(50051, "gRPC port (0 = pick a free one; see --ready-file).")
     metrics_host: str | None = option(None, "Address of the /metrics endpoint (default: --host).")
     metrics_port: int = option(9400, "Prometheus /metrics port (0 = pick a free one, -1 = off).")
+    http_port: int = option(8000, "OpenAI-compatible HTTP API port on --host (0 = pick a free one, -1 = off).")
+    http: bool = option(True, "Serve the HTTP API (--no-http turns it off, like --http-port -1).")
     engine: str = option("auto", "Inference engine: batched (continuous batching), reference (PEFT, one "
                          "request at a time) or auto (batched when available).", choices=ENGINES)
     device: str | None = option(None, "Torch device (default cuda when available, else cpu).")
@@ -78,7 +80,7 @@ class ServerConfig:
                                           "enables auth.", path="file")
     metrics_max_adapters: int = option(50, "Distinct adapter label values in metrics; the rest are __other__.")
     log_json: bool = option(False, "Log one JSON object per line.")
-    ready_file: Path | None = option(None, "Write {pid, host, port, metrics_port} as JSON here once SERVING.",
+    ready_file: Path | None = option(None, "Write {pid, host, port, metrics_port, http_port} as JSON here once SERVING.",
                                      path="out")
 
     def __post_init__(self) -> None:
@@ -89,6 +91,8 @@ class ServerConfig:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise InvalidArgument(f"--http-port must be in [-1, 65535], got {self.http_port}")
         for name in ("max_adapters", "max_lora_rank", "max_new_tokens_limit", "metrics_max_adapters",
                      "max_prompt_tokens"):
             if getattr(self, name) < 1:
@@ -114,6 +118,10 @@ class ServerConfig:
         if self.engine != "auto":
             return self.engine
         return "batched" if importlib.util.find_spec(BATCHED_ENGINE_MODULE) else "reference"
+
+    @property
+    def http_enabled(self) -> bool:
+        return self.http and self.http_port >= 0
 
     @property
     def tls(self) -> bool:

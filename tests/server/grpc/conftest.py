@@ -74,11 +74,11 @@ def published(tmp_path_factory, make_adapter):
 
 
 def start_server(tmp_path: Path, engine_factory=None, **overrides: Any):
-    """A BackgroundServer on 127.0.0.1:0 (metrics on :0), started and SERVING."""
+    """A BackgroundServer on 127.0.0.1:0 (metrics and HTTP on :0), started and SERVING."""
     from adapterctl.server.app import BackgroundServer, build_engine
     from adapterctl.server.config import ServerConfig
 
-    settings: dict[str, Any] = dict(port=0, metrics_port=0, engine="reference", alias_refresh=0,
+    settings: dict[str, Any] = dict(port=0, metrics_port=0, http_port=0, engine="reference", alias_refresh=0,
                                     shutdown_grace=2, cache_dir=tmp_path / "adapter-cache")
     settings.update(overrides)
     return BackgroundServer(ServerConfig(**settings), engine_factory or build_engine).start()
