@@ -32,5 +32,20 @@ sysdeps:
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx-light >/dev/null; \
 		else echo "note: install promtool (prometheus) and nginx to run every test" >&2; fi; fi
 
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+# p1..p6 on the real base model; p4 = the HTTP and gRPC front ends over the in-process engine.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run --quick
+
+# Regenerates the committed gRPC code; tests/test_proto.py fails on drift.
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
+		--grpc_python_out=proto proto/adapterctl/v1/adapterctl.proto
+
 clean:
 	rm -rf $(VENV) build *.egg-info
