@@ -72,17 +72,17 @@ class ResponseFormat:
         if self.type not in RESPONSE_FORMATS:
             raise InvalidArgument(f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}, "
                                   f"got {self.type!r}")
-        if self.type == "text":
-            return None
+        if self.type != "json_schema":
+            return None if self.type == "text" else ResponseFormat(self.type)
         schema = self.schema
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
             except ValueError as exc:
                 raise InvalidArgument(f"response_format json_schema is not valid JSON: {exc}") from exc
-        if self.type == "json_schema" and not isinstance(schema, dict):
+        if not isinstance(schema, dict):
             raise InvalidArgument("response_format json_schema needs a schema (a JSON object)")
-        return ResponseFormat(self.type, schema if self.type == "json_schema" else None)
+        return ResponseFormat(self.type, schema)
 
 
 @dataclass(frozen=True)

@@ -89,13 +89,21 @@ class _Deadline:
         return "DEADLINE_EXCEEDED" if self.expired() else "CANCELLED"
 
     def scope(self):
-        return asyncio.timeout(self.seconds) if self.seconds else contextlib.nullcontext()
+        """Raises TimeoutError in the block once the deadline passes (an absolute time, so
+        the handler and the stream body share one budget)."""
+        if self.at is None:
+            return contextlib.nullcontext()
+        return asyncio.timeout(max(0.0, self.at - time.monotonic()))
 
 
-def _calls(front: Frontend, body: _Generation, request: Request, prompts: list[Call]) -> list[Call]:
-    """One call per (prompt, choice) in OpenAI's choice order; choice j of a seeded request uses seed + j."""
+def _request_id(request: Request) -> str:
+    return (request.headers.get("x-request-id") or uuid.uuid4().hex)[:96]
+
+
+def _calls(front: Frontend, body: _Generation, rid: str, prompts: list[Call]) -> list[Call]:
+    """One call per (prompt, choice) in OpenAI's choice order; choice j of a seeded request
+    uses seed + j; with several, call i's request id is ``rid-i``."""
     base_id = front.generations.base_id
-    rid = (request.headers.get("x-request-id") or uuid.uuid4().hex)[:96]
     common = dict(api="http", adapter="" if body.model == base_id else body.model,
                   max_new_tokens=body.max_tokens or 0,
                   temperature=1.0 if body.temperature is None else body.temperature,
@@ -113,17 +121,16 @@ def _calls(front: Frontend, body: _Generation, request: Request, prompts: list[C
     return calls
 
 
-async def _respond(front: Frontend, request: Request, calls: list[Call], body: _Generation, kind: str,
+async def _respond(front: Frontend, request: Request, rid: str, calls: list[Call], body: _Generation, kind: str,
                    choice: Callable, chunk_choice: Callable) -> Any:
     """The response (JSON, or SSE when ``body.stream``) for ``calls``, in choice order."""
     n, stream, include_usage = body.n, body.stream, body.include_usage
     deadline = _Deadline(request)
     runs = [front.generations.run(c, deadline.code_of, deadline.cancelled) for c in calls]
     created = int(time.time())
-    rid = calls[0].request_id.rsplit("-", 1)[0] if len(calls) > 1 else calls[0].request_id
     if not stream:
         async with deadline.scope():
-            results = await asyncio.gather(*(_result(r) for r in runs))
+            results = await _all(runs)
         served = results[0].adapter
         body = {**R.envelope(kind, rid, created, served_model(served, front.generations.base_id),
                              front.fingerprint(served)),
@@ -151,6 +158,17 @@ async def _respond(front: Frontend, request: Request, calls: list[Call], body: _
 
     body = sse(chunks(), lambda exc: exception_body(exc)[1])
     return EventSourceResponse(body, headers=_headers(served), ping=15)
+
+
+async def _all(runs: list[AsyncIterator[TokenEvent | GenerationResult]]) -> list[GenerationResult]:
+    """Every run's result, in order; the first failure cancels the others (their rows are freed)."""
+    tasks = [asyncio.ensure_future(_result(r)) for r in runs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _result(run: AsyncIterator[TokenEvent | GenerationResult]) -> GenerationResult:
@@ -192,16 +210,17 @@ async def completions(body: CompletionBody, request: Request, front: Frontend = 
     logprobs = body.logprobs is not None
     prompts = [Call(api="http", prompt=p, logprobs=logprobs, top_logprobs=body.logprobs or 0)
                for p in body.prompts()]
-    calls = _calls(front, body, request, prompts)
-    return await _respond(front, request, calls, body, "text_completion", R.completion_choice, _completion_chunk)
+    rid = _request_id(request)
+    return await _respond(front, request, rid, _calls(front, body, rid, prompts), body, "text_completion",
+                          R.completion_choice, _completion_chunk)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatBody, request: Request, front: Frontend = Depends(frontend)) -> Any:
-    turns = body.turns()
-    calls = _calls(front, body, request, [Call(api="http", messages=turns, logprobs=body.logprobs,
-                                                top_logprobs=body.top_logprobs or 0)])
-    return await _respond(front, request, calls, body, "chat.completion", R.chat_choice, _chat_chunk)
+    rid = _request_id(request)
+    calls = _calls(front, body, rid, [Call(api="http", messages=body.turns(), logprobs=body.logprobs,
+                                           top_logprobs=body.top_logprobs or 0)])
+    return await _respond(front, request, rid, calls, body, "chat.completion", R.chat_choice, _chat_chunk)
 
 
 @router.get("/v1/models")

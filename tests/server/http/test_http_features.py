@@ -207,3 +207,20 @@ def test_disconnect_mid_stream_frees_the_slot(http_server):
     m = scrape(http_server.server.metrics_port)
     assert m[("adapterctl_engine_running_requests", ())] == 0
     assert m.get(("adapterctl_requests_total", (("adapter", "delta"), ("api", "http"), ("code", "CANCELLED"))), 0) >= 1
+
+
+def test_deadline_header_gives_504_and_frees_the_row(http_server):
+    engine = http_server.server.engine
+    body = {"model": "delta", "prompt": "Once upon a time", "max_tokens": 250, "temperature": 0}
+    r = httpx.post(f"{base_url(http_server)}/completions", json=body, headers={"x-adapterctl-timeout": "0.2"},
+                   timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    r = httpx.post(f"{base_url(http_server)}/completions", json=body, headers={"x-adapterctl-timeout": "soon"},
+                   timeout=60)
+    assert r.status_code == 400
+    deadline = time.monotonic() + 30
+    while engine.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.scheduler.running
+    m = scrape(http_server.server.metrics_port)
+    assert m[("adapterctl_requests_total", (("adapter", "delta"), ("api", "http"), ("code", "DEADLINE_EXCEEDED")))] >= 1

@@ -69,6 +69,7 @@ def test_gemma_json_schema_in_mixed_batches(make_server, gemma_base, tmp_path):
         for text in outputs:
             jsonschema.validate(json.loads(text), SCHEMA)
         obj = client.chat.completions.create(
-            model=model, max_tokens=120, temperature=0, response_format={"type": "json_object"},
-            messages=[{"role": "user", "content": "Give me a JSON object describing a cat."}])
-        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+            model=model, max_tokens=160, temperature=0, response_format={"type": "json_object"},
+            messages=[{"role": "user", "content": "Give a JSON object with the keys city and country for Paris."}]
+        ).choices[0]
+        assert obj.finish_reason == "stop" and isinstance(json.loads(obj.message.content), dict), obj.message.content
