@@ -11,10 +11,9 @@ import contextlib
 import logging
 from typing import Any, AsyncIterator
 
-from adapterctl.errors import InvalidArgument
 from adapterctl.refs import parse_ref
 from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, AdapterStatus,
-                                          GenerationResult, ResponseFormat, TokenLogprob)
+                                          Engine, GenerationResult, ResponseFormat, TokenLogprob)
 from adapterctl.server.generation import Call, Generations, token_text
 from adapterctl.server.interceptors import status_code
 from adapterctl.v1 import adapterctl_pb2 as pb

@@ -51,7 +51,7 @@ class Frontend:
         return str(getattr(getattr(self.generations.engine, "base", None), "fingerprint", "") or "")
 
 
-def frontend(request: Request) -> Frontend:
+async def frontend(request: Request) -> Frontend:
     """Dependency: the app's Frontend once the caller passed auth and the serving gate."""
     front: Frontend = request.app.state.frontend
     header = request.headers.get("authorization")
