@@ -52,10 +52,5 @@ sysdeps:
 			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus nginx-light >/dev/null; \
 		else echo "note: install promtool (prometheus) and nginx to run every test" >&2; fi; fi
 
-# Regenerate the committed gRPC code (tests/test_proto.py fails on drift).
-proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iproto -I"$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.dirname(grpc_tools.__file__))')/_proto" \
-		--python_out=proto --pyi_out=proto --grpc_python_out=proto proto/adapterctl/v1/adapterctl.proto
-
 clean:
 	rm -rf $(VENV) build *.egg-info

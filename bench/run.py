@@ -1,6 +1,6 @@
 """``python -m bench.run [--quick]``: the serving benchmark of issue 4 on the real base
 model, baselines and engine side by side in one process. Prints a table, then as the
-LAST line one JSON object with the p1/p2/p3/p5/p6 ratios and base_tok_s_b64.
+LAST line one JSON object with the p1/p2/p3/p4/p5/p6 ratios and base_tok_s_b64.
 
 Workloads (full / --quick):
   p1/p2  32 / 8 concurrent requests, prompts 16-32 tokens, 32 / 8 new tokens, greedy, each
@@ -10,6 +10,8 @@ Workloads (full / --quick):
   b64    64 concurrent base requests, 64 / 8 new tokens.
   p3     64 / 12 requests, max_new uniform in [8, 128] / [4, 16], Poisson arrivals at half
          the engine's b64 rate; vs HF generate static batches of <= 32 (same arrivals).
+  p4     32 / 8 concurrent streams on their own rank-16 adapters through the HTTP and gRPC
+         front ends on loopback vs the same in-process (bench/frontend_bench.py).
   p5     500 / 40 rank-8 adapters on a moto S3 registry, 16 slots, 64 host slots,
          256 / 48 Zipf(1.0) requests; cold loads and promotions of rank-16 q/v adapters.
   p6     bench/train_bench.py (null when it is absent).
@@ -27,12 +29,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-KEYS = ("p1_mixed_over_base", "p2_over_switching", "p3_goodput_over_static", "p3_ttft_p99_over_solo",
-        "p5_cold_load_ms_p50", "p5_promote_ms_p50", "p5_zipf_over_hot", "base_tok_s_b64", "p6_train_over_stock")
-WORKLOADS = ("p1", "p2", "b64", "p3", "p5", "p6")
-GOALS = {"p1_mixed_over_base": ">= 0.90", "p2_over_switching": ">= 8", "p3_goodput_over_static": ">= 1.5",
-         "p3_ttft_p99_over_solo": "<= 2.0", "p5_cold_load_ms_p50": "<= 100", "p5_promote_ms_p50": "<= 5",
-         "p5_zipf_over_hot": ">= 0.80", "base_tok_s_b64": "(ceiling ~350)", "p6_train_over_stock": ""}
+KEYS = (
+    "p1_mixed_over_base",
+    "p2_over_switching",
+    "p3_goodput_over_static",
+    "p3_ttft_p99_over_solo",
+    "p4_http_over_inprocess",
+    "p4_grpc_over_inprocess",
+    "p5_cold_load_ms_p50",
+    "p5_promote_ms_p50",
+    "p5_zipf_over_hot",
+    "base_tok_s_b64",
+    "p6_train_over_stock",
+)
+WORKLOADS = ("p1", "p2", "b64", "p3", "p4", "p5", "p6")
+GOALS = {
+    "p1_mixed_over_base": ">= 0.90",
+    "p2_over_switching": ">= 8",
+    "p3_goodput_over_static": ">= 1.5",
+    "p3_ttft_p99_over_solo": "<= 2.0",
+    "p4_http_over_inprocess": ">= 0.90",
+    "p4_grpc_over_inprocess": ">= 0.90",
+    "p5_cold_load_ms_p50": "<= 100",
+    "p5_promote_ms_p50": "<= 5",
+    "p5_zipf_over_hot": ">= 0.80",
+    "base_tok_s_b64": "(ceiling ~350)",
+    "p6_train_over_stock": "",
+}
 
 
 def _log(msg: str) -> None:
@@ -47,7 +70,7 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
     from adapterctl.server.cache.memory import MemoryStore
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
-    from bench import cache_bench, engine_bench
+    from bench import cache_bench, engine_bench, frontend_bench
     from bench.common import base_model, load_dirs, random_adapters, template_adapter
 
     torch.manual_seed(0)
@@ -84,6 +107,9 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
             if "p3" in only:
                 out.update(await engine_bench.p3(engine, peft, tok, out["base_tok_s_b64"], quick))
                 _log(f"p3 goodput {out['p3_goodput_over_static']:.2f}  ttft {out['p3_ttft_p99_over_solo']:.2f}")
+            if "p4" in only:
+                out.update(await frontend_bench.p4(engine, tok, names, quick))
+                _log(f"p4 http {out['p4_http_over_inprocess']:.3f}  grpc {out['p4_grpc_over_inprocess']:.3f}")
         finally:
             await engine.stop()
         model = engine.runner.model

@@ -58,9 +58,9 @@ def main() -> None:
     cli("list", ADAPTER)
 
     ready = work / "ready.json"
-    console.print("[bold cyan]$ adapterctl serve --port 0 --metrics-port 0 &[/]")
+    console.print("[bold cyan]$ adapterctl serve --port 0 --metrics-port 0 --http-port 0 &[/]")
     server = subprocess.Popen([sys.executable, "-m", "adapterctl.client.cli.main", "serve", "--port", "0",
-                               "--metrics-port", "0", "--ready-file", str(ready)])
+                               "--metrics-port", "0", "--http-port", "0", "--ready-file", str(ready)])
     try:
         info = wait_ready(ready, server)
         target = f"{info['host']}:{info['port']}"

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from adapterctl.errors import Unavailable
 from adapterctl.server.build import build_engine
 from adapterctl.server.config import ServerConfig
+from adapterctl.server.generation import Generations
 from adapterctl.server.interceptors import (
     DRAINING,
     SERVING,
@@ -54,6 +55,8 @@ class AdapterctlServer:
         self.engine: Engine | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: Any = None  # server.http.app.HttpServer when the HTTP API is on (imported lazily)
         self._engine_factory = engine_factory
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
@@ -69,8 +72,10 @@ class AdapterctlServer:
         self._server = grpc.aio.server(interceptors=[access, ErrorInterceptor()],
                                        options=[("grpc.so_reuseport", 0)])
         # Services are registered before start (grpc needs that); they see the engine once loaded.
-        inference = InferenceServicer(None, self.metrics, cfg.default_max_new_tokens,
-                                      cfg.engine.max_new_tokens_limit, self.state)
+        # One shared request path for both front ends; it sees the engine once loaded.
+        generations = Generations(None, self.metrics, cfg.default_max_new_tokens, cfg.engine.max_new_tokens_limit,
+                                  self.state)
+        inference = InferenceServicer(generations)
         admin = AdminServicer(None)
         pb_grpc.add_InferenceServicer_to_server(inference, self._server)
         pb_grpc.add_AdminServicer_to_server(admin, self._server)
@@ -81,14 +86,16 @@ class AdapterctlServer:
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(cfg.metrics_host or cfg.host, cfg.metrics_port)
         await self._server.start()
+        if cfg.http_enabled:
+            self.http_port = await self._start_http(generations, tokens)
         self.listening.set()
-        log.info("listening on %s:%s (tls=%s, auth=%s), metrics on %s; loading the model", cfg.host, self.port,
-                 cfg.tls, tokens is not None, self.metrics_port)
+        log.info("listening on %s:%s (tls=%s, auth=%s), metrics on %s, http on %s; loading the model", cfg.host,
+                 self.port, cfg.tls, tokens is not None, self.metrics_port, self.http_port)
         self.engine = await asyncio.to_thread(self._engine_factory, cfg, self.metrics)
         await self.engine.start()
         if cfg.chat_template:
             self.engine.tokenizer.chat_template = cfg.chat_template.read_text()
-        inference.engine = admin.engine = self.engine
+        generations.engine = admin.engine = self.engine
         base = getattr(self.engine, "base", None)
         self.metrics.set_base_model(getattr(base, "id", cfg.base_model or ""), getattr(base, "fingerprint", ""),
                                     str(getattr(self.engine, "device", cfg.engine.device or "")), cfg.engine.dtype,
@@ -98,6 +105,14 @@ class AdapterctlServer:
         self.state.phase = SERVING
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._announce()
+
+    async def _start_http(self, generations: Generations, tokens: TokenTable | None) -> int:
+        from adapterctl.server.http.app import HttpServer, create_app
+        from adapterctl.server.http.routes import Frontend
+
+        front = Frontend(generations, tokens, lambda code: self.metrics.auth_failures.labels(code=code).inc())
+        self._http = HttpServer(create_app(front), self.config.host, self.config.http_port)
+        return await self._http.start()
 
     def _bind(self) -> int:
         cfg, address = self.config, f"{self.config.host}:{self.config.port}"
@@ -116,7 +131,8 @@ class AdapterctlServer:
         return port
 
     def _announce(self) -> None:
-        info = {"pid": os.getpid(), "host": self.config.host, "port": self.port, "metrics_port": self.metrics_port}
+        info = {"pid": os.getpid(), "host": self.config.host, "port": self.port, "metrics_port": self.metrics_port,
+                "http_port": self.http_port}
         if self.config.ready_file:
             tmp = self.config.ready_file.with_name(self.config.ready_file.name + ".tmp")
             tmp.write_text(json.dumps(info))
@@ -164,6 +180,8 @@ class AdapterctlServer:
                 log.warning("grace period over with %d request(s) in flight; cancelling them", self.state.inflight)
             await self._server.stop(0)
             await closing
+        if self._http is not None:
+            await self._http.stop()
         if self.engine is not None:
             await self.engine.stop()
         self.metrics.stop_http()
@@ -183,7 +201,8 @@ def run(config: ServerConfig) -> int:
         except BaseException:
             await server.stop(0)
             raise
-        print(f"adapterctl serving grpc={config.host}:{server.port} metrics={server.metrics_port}", flush=True)
+        print(f"adapterctl serving grpc={config.host}:{server.port} metrics={server.metrics_port} "
+              f"http={server.http_port if server.http_port is not None else 'off'}", flush=True)
         await server.serve_forever()
 
     asyncio.run(main())

@@ -38,6 +38,8 @@ class ServerConfig:
     port: int = option(50051, "gRPC port (0 = pick a free one; see --ready-file).")
     metrics_host: str | None = option(None, "Address of the /metrics endpoint (default: --host).")
     metrics_port: int = option(9400, "Prometheus /metrics port (0 = pick a free one, -1 = off).")
+    http_port: int = option(8000, "OpenAI-compatible HTTP API port on --host (0 = pick a free one, -1 = off).")
+    http: bool = option(True, "Serve the HTTP API (--no-http turns it off, like --http-port -1).")
     default_max_new_tokens: int = option(128, "max_new_tokens when a request leaves it 0.")
     shutdown_grace: float = option(10.0, "Seconds in-flight requests get to finish after SIGTERM.")
     tls_cert: Path | None = option(None, "PEM server certificate (enables TLS; needs --tls-key).", path="file")
@@ -48,8 +50,8 @@ class ServerConfig:
                                           "enables auth.", path="file")
     metrics_max_adapters: int = option(50, "Distinct adapter label values in metrics; the rest are __other__.")
     log_json: bool = option(False, "Log one JSON object per line.")
-    ready_file: Path | None = option(None, "Write {pid, host, port, metrics_port} as JSON here once SERVING.",
-                                     path="out")
+    ready_file: Path | None = option(None, "Write {pid, host, port, metrics_port, http_port} as JSON here once "
+                                     "SERVING.", path="out")
     store: AdapterStoreConfig = nested(AdapterStoreConfig, "Host-RAM and disk tiers, alias refresh.")
     engine: EngineConfig = nested(EngineConfig, "The batching engine.")
 
@@ -61,6 +63,8 @@ class ServerConfig:
             raise InvalidArgument(f"--port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise InvalidArgument(f"--metrics-port must be in [-1, 65535], got {self.metrics_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise InvalidArgument(f"--http-port must be in [-1, 65535], got {self.http_port}")
         if self.metrics_max_adapters < 1:
             raise InvalidArgument(f"--metrics-max-adapters must be >= 1, got {self.metrics_max_adapters}")
         if not 1 <= self.default_max_new_tokens <= self.engine.max_new_tokens_limit:
@@ -71,6 +75,10 @@ class ServerConfig:
             raise InvalidArgument("--tls-cert and --tls-key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise InvalidArgument("--tls-client-ca (mTLS) needs --tls-cert/--tls-key")
+
+    @property
+    def http_enabled(self) -> bool:
+        return self.http and self.http_port >= 0
 
     @property
     def tls(self) -> bool:

@@ -1,5 +1,6 @@
-"""Server interceptors: the ONE mapping from domain errors to gRPC status codes, and
-access control (serving state gate + bearer-token roles).
+"""Server interceptors: the ONE mapping from domain errors to gRPC status codes (and from
+those to HTTP statuses for the HTTP front end), and access control (serving state gate +
+bearer-token roles, shared by both front ends through :func:`refusal`).
 
 Health and reflection are never gated or authenticated, so probes and grpcurl
 ``list`` work while loading, draining or without a token.
@@ -32,6 +33,8 @@ def status_code(exc: BaseException, context: Any = None) -> grpc.StatusCode:
     call is DEADLINE_EXCEEDED when its deadline passed, else CANCELLED."""
     if isinstance(exc, AdapterctlError):
         return grpc.StatusCode[exc.status]
+    if isinstance(exc, TimeoutError):  # an HTTP request's deadline (asyncio.timeout)
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, asyncio.CancelledError):
         remaining = context.time_remaining() if context is not None else None
         return (
@@ -40,6 +43,28 @@ def status_code(exc: BaseException, context: Any = None) -> grpc.StatusCode:
     if isinstance(exc, grpc.aio.AbortError) and context is not None and context.code() is not None:
         return context.code()
     return grpc.StatusCode.INTERNAL
+
+
+# gRPC status name -> (HTTP status, OpenAI error ``type``). Unlisted codes are 500.
+HTTP_STATUS: dict[str, tuple[int, str]] = {
+    "INVALID_ARGUMENT": (400, "invalid_request_error"),
+    "OUT_OF_RANGE": (400, "invalid_request_error"),
+    "UNAUTHENTICATED": (401, "authentication_error"),
+    "PERMISSION_DENIED": (403, "permission_error"),
+    "NOT_FOUND": (404, "not_found_error"),
+    "ALREADY_EXISTS": (409, "conflict_error"),
+    "ABORTED": (409, "conflict_error"),
+    "FAILED_PRECONDITION": (412, "failed_precondition_error"),  # e.g. an adapter built for another base
+    "RESOURCE_EXHAUSTED": (429, "rate_limit_error"),
+    "CANCELLED": (499, "cancelled"),
+    "UNAVAILABLE": (503, "service_unavailable"),
+    "DEADLINE_EXCEEDED": (504, "timeout"),
+}
+
+
+def http_status(code: grpc.StatusCode) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) for a gRPC status code."""
+    return HTTP_STATUS.get(code.name, (500, "internal_error"))
 
 
 class ServingState:
@@ -106,6 +131,23 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
+def refusal(state: "ServingState", tokens: "TokenTable | None", token: str | None,
+            admin: bool = False) -> tuple[grpc.StatusCode, str] | None:
+    """Why a call with bearer ``token`` is refused (code, message), or None to let it in:
+    UNAUTHENTICATED without a known token, PERMISSION_DENIED for an admin call without
+    the admin role, UNAVAILABLE unless serving. One rule for gRPC and HTTP."""
+    if tokens is not None:
+        role = tokens.role(token) if token else None
+        if role is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
+        if admin and role != "admin":
+            return grpc.StatusCode.PERMISSION_DENIED, "this RPC needs an admin token"
+    if not state.accepting:
+        why = "the model is still loading" if state.phase == LOADING else "the server is shutting down"
+        return grpc.StatusCode.UNAVAILABLE, why
+    return None
+
+
 class AccessInterceptor(grpc.aio.ServerInterceptor):
     """Refuses Inference/Admin RPCs: UNAUTHENTICATED without a known token,
     PERMISSION_DENIED for Admin without the admin role, UNAVAILABLE unless serving."""
@@ -119,19 +161,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         method = details.method or ""
         if handler is None or not method.startswith((INFERENCE_PREFIX, ADMIN_PREFIX)):
             return handler
-        if self._tokens is not None:
-            token = bearer_token(details.invocation_metadata)
-            role = self._tokens.role(token) if token else None
-            if role is None:
-                self._on_denied("UNAUTHENTICATED")
-                return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-            if method.startswith(ADMIN_PREFIX) and role != "admin":
-                self._on_denied("PERMISSION_DENIED")
-                return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, "this RPC needs an admin token")
-        if not self._state.accepting:
-            why = "the model is still loading" if self._state.phase == LOADING else "the server is shutting down"
-            return _refusing(handler, grpc.StatusCode.UNAVAILABLE, why)
-        return handler
+        refused = refusal(self._state, self._tokens, bearer_token(details.invocation_metadata),
+                          admin=method.startswith(ADMIN_PREFIX))
+        if refused is None:
+            return handler
+        code, message = refused
+        if code != grpc.StatusCode.UNAVAILABLE:
+            self._on_denied(code.name)
+        return _refusing(handler, code, message)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):

@@ -105,8 +105,8 @@ class ServerMetrics(EngineObserver):
         self.registry = registry or CollectorRegistry()
         self.labels = AdapterLabels(max_adapters)
         reg, a = self.registry, ["adapter"]
-        self.requests = Counter("adapterctl_requests", "Generate requests finished, by adapter and gRPC status code.",
-                                ["adapter", "code"], registry=reg)
+        self.requests = Counter("adapterctl_requests", "Generate requests finished, by adapter, gRPC status code "
+                                "and API (grpc, http).", ["adapter", "code", "api"], registry=reg)
         self.prompt_tokens = Counter("adapterctl_prompt_tokens", "Prompt tokens of finished requests.", a, registry=reg)
         self.generated_tokens = Counter("adapterctl_generated_tokens", "Tokens generated.", a, registry=reg)
         self.latency = Histogram("adapterctl_request_duration_seconds", "Generate request latency, end to end.", a,
@@ -166,10 +166,10 @@ class ServerMetrics(EngineObserver):
 
     # ---- requests (servicer) ----------------------------------------------------------
     def observe_request(self, adapter: str | None, code: str, prompt_tokens: int, completion_tokens: int,
-                        latency: float, ttft: float | None) -> None:
-        """One finished Generate/GenerateStream call; ``code`` is a grpc.StatusCode name."""
+                        latency: float, ttft: float | None, api: str = "grpc") -> None:
+        """One finished generation through ``api`` (grpc | http); ``code`` is a grpc.StatusCode name."""
         label = self.labels.label(adapter, claim=code == "OK")
-        self.requests.labels(adapter=label, code=code).inc()
+        self.requests.labels(adapter=label, code=code, api=api).inc()
         self.latency.labels(adapter=label).observe(latency)
         if prompt_tokens:
             self.prompt_tokens.labels(adapter=label).inc(prompt_tokens)

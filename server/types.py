@@ -14,6 +14,7 @@ servicer maps them to gRPC status codes.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
@@ -26,6 +27,8 @@ FINISH_LENGTH = "length"
 FINISH_STOP = "stop"
 FINISH_EOS = "eos"
 FINISH_CANCELLED = "cancelled"
+MAX_TOP_LOGPROBS = 20  # the OpenAI API's bound
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # report each sampled token's log-probability (see TokenLogprob)
+    top_logprobs: int = 0  # and the k most likely alternatives, 0..MAX_TOP_LOGPROBS (needs logprobs)
 
     def validate(self, max_new_tokens_limit: int) -> "SamplingParams":
         """Raise InvalidArgument naming the first bad field; return self."""
@@ -51,7 +56,49 @@ class SamplingParams:
             raise InvalidArgument(f"top_k must be >= 0, got {self.top_k}")
         if any(not s for s in self.stop):
             raise InvalidArgument("stop sequences must not be empty strings")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidArgument("top_logprobs needs logprobs")
         return self
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """Output constraint: ``json_object`` (any JSON object) or ``json_schema`` (``schema``,
+    a JSON Schema as a dict or JSON text); ``text`` means unconstrained."""
+
+    type: str = "text"
+    schema: dict | str | None = None
+
+    def validate(self) -> "ResponseFormat | None":
+        """None for ``text``, else the format with ``schema`` a dict; InvalidArgument for an
+        unknown type or a json_schema without a JSON-object schema."""
+        if self.type not in RESPONSE_FORMATS:
+            raise InvalidArgument(f"response_format.type must be one of {', '.join(RESPONSE_FORMATS)}, "
+                                  f"got {self.type!r}")
+        if self.type != "json_schema":
+            return None if self.type == "text" else ResponseFormat(self.type)
+        schema = self.schema
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise InvalidArgument(f"response_format json_schema is not valid JSON: {exc}") from exc
+        if not isinstance(schema, dict):
+            raise InvalidArgument("response_format json_schema needs a schema (a JSON object)")
+        return ResponseFormat(self.type, schema)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token's log-probability under the distribution it was sampled from
+    (log_softmax of the logits after the grammar mask and temperature; greedy = T 1),
+    and the ``top`` (token_id, logprob) alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -70,6 +117,7 @@ class GenerationRequest:
     routing_key: str = ""
     served: "ServedAdapter | None" = None
     route: str = ""  # "primary" / "canary" when ``adapter`` is an alias, set with ``served``
+    response_format: ResponseFormat | None = None  # None = unconstrained
 
 
 @dataclass(frozen=True)
@@ -83,10 +131,13 @@ class ServedAdapter:
 
 @dataclass
 class TokenEvent:
-    """New tokens for one request; ``text`` is the decoded delta (may be "")."""
+    """New tokens for one request; ``text`` is the decoded delta (may be "").
+    ``logprobs`` (one per token id) when the request asked; ``served`` on the first event."""
 
     token_ids: list[int]
     text: str
+    logprobs: list[TokenLogprob] | None = None
+    served: ServedAdapter | None = None
 
 
 @dataclass
@@ -99,6 +150,7 @@ class GenerationResult:
     finish_reason: str  # one of FINISH_*
     prompt_tokens: int
     adapter: ServedAdapter | None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked
 
     @property
     def completion_tokens(self) -> int:

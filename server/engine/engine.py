@@ -22,9 +22,10 @@ from adapterctl.basemodel import BaseModel
 from adapterctl.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from adapterctl.server.engine.admin import AdapterAdmin
 from adapterctl.server.engine.config import EngineConfig
+from adapterctl.server.engine.grammar import Grammars
 from adapterctl.server.engine.prefill import Action, Piece, PrefillPolicy
 from adapterctl.server.engine.runner import ModelRunner
-from adapterctl.server.engine.sampling import make_generator, sample
+from adapterctl.server.engine.sampling import make_generator, select
 from adapterctl.server.engine.scheduler import Scheduler, Sequence
 from adapterctl.server.engine.slots import DeviceSlots
 from adapterctl.server.textstream import StopTextStream
@@ -51,6 +52,8 @@ class BatchingEngine:
     Admin operations (ListAdapters, Load/Unload/Pin, alias refresh) are delegated to
     :class:`~adapterctl.server.engine.admin.AdapterAdmin` over this engine's public
     :meth:`fetch`, :meth:`on_decode_thread` and :meth:`wake`."""
+
+    features = frozenset({"logprobs", "response_format"})  # beyond plain generation (server.generation)
 
     def __init__(self, base: BaseModel, store: AdapterSource | None = None, config: EngineConfig | None = None,
                  observer: EngineObserver | None = None, *, model: Any = None, tokenizer: Any = None) -> None:
@@ -99,6 +102,7 @@ class BatchingEngine:
                                   backend=cfg.lora_backend, gemm=cfg.cpu_gemm)
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
         self.slots = DeviceSlots(self.runner.bank, self.observer)
+        self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.slots, PrefillPolicy(cfg.prefill_mode))
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -134,6 +138,9 @@ class BatchingEngine:
         served, adapter = None, None
         if request.adapter:
             served, adapter = await self.fetch(request.adapter, request)
+        constraint = None
+        if request.response_format is not None:  # compiling a schema can take a while: off the loop
+            constraint = await asyncio.to_thread(self.grammars.constraint, request.response_format)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -145,7 +152,8 @@ class BatchingEngine:
 
         seq = Sequence(request=request, params=params, served=served, adapter=adapter, sink=sink,
                        text=StopTextStream(self.tokenizer, params.stop),
-                       generator=make_generator(params.seed) if params.temperature > 0 else None)
+                       generator=make_generator(params.seed) if params.temperature > 0 else None,
+                       constraint=constraint)
         try:
             self.scheduler.submit(seq)
         except ResourceExhausted:
@@ -310,27 +318,36 @@ class BatchingEngine:
                 sampled.append(seq)
         if self.logits_hook is not None:
             self.logits_hook(sampled, logits)
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])
+        masks = None
+        if any(s.constraint is not None for s in sampled):
+            masks = [s.constraint.mask() if s.constraint is not None else None for s in sampled]
+        tokens, logprobs = select(logits, [s.params for s in sampled], [s.generator for s in sampled], masks)
         self._report(len(plan), sum(len(c.tokens) for _, c in plan))
         now = time.monotonic()
-        for seq, token in zip(sampled, tokens):
-            self._append(seq, token, now, held)
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            self._append(seq, token, now, held, logprob)
 
-    def _append(self, seq: Sequence, token: int, now: float, held: list[Sequence] | None) -> None:
+    def _append(self, seq: Sequence, token: int, now: float, held: list[Sequence] | None,
+                logprob: Any = None) -> None:
         if seq.cancelled:
             return  # dropped at the next step
         seq.output.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = now
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
         delta = seq.text.push([token])
         reason = None
         if token in self._eos:
             reason = FINISH_EOS
-        elif seq.text.stopped:
+        elif seq.text.stopped or (seq.constraint is not None and seq.constraint.done):
             reason = FINISH_STOP
         elif len(seq.output) >= seq.params.max_new_tokens:
             reason = FINISH_LENGTH
-        seq.sink(TokenEvent([token], delta))
+        seq.sink(TokenEvent([token], delta, [logprob] if logprob is not None else None,
+                            seq.served if len(seq.output) == 1 else None))
         if reason is not None:
             if held is None:
                 self.scheduler.release(seq)
@@ -346,7 +363,8 @@ class BatchingEngine:
         if tail:
             seq.sink(TokenEvent([], tail))
         seq.sink(GenerationResult(seq.request.request_id, seq.text.text, list(seq.output), reason,
-                                  len(seq.request.prompt_ids), seq.served))
+                                  len(seq.request.prompt_ids), seq.served,
+                                  list(seq.logprobs) if seq.params.logprobs else None))
 
     def _report(self, batch: int, tokens: int) -> None:
         sched = self.scheduler

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from adapterctl.server.types import SamplingParams
+from adapterctl.server.types import SamplingParams, TokenLogprob
 
 _TOPP_PROBE = 1024  # candidates tried before falling back to a full sort for top-p
 
@@ -72,3 +72,33 @@ def _top(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k >= x.shape[-1]:
         return torch.sort(x, descending=True, stable=True)
     return torch.topk(x, k, sorted=True)
+
+
+def select(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           masks: list[torch.Tensor | None] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+    """:func:`sample` after each row's grammar mask, plus the asked-for log-probabilities.
+
+    ``masks[i]`` is None (unconstrained) or a bool ``[vocab]`` of allowed tokens; masked
+    rows get -inf elsewhere, in place. Unmasked rows are untouched, so their choice is
+    what :func:`sample` alone picks. Row i's logprobs are ``log_softmax(logits[i] / T)``
+    (T = temperature, 1 when greedy) before top-k / top-p."""
+    if masks is not None:
+        for i, mask in enumerate(masks):
+            if mask is not None:
+                logits[i].masked_fill_(~mask.to(logits.device), float("-inf"))
+    tokens = sample(logits, params, generators)
+    out: list[TokenLogprob | None] = [None] * len(params)
+    for i, p in enumerate(params):
+        if p.logprobs:
+            out[i] = token_logprob(logits[i], tokens[i], p)
+    return tokens, out
+
+
+def token_logprob(row: torch.Tensor, token: int, p: SamplingParams) -> TokenLogprob:
+    """``token``'s log-probability in ``row`` ``[vocab]`` after temperature, with the top alternatives."""
+    logp = torch.log_softmax(row.float() / (p.temperature or 1.0), dim=-1)
+    top: tuple[tuple[int, float], ...] = ()
+    if p.top_logprobs:
+        values, index = _top(logp, p.top_logprobs)
+        top = tuple((int(t), float(v)) for t, v in zip(index.tolist(), values.tolist()))
+    return TokenLogprob(int(token), float(logp[token]), top)

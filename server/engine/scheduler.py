@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -53,6 +53,8 @@ class Sequence:
     cancelled: bool = False  # set from any thread; acted on at the next step
     finish_reason: str | None = None
     first_token_at: float | None = None
+    constraint: Any = None  # grammar.Constraint for a response_format request
+    logprobs: list = field(default_factory=list)  # [TokenLogprob] per output token, when asked
 
     @property
     def prompt(self) -> list[int]:

@@ -63,8 +63,26 @@ def test_train_publish_serve_generate(gemma_base, s3_registry_uri, moto_server, 
 
     ready = tmp_path / "ready.json"
     env = dict(os.environ, AWS_ENDPOINT_URL=moto_server)
-    proc = subprocess.Popen([sys.executable, "-m", "adapterctl.client.cli.main", "serve", "--registry", s3_registry_uri,
-                             "--port", "0", "--metrics-port", "0", "--ready-file", str(ready)], env=env, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "adapterctl.client.cli.main",
+            "serve",
+            "--registry",
+            s3_registry_uri,
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ],
+        env=env,
+        cwd=tmp_path,
+    )
     try:
         info = _wait_for_ready(ready, proc)
         with Client(f"{info['host']}:{info['port']}") as client:

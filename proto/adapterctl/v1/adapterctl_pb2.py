@@ -24,45 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61\x64\x61pterctl/v1/adapterctl.proto\x12\radapterctl.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8d\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.adapterctl.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x13\n\x0brouting_key\x18\x0b \x01(\tB\x08\n\x06_top_pB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\">\n\rServedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\xcf\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.adapterctl.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.adapterctl.v1.Usage\x12-\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x1c.adapterctl.v1.ServedAdapter\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\"-\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\x7f\n\x16GenerateStreamResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.adapterctl.v1.TokenChunkH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.adapterctl.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"#\n\x13ListAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa1\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x0c\n\x04rank\x18\x08 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\r\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.adapterctl.v1.AdapterInfo\"!\n\x0e\x41\x64\x61pterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\x17\n\x15RefreshAliasesRequest\"T\n\x0b\x41liasChange\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x13\n\x0bold_version\x18\x03 \x01(\r\x12\x13\n\x0bnew_version\x18\x04 \x01(\r\"E\n\x16RefreshAliasesResponse\x12+\n\x07\x63hanged\x18\x01 \x03(\x0b\x32\x1a.adapterctl.v1.AliasChange*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xb3\x01\n\tInference\x12K\n\x08Generate\x12\x1e.adapterctl.v1.GenerateRequest\x1a\x1f.adapterctl.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.adapterctl.v1.GenerateRequest\x1a%.adapterctl.v1.GenerateStreamResponse0\x01\x32\xe9\x03\n\x05\x41\x64min\x12W\n\x0cListAdapters\x12\".adapterctl.v1.ListAdaptersRequest\x1a#.adapterctl.v1.ListAdaptersResponse\x12H\n\x0bLoadAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12J\n\rUnloadAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12G\n\nPinAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12I\n\x0cUnpinAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12]\n\x0eRefreshAliases\x12$.adapterctl.v1.RefreshAliasesRequest\x1a%.adapterctl.v1.RefreshAliasesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61\x64\x61pterctl/v1/adapterctl.proto\x12\radapterctl.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xed\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.adapterctl.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x07 \x01(\x05\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x13\n\x0brouting_key\x18\x0b \x01(\t\x12\x10\n\x08logprobs\x18\x0c \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\r \x01(\x05\x12\x36\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x1d.adapterctl.v1.ResponseFormatB\x08\n\x06_top_pB\x07\n\x05_seed\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"q\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12/\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x19.adapterctl.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\">\n\rServedAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"\xfe\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x32\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1b.adapterctl.v1.FinishReason\x12#\n\x05usage\x18\x03 \x01(\x0b\x32\x14.adapterctl.v1.Usage\x12-\n\x07\x61\x64\x61pter\x18\x04 \x01(\x0b\x32\x1c.adapterctl.v1.ServedAdapter\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.adapterctl.v1.TokenLogprob\"\\\n\nTokenChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.adapterctl.v1.TokenLogprob\"\x7f\n\x16GenerateStreamResponse\x12*\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x19.adapterctl.v1.TokenChunkH\x00\x12\x30\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1f.adapterctl.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\"#\n\x13ListAdaptersRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\xa1\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x0f\n\x07\x61liases\x18\x04 \x03(\t\x12\x0c\n\x04tier\x18\x05 \x01(\t\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\r\n\x05\x62ytes\x18\x07 \x01(\x04\x12\x0c\n\x04rank\x18\x08 \x01(\r\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\r\"D\n\x14ListAdaptersResponse\x12,\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1a.adapterctl.v1.AdapterInfo\"!\n\x0e\x41\x64\x61pterRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\"\x17\n\x15RefreshAliasesRequest\"T\n\x0b\x41liasChange\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61lias\x18\x02 \x01(\t\x12\x13\n\x0bold_version\x18\x03 \x01(\r\x12\x13\n\x0bnew_version\x18\x04 \x01(\r\"E\n\x16RefreshAliasesResponse\x12+\n\x07\x63hanged\x18\x01 \x03(\x0b\x32\x1a.adapterctl.v1.AliasChange*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xb3\x01\n\tInference\x12K\n\x08Generate\x12\x1e.adapterctl.v1.GenerateRequest\x1a\x1f.adapterctl.v1.GenerateResponse\x12Y\n\x0eGenerateStream\x12\x1e.adapterctl.v1.GenerateRequest\x1a%.adapterctl.v1.GenerateStreamResponse0\x01\x32\xe9\x03\n\x05\x41\x64min\x12W\n\x0cListAdapters\x12\".adapterctl.v1.ListAdaptersRequest\x1a#.adapterctl.v1.ListAdaptersResponse\x12H\n\x0bLoadAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12J\n\rUnloadAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12G\n\nPinAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12I\n\x0cUnpinAdapter\x12\x1d.adapterctl.v1.AdapterRequest\x1a\x1a.adapterctl.v1.AdapterInfo\x12]\n\x0eRefreshAliases\x12$.adapterctl.v1.RefreshAliasesRequest\x1a%.adapterctl.v1.RefreshAliasesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adapterctl.v1.adapterctl_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1365
-  _globals['_FINISHREASON']._serialized_end=1512
+  _globals['_FINISHREASON']._serialized_start=1787
+  _globals['_FINISHREASON']._serialized_end=1934
   _globals['_CHATMESSAGE']._serialized_start=49
   _globals['_CHATMESSAGE']._serialized_end=93
   _globals['_GENERATEREQUEST']._serialized_start=96
-  _globals['_GENERATEREQUEST']._serialized_end=365
-  _globals['_USAGE']._serialized_start=367
-  _globals['_USAGE']._serialized_end=424
-  _globals['_SERVEDADAPTER']._serialized_start=426
-  _globals['_SERVEDADAPTER']._serialized_end=488
-  _globals['_GENERATERESPONSE']._serialized_start=491
-  _globals['_GENERATERESPONSE']._serialized_end=698
-  _globals['_TOKENCHUNK']._serialized_start=700
-  _globals['_TOKENCHUNK']._serialized_end=745
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=747
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=874
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=876
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=911
-  _globals['_ADAPTERINFO']._serialized_start=914
-  _globals['_ADAPTERINFO']._serialized_end=1075
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1077
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1145
-  _globals['_ADAPTERREQUEST']._serialized_start=1147
-  _globals['_ADAPTERREQUEST']._serialized_end=1180
-  _globals['_REFRESHALIASESREQUEST']._serialized_start=1182
-  _globals['_REFRESHALIASESREQUEST']._serialized_end=1205
-  _globals['_ALIASCHANGE']._serialized_start=1207
-  _globals['_ALIASCHANGE']._serialized_end=1291
-  _globals['_REFRESHALIASESRESPONSE']._serialized_start=1293
-  _globals['_REFRESHALIASESRESPONSE']._serialized_end=1362
-  _globals['_INFERENCE']._serialized_start=1515
-  _globals['_INFERENCE']._serialized_end=1694
-  _globals['_ADMIN']._serialized_start=1697
-  _globals['_ADMIN']._serialized_end=2186
+  _globals['_GENERATEREQUEST']._serialized_end=461
+  _globals['_RESPONSEFORMAT']._serialized_start=463
+  _globals['_RESPONSEFORMAT']._serialized_end=514
+  _globals['_TOPLOGPROB']._serialized_start=516
+  _globals['_TOPLOGPROB']._serialized_end=578
+  _globals['_TOKENLOGPROB']._serialized_start=580
+  _globals['_TOKENLOGPROB']._serialized_end=693
+  _globals['_USAGE']._serialized_start=695
+  _globals['_USAGE']._serialized_end=752
+  _globals['_SERVEDADAPTER']._serialized_start=754
+  _globals['_SERVEDADAPTER']._serialized_end=816
+  _globals['_GENERATERESPONSE']._serialized_start=819
+  _globals['_GENERATERESPONSE']._serialized_end=1073
+  _globals['_TOKENCHUNK']._serialized_start=1075
+  _globals['_TOKENCHUNK']._serialized_end=1167
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1169
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1296
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1298
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1333
+  _globals['_ADAPTERINFO']._serialized_start=1336
+  _globals['_ADAPTERINFO']._serialized_end=1497
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1499
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1567
+  _globals['_ADAPTERREQUEST']._serialized_start=1569
+  _globals['_ADAPTERREQUEST']._serialized_end=1602
+  _globals['_REFRESHALIASESREQUEST']._serialized_start=1604
+  _globals['_REFRESHALIASESREQUEST']._serialized_end=1627
+  _globals['_ALIASCHANGE']._serialized_start=1629
+  _globals['_ALIASCHANGE']._serialized_end=1713
+  _globals['_REFRESHALIASESRESPONSE']._serialized_start=1715
+  _globals['_REFRESHALIASESRESPONSE']._serialized_end=1784
+  _globals['_INFERENCE']._serialized_start=1937
+  _globals['_INFERENCE']._serialized_end=2116
+  _globals['_ADMIN']._serialized_start=2119
+  _globals['_ADMIN']._serialized_end=2608
 # @@protoc_insertion_point(module_scope)

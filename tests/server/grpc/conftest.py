@@ -80,14 +80,14 @@ def published(tmp_path_factory, make_adapter):
 
 
 def start_server(tmp_path: Path, engine_factory=None, **overrides: Any):
-    """A BackgroundServer on 127.0.0.1:0 (metrics on :0), started and SERVING."""
-    """``overrides`` are flat ServerConfig settings (any level of the tree, by name)."""
+    """A BackgroundServer on 127.0.0.1:0 (metrics and HTTP on :0), started and SERVING;
+    ``overrides`` are flat ServerConfig settings (any level of the tree, by name)."""
     from adapterctl.options import from_kwargs
     from adapterctl.server.app import BackgroundServer
     from adapterctl.server.build import build_engine
     from adapterctl.server.config import ServerConfig
 
-    settings: dict[str, Any] = dict(port=0, metrics_port=0, alias_refresh=0,
+    settings: dict[str, Any] = dict(port=0, metrics_port=0, http_port=0, alias_refresh=0,
                                     shutdown_grace=2, cache_dir=tmp_path / "adapter-cache")
     settings.update(overrides)
     return BackgroundServer(from_kwargs(ServerConfig, settings), engine_factory or build_engine).start()

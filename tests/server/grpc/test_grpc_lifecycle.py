@@ -25,7 +25,7 @@ def test_not_serving_while_loading(tmp_path, echo_engine_cls):
     from adapterctl.server.config import ServerConfig
 
     gate = asyncio.Event()
-    bg = BackgroundServer(ServerConfig(port=0, metrics_port=-1),
+    bg = BackgroundServer(ServerConfig(port=0, metrics_port=-1, http_port=-1),
                           lambda config, observer: echo_engine_cls(gate))
     bg.start(wait=False)
     try:
@@ -48,11 +48,35 @@ def served_process(tmp_path, tiny_base, published):
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "adapterctl.client.cli.main", "serve",
-             "--base-model", str(tiny_base.path), "--registry", uri, "--port", "0", "--metrics-port", "-1",
-             "--shutdown-grace", "60", "--alias-refresh", "0", "--cache-dir", str(tmp_path / "cache"), "--log-json",
-             "--ready-file", str(tmp_path / "ready.json")],
-            stdout=subprocess.PIPE, stderr=log_file, text=True)
+            [
+                sys.executable,
+                "-m",
+                "adapterctl.client.cli.main",
+                "serve",
+                "--base-model",
+                str(tiny_base.path),
+                "--registry",
+                uri,
+                "--port",
+                "0",
+                "--metrics-port",
+                "-1",
+                "--http-port",
+                "0",
+                "--shutdown-grace",
+                "60",
+                "--alias-refresh",
+                "0",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--log-json",
+                "--ready-file",
+                str(tmp_path / "ready.json"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            text=True,
+        )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
@@ -61,6 +85,7 @@ def served_process(tmp_path, tiny_base, published):
         address = line.split("grpc=", 1)[1].split()[0]
         ready = json.loads((tmp_path / "ready.json").read_text())
         assert address.endswith(f":{ready['port']}") and ready["pid"] == proc.pid
+        assert f"http={ready['http_port']}" in line.split() and ready["http_port"] > 0
         yield proc, address, log_path
     finally:
         if proc.poll() is None:

@@ -29,13 +29,13 @@ def _get(samples, name, **labels):
 
 def test_per_adapter_series_are_capped(traffic, metrics_of):
     m = metrics_of(traffic)
-    assert _get(m, "adapterctl_requests_total", adapter="__base__", code="OK") == 1
-    assert _get(m, "adapterctl_requests_total", adapter="alpha", code="OK") == 2
+    assert _get(m, "adapterctl_requests_total", adapter="__base__", code="OK", api="grpc") == 1
+    assert _get(m, "adapterctl_requests_total", adapter="alpha", code="OK", api="grpc") == 2
     for name in ("beta", "gamma"):
-        assert _get(m, "adapterctl_requests_total", adapter=name, code="OK") == 1
+        assert _get(m, "adapterctl_requests_total", adapter=name, code="OK", api="grpc") == 1
     # the 4th distinct adapter and the unknown one share __other__
-    assert _get(m, "adapterctl_requests_total", adapter="__other__", code="OK") == 1
-    assert _get(m, "adapterctl_requests_total", adapter="__other__", code="NOT_FOUND") == 1
+    assert _get(m, "adapterctl_requests_total", adapter="__other__", code="OK", api="grpc") == 1
+    assert _get(m, "adapterctl_requests_total", adapter="__other__", code="NOT_FOUND", api="grpc") == 1
     adapters = {dict(labels).get("adapter") for (name, labels) in m if name == "adapterctl_requests_total"}
     assert adapters == {"__base__", "alpha", "beta", "gamma", "__other__"}
     assert _get(m, "adapterctl_generated_tokens_total", adapter="alpha") == 6

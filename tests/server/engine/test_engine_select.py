@@ -1,0 +1,48 @@
+"""``sampling.select``: grammar masks touch only their own rows, and logprobs are the
+log-softmax after temperature of the row that was sampled from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterctl.errors import InvalidArgument
+from adapterctl.server.engine.sampling import make_generator, sample, select
+from adapterctl.server.types import ResponseFormat, SamplingParams
+
+
+def test_masks_only_change_their_rows_and_logprobs_follow_temperature():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50) * 3
+    params = [SamplingParams(), SamplingParams(logprobs=True, top_logprobs=3),
+              SamplingParams(temperature=0.5, seed=1, logprobs=True), SamplingParams(temperature=0.8, seed=2)]
+    gens = [None, None, make_generator(1), make_generator(2)]
+    plain = sample(logits.clone(), params, [None, None, make_generator(1), make_generator(2)])
+    allowed = torch.zeros(50, dtype=torch.bool)
+    allowed[[7, 11]] = True
+    masked = logits.clone()
+    tokens, lps = select(masked, params, gens, [None, allowed, None, None])
+    assert tokens[0] == plain[0] and tokens[2] == plain[2] and tokens[3] == plain[3]
+    assert torch.equal(masked[[0, 2, 3]], logits[[0, 2, 3]])  # unconstrained rows untouched
+    assert tokens[1] in (7, 11) and tokens[1] == int(logits[1, [7, 11]].argmax() * 4 + 7)
+    assert lps[0] is None and lps[3] is None
+    ref = torch.log_softmax(logits[1].masked_fill(~allowed, float("-inf")), -1)
+    assert lps[1].logprob == pytest.approx(float(ref[tokens[1]]), abs=1e-6)
+    assert [t for t, _ in lps[1].top[:2]] == ref.topk(2).indices.tolist() and lps[1].top[2][1] == float("-inf")
+    ref = torch.log_softmax(logits[2] / 0.5, -1)
+    assert lps[2].logprob == pytest.approx(float(ref[tokens[2]]), abs=1e-6) and lps[2].top == ()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_logprobs=2), SamplingParams(logprobs=True, top_logprobs=21)])
+def test_top_logprobs_bounds(params):
+    with pytest.raises(InvalidArgument):
+        params.validate(10)
+
+
+def test_response_format_validation():
+    assert ResponseFormat("text").validate() is None
+    assert ResponseFormat("json_schema", '{"type": "object"}').validate().schema == {"type": "object"}
+    assert ResponseFormat("json_object", "ignored").validate().schema is None
+    for bad in (ResponseFormat("xml"), ResponseFormat("json_schema"), ResponseFormat("json_schema", "{nope"),
+                ResponseFormat("json_schema", "[1]")):
+        with pytest.raises(InvalidArgument):
+            bad.validate()
