@@ -173,11 +173,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3, help="rounds per dtype, each system once a round")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated subset of float32,bfloat16")
     parser.add_argument("--timeout", type=float, default=900, help="seconds each child process may take")
+    parser.add_argument("--budget", type=float, default=5400,
+                        help="seconds after which no further child is started (the run so far is reported)")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--single-new-tokens", type=int, default=64)
     parser.add_argument("--keep", type=Path, help="keep the workload, results and child logs in this directory")
+    parser.add_argument("--summarize", type=Path, metavar="RESULTS_JSON",
+                        help="only print the summary of a kept results.json (e.g. of an interrupted run)")
     args = parser.parse_args(argv)
+    if args.summarize:
+        results = json.loads(args.summarize.read_text())
+        report(results, max(r["round"] for r in results) + 1, time.monotonic())
+        return
     dtypes = args.dtypes.split(",")
     if not set(dtypes) <= set(DTYPES) or args.reps < 1:
         parser.error("--dtypes takes a subset of float32,bfloat16 and --reps must be >= 1")
@@ -191,14 +199,17 @@ def main(argv: list[str] | None = None) -> None:
         _log(f"workload ready: {workload}")
         results: list[dict[str, Any]] = []
         failed: set[tuple[str, str]] = set()
-        for rnd in range(args.reps):
-            for dtype in dtypes:
+        for dtype in dtypes:  # every fp32 round first: a slow bf16 cannot starve them of --budget
+            for rnd in range(args.reps):
                 for system in SYSTEMS:
                     name = f"{system}-{dtype}-{rnd}"
                     if (system, dtype) in failed:
                         continue
-                    res = child(system, args.peer_python, workload, dtype, root / f"{name}.json", args.timeout,
-                                root / f"{name}.log")
+                    if time.monotonic() - started > args.budget:
+                        res = {"error": f"not started: the --budget of {args.budget:.0f} s was spent"}
+                    else:
+                        res = child(system, args.peer_python, workload, dtype, root / f"{name}.json", args.timeout,
+                                    root / f"{name}.log")
                     res.update(system=system, dtype=dtype, round=rnd)
                     if "error" in res:
                         failed.add((system, dtype))
@@ -207,12 +218,17 @@ def main(argv: list[str] | None = None) -> None:
                         _log(f"{name}: " + ", ".join(f"{k} {v['tok_s']:.1f}" for k, v in res["runs"].items())
                              + f" tok/s ({res['wall_s']:.0f} s)")
                     results.append(res)
-        (root / "results.json").write_text(json.dumps(results))
+                    (root / "results.json").write_text(json.dumps(results))  # partial results survive a kill
+    report(results, args.reps, started)
+
+
+def report(results: list[dict[str, Any]], reps: int, started: float) -> None:
+    """Print the table, then the JSON line."""
     summary = summarize(results)
     print(table(summary))
     last = {k: summary[k] for k in KEYS}
     last.update({k: v for k, v in summary.items() if k.startswith("vs_vllm_") and k not in KEYS})
-    last.update(agreement=summary["agreement"], skipped=summary["skipped"], reps=args.reps,
+    last.update(agreement=summary["agreement"], skipped=summary["skipped"], reps=reps,
                 vllm=next((r["version"] for r in results if r["system"] == "vllm" and "version" in r), None),
                 wall_s=time.monotonic() - started, **cpu_info())
     print(json.dumps(last))
