@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,13 +78,17 @@ def child(system: str, peer_python: str, workload: Path, dtype: str, out: Path, 
     cmd += ["--workload", str(workload), "--dtype", dtype, "--out", str(out)]
     began = time.monotonic()
     with log.open("w") as fh:
+        # Its own session, so a timeout ends vLLM's engine-core and worker processes too.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
+            returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             return {"error": f"timed out after {timeout:.0f} s (log {log})"}
-    if done.returncode != 0 or not out.is_file():
+    if returncode != 0 or not out.is_file():
         tail = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["(no output)"]
-        return {"error": f"exit {done.returncode}: {tail[0][:300]} (log {log})"}
+        return {"error": f"exit {returncode}: {tail[0][:300]} (log {log})"}
     result = json.loads(out.read_text())
     result["wall_s"] = time.monotonic() - began
     return result
