@@ -43,7 +43,7 @@ class Aliases:
         try:
             data = json.loads(raw)
             return AliasState(int(data["version"]), [int(v) for v in data.get("history", [])], etag)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise IntegrityError(f"alias {name}:{alias} is malformed: {exc}") from None
 
     def all(self, name: str) -> dict[str, int]:

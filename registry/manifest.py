@@ -110,7 +110,7 @@ def tombstone_bytes(manifest: Manifest, deleted: str) -> bytes:
 def _loads(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise IntegrityError(f"stored manifest is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise IntegrityError("stored manifest is not a JSON object")

@@ -132,14 +132,35 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class Undecodable:
+    """What a request deserializer returns for bytes that are not the request message
+    (grpc would answer UNKNOWN for the exception); the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.error = f"request is not a valid protobuf message: {exc}"
+
+
+def _tolerant(deserializer):
+    def deserialize(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError and friends: the client sent garbage
+            return Undecodable(exc)
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns domain errors raised by handlers into their status code; anything
-    unexpected is logged and becomes INTERNAL with a generic message."""
+    unexpected is logged and becomes INTERNAL with a generic message. Undecodable
+    request bytes become INVALID_ARGUMENT."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return handler
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, details.method))
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
@@ -156,6 +177,8 @@ async def _abort_for(exc: Exception, context, method: str) -> None:
 
 def _wrap_unary(behavior, method: str):
     async def unary(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -168,6 +191,8 @@ def _wrap_unary(behavior, method: str):
 
 def _wrap_stream(behavior, method: str):
     async def stream(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         try:
             async for item in behavior(request, context):
                 yield item

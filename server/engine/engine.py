@@ -198,6 +198,7 @@ class BatchingEngine(AdapterAdmin):
             plan = sched.plan()
             if not plan:
                 self._report(0, 0)
+                self.runner.kv.release_idle()
                 self._wake.wait(self.config.idle_poll_s)
                 continue
             try:
