@@ -6,7 +6,7 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast bench bench-quick proto venv sysdeps clean
+.PHONY: demo test test-fast bench bench-quick reliability reliability-quick proto venv sysdeps clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,15 @@ demo: $(STAMP)
 
 test: $(STAMP) sysdeps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Fuzzing, the soak with memory bounds and the fault drills (issue 12; see RELIABILITY.md):
+# ~30 min on 2 cores, real Gemma 270M; the last stdout line is the JSON of figures and the
+# exit status is 0 only when every goal is met. --quick runs inside make test.
+reliability: $(STAMP)
+	$(BIN)/python -m bench.reliability.run --detail reliability-detail.json
+
+reliability-quick: $(STAMP)
+	$(BIN)/python -m bench.reliability.run --quick
 
 # promtool (Debian package prometheus) checks the metrics exposition and deploy rules;
 # nginx runs the deploy config's consistent-hash routing test.

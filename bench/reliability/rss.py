@@ -48,22 +48,31 @@ async def hostile_rss(server: ServerProc, adapter: str, n: int, seed: int, limit
         except grpc.aio.AioRpcError:
             pass
 
+    sampling = True
+
+    async def sample() -> None:
+        nonlocal peak
+        while sampling:
+            peak = max(peak, server.rss())
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         todo = list(range(n))
 
         async def worker() -> None:
-            nonlocal peak
             while todo:
                 todo.pop()
                 await one(stub)
-                peak = max(peak, server.rss())
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     await asyncio.sleep(idle_s)  # deadlines passed: every row is freed, the engine goes idle
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180  # a cancelled 2k-token prefill step can run ~30 s on 2 busy cores
     while time.monotonic() < deadline and "KV cache grown" in _last_kv_line(server, log_size):
         await asyncio.sleep(0.5)  # the engine releases the grown slabs on its next idle poll
+    sampling = False
+    await sampler
     idle = server.rss()
     lines = [l for l in server.log_path.read_text()[log_size:].splitlines() if "KV cache" in l]
     return RssReport(n, start >> 20, peak >> 20, idle >> 20, lines[-4:])

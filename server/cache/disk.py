@@ -185,8 +185,8 @@ class DiskTier:
                 if now - child.stat().st_mtime > STALE_STAGING_SECONDS:
                     shutil.rmtree(child, ignore_errors=True)
                 continue
-            if not (_HEX_DIR.match(child.name) and (child / MARKER).is_file()):
-                continue
+            if child.is_symlink() or not (_HEX_DIR.match(child.name) and (child / MARKER).is_file()):
+                continue  # only dirs this tier made (a symlink could point anywhere; eviction deletes)
             try:
                 meta = json.loads((child / MARKER).read_text())
                 nbytes = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())

@@ -77,7 +77,21 @@ CASES = {
     "meta-rank-mismatch": (lambda d: _edit_json(d / "adapterctl.json", lora={"rank": 16}), InvalidArgument,
                            "adapterctl.json says rank 16 but adapter_config.json has r=4"),
     "bf16-nan": (lambda d: write_bf16_safetensors(d / "adapter_model.safetensors", _poison(np.nan)), InvalidArgument, "NaN or Inf"),
+    # found by the reliability fuzzer (bench/reliability): each raised a non-domain exception before
+    "config-nested-deep": (lambda d: (d / "adapter_config.json").write_text("[" * 100_000), InvalidArgument, "is malformed (RecursionError"),
+    "target-modules-null": (lambda d: _edit_json(d / "adapter_config.json", target_modules=[None]), InvalidArgument, "is malformed (TypeError"),
+    "meta-base-list": (lambda d: _edit_json(d / "adapterctl.json", base_model=[1]), InvalidArgument, "is malformed (AttributeError"),
+    "header-too-large": (lambda d: (d / "adapter_model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}"),
+                         InvalidArgument, "safetensors"),
+    "symlinked-weights": (lambda d: _symlink_weights(d), InvalidArgument, "is not a regular file (a symlink)"),
 }
+
+
+def _symlink_weights(d: Path) -> None:
+    """The real weights, moved beside the dir and linked back in: refused (could change after hashing)."""
+    target = d.with_name(d.name + "-weights.safetensors")
+    (d / "adapter_model.safetensors").rename(target)
+    (d / "adapter_model.safetensors").symlink_to(target)
 
 
 @pytest.mark.parametrize("case", list(CASES))
