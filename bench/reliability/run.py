@@ -101,7 +101,7 @@ async def part_soak(ctx: dict[str, Any], b: Budget, seed: int) -> dict[str, Any]
     from bench.reliability.soak import SoakPlan, soak
 
     server = ctx["server"]
-    plan = SoakPlan(ctx["names"][:b.soak_adapters], ctx["digests"], prompt_texts(3, seed), (4, 8), b.soak_requests,
+    plan = SoakPlan(ctx["names"][:b.soak_adapters], ctx["digests"], prompt_texts(3, seed), (8,), b.soak_requests,
                     seed)
     report = await soak(server, plan, warmup=b.soak_warmup)
     return {"requests": report.requests, "completed": report.completed, "wrong_or_lost": report.wrong_or_lost,

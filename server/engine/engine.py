@@ -24,6 +24,7 @@ from adapterctl.server.engine.admin import AdapterAdmin
 from adapterctl.server.engine.api import (FINISH_CANCELLED, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineObserver,
                                           GenerationRequest, GenerationResult, ServedAdapter, TokenEvent)
 from adapterctl.server.engine.config import EngineConfig
+from adapterctl.server.engine.heap import IdleTrimmer
 from adapterctl.server.engine.runner import ModelRunner
 from adapterctl.server.engine.sampling import make_generator, sample
 from adapterctl.server.engine.scheduler import Scheduler, Sequence
@@ -68,6 +69,7 @@ class BatchingEngine(AdapterAdmin):
         self._deferred: list[Sequence] = []  # finished during a pause; released after the step
         self._admit_seen = -1  # scheduler.submitted at the last interleave attempt
         self._retired: set[tuple[str, int]] = set()  # (name, version) an alias moved away from
+        self._trimmer = IdleTrimmer()  # gives freed heap back to the OS when idle (see heap.py)
         # Test/debug hook: called on the decode thread with (sampled sequences, their logits [n, vocab]).
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
@@ -198,11 +200,12 @@ class BatchingEngine(AdapterAdmin):
             plan = sched.plan()
             if not plan:
                 self._report(0, 0)
-                self.runner.kv.release_idle()
+                self._trimmer.idle(force=self.runner.kv.release_idle())
                 self._wake.wait(self.config.idle_poll_s)
                 continue
             try:
                 self._step(plan)
+                self._trimmer.stepped()
             except Exception as exc:  # fail this step's sequences, keep serving the rest
                 log.exception("decode step failed; failing %d requests", len(plan))
                 self._paused = False
