@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -39,6 +40,7 @@ class Budget:
     soak_warmup: int
     publish_kills: int
     hostile_rss: int
+    soak_prompts: int = 3
 
 
 QUICK = Budget(fuzz_grpc=600, fuzz_registry=60, fuzz_jsonl=300, huge_line_mb=16, soak_requests=300,
@@ -101,7 +103,7 @@ async def part_soak(ctx: dict[str, Any], b: Budget, seed: int) -> dict[str, Any]
     from bench.reliability.soak import SoakPlan, soak
 
     server = ctx["server"]
-    plan = SoakPlan(ctx["names"][:b.soak_adapters], ctx["digests"], prompt_texts(3, seed), (8,), b.soak_requests,
+    plan = SoakPlan(ctx["names"][:b.soak_adapters], ctx["digests"], prompt_texts(b.soak_prompts, seed), (8,), b.soak_requests,
                     seed)
     report = await soak(server, plan, warmup=b.soak_warmup)
     return {"requests": report.requests, "completed": report.completed, "wrong_or_lost": report.wrong_or_lost,
@@ -152,10 +154,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from bench.reliability.faultproxy import FaultProxy
     from bench.reliability.publish_kill import run_publish_kills
 
-    b = QUICK if args.quick else FULL
+    b = dataclasses.replace(QUICK if args.quick else FULL)
     for key in ("fuzz_grpc", "soak_requests", "publish_kills"):
         if getattr(args, key) is not None:
             setattr(b, key, getattr(args, key))
+    for item in args.set or ():
+        key, _, value = item.partition("=")
+        if key not in Budget.__dataclass_fields__:
+            raise SystemExit(f"--set {item}: no budget field {key!r} (one of {', '.join(Budget.__dataclass_fields__)})")
+        setattr(b, key, int(value))
     began = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="reliability-"))
     base = resolve_base_model(args.base_model, progress=False)
@@ -227,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fuzz-grpc", type=int, help="override the gRPC fuzz count")
     parser.add_argument("--soak-requests", type=int, help="override the soak request count")
     parser.add_argument("--publish-kills", type=int, help="override the number of publish kills")
+    parser.add_argument("--set", action="append", metavar="FIELD=N",
+                        help="override any budget field (e.g. soak_adapters=50); repeatable")
     parser.add_argument("--detail", type=Path, help="write the full report (JSON) here")
     args = parser.parse_args(argv)
     import logging
