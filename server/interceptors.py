@@ -168,7 +168,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def _client_gone(context) -> bool:
+    """The call was cancelled or its deadline passed: no status can reach the client any more."""
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
+
+
 async def _abort_for(exc: Exception, context, method: str) -> None:
+    if _client_gone(context):  # grpc already answered CANCELLED / DEADLINE_EXCEEDED; aborting would fail
+        log.debug("%s ended after its client went away: %s: %s", method, type(exc).__name__, exc)
+        raise asyncio.CancelledError()
     if isinstance(exc, AdapterctlError):
         await context.abort(status_code(exc), str(exc))
     log.exception("unexpected error in %s", method)
