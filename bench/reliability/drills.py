@@ -186,7 +186,15 @@ async def disk_tier_unwritable(env: DrillEnv) -> str:
             os.rename(saved, cache)
         else:
             cache.chmod(mode)
-    return f"{'full (filled tmpfs)' if mounted else 'read-only'}: served; log: {json.loads(line).get('msg', line)[:160]}"
+    return f"{'full (filled tmpfs)' if mounted else 'read-only'}: served; log: {_message(line)[:160]}"
+
+
+def _message(line: str) -> str:
+    """The ``msg`` of a JSON log line (the raw line when it is not one, e.g. after a progress bar)."""
+    try:
+        return json.loads(line[line.index("{"):]).get("msg", line)
+    except ValueError:
+        return line
 
 
 def _fill(path: Path) -> None:
@@ -201,16 +209,21 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
-async def _load(address: str, adapters: list[str], n: int, max_new: int) -> list[Any]:
-    """``n`` streaming requests; each result is the final response or the error code."""
+async def _load(address: str, adapters: list[str], n: int, max_new: int,
+                started: asyncio.Semaphore | None = None) -> list[Any]:
+    """``n`` streaming requests; each result is the final response or the error code.
+    ``started`` is released once per stream when its first chunk arrives (it is in flight)."""
     async def one(i: int) -> Any:
         async with grpc.aio.insecure_channel(address) as channel:
             call = pb_grpc.InferenceStub(channel).GenerateStream(
                 Probe(adapters[i % len(adapters)], PROMPT, max_new).request(f"load-{i}"), metadata=metadata(),
                 timeout=300)
-            final = None
+            final, first = None, True
             try:
                 async for msg in call:
+                    if first and started is not None:
+                        started.release()
+                        first = False
                     if msg.HasField("final"):
                         final = msg.final
             except grpc.aio.AioRpcError as exc:
@@ -248,8 +261,10 @@ async def sigkill_restart(env: DrillEnv) -> str:
 async def sigterm_drain(env: DrillEnv, grace: float) -> str:
     name = env.publish("term")
     await generate(env.server.address, f"{name}:1")
-    load = asyncio.ensure_future(_load(env.server.address, [f"{name}:1", ""], 8, 24))
-    await asyncio.sleep(1.0)
+    started = asyncio.Semaphore(0)
+    load = asyncio.ensure_future(_load(env.server.address, [f"{name}:1", ""], 8, 24, started))
+    for _ in range(8):  # SIGTERM only once every stream has its first chunk: truly in flight
+        await asyncio.wait_for(started.acquire(), 300)
     began = time.monotonic()
     env.server.signal(signal.SIGTERM)
     refused = "OK"
