@@ -134,4 +134,7 @@ def _from_dict(data: dict[str, Any], digest: str) -> Manifest:
     bad = [f.path for f in files if f.path not in ALLOWED_FILES]
     if bad:
         raise IntegrityError(f"manifest {manifest.ref} lists unexpected file(s) {bad}")
+    paths = [f.path for f in files]
+    if len(set(paths)) != len(paths):  # publish never writes one; a second entry would overwrite the first
+        raise IntegrityError(f"manifest {manifest.ref} lists a file twice: {sorted(p for p in set(paths) if paths.count(p) > 1)}")
     return manifest
