@@ -176,6 +176,13 @@ class ServerProc:
 
         return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
 
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        """Log text written after byte ``offset`` (sliced as bytes: the log holds non-ASCII)."""
+        return self.log_path.read_bytes()[offset:].decode("utf-8", errors="replace")
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

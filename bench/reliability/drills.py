@@ -173,10 +173,10 @@ async def disk_tier_unwritable(env: DrillEnv) -> str:
     if not mounted:
         cache.chmod(0o555)
     try:
-        log_size = env.server.log_path.stat().st_size
+        log_size = env.server.log_size()
         r = await generate(env.server.address, f"{name}:1")
         assert r.adapter.name == name, "serving stopped with the disk tier unusable"
-        new_log = env.server.log_path.read_text()[log_size:]
+        new_log = env.server.log_since(log_size)
         assert "disk tier" in new_log and name in new_log, "no log line names the unusable disk tier"
         line = next(l for l in new_log.splitlines() if "disk tier" in l and "unusable" in l)
     finally:
@@ -247,14 +247,14 @@ async def sigkill_restart(env: DrillEnv) -> str:
     data = bytearray(weights.read_bytes())
     data[-4:] = b"\x00\x00\x80\x7f"
     weights.write_bytes(bytes(data))
-    log_size = env.server.log_path.stat().st_size
+    log_size = env.server.log_size()
     began = time.monotonic()
     env.server.start()
     restart_s = time.monotonic() - began
     assert await health_status(env.server.address) == "SERVING"
     r = await generate(env.server.address, f"{name}:1")
     assert r.text == want, "restarted server served a damaged disk-tier copy"
-    assert "corrupt" in env.server.log_path.read_text()[log_size:], "no log line about the corrupt disk copy"
+    assert "corrupt" in env.server.log_since(log_size), "no log line about the corrupt disk copy"
     return f"SERVING {restart_s:.0f}s after restart; damaged disk copy re-pulled, same text"
 
 

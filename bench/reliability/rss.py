@@ -37,7 +37,7 @@ async def hostile_rss(server: ServerProc, adapter: str, n: int, seed: int, limit
     rng = random.Random(seed)
     start = server.rss()
     peak = start
-    log_size = server.log_path.stat().st_size
+    log_size = server.log_size()
 
     async def one(stub) -> None:
         words = rng.randrange(1, 1200)
@@ -74,10 +74,10 @@ async def hostile_rss(server: ServerProc, adapter: str, n: int, seed: int, limit
     sampling = False
     await sampler
     idle = server.rss()
-    lines = [l for l in server.log_path.read_text()[log_size:].splitlines() if "KV cache" in l]
+    lines = [l for l in server.log_since(log_size).splitlines() if "KV cache" in l]
     return RssReport(n, start >> 20, peak >> 20, idle >> 20, lines[-4:])
 
 
 def _last_kv_line(server: ServerProc, offset: int) -> str:
-    lines = [l for l in server.log_path.read_text()[offset:].splitlines() if "KV cache" in l]
+    lines = [l for l in server.log_since(offset).splitlines() if "KV cache" in l]
     return lines[-1] if lines else ""
