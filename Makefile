@@ -24,7 +24,7 @@ test: $(STAMP) sysdeps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # Fuzzing, the soak with memory bounds and the fault drills (issue 12; see RELIABILITY.md):
-# ~30 min on 2 cores, real Gemma 270M; the last stdout line is the JSON of figures and the
+# sized for ~30 min on an idle 2-core machine, real Gemma 270M; the last stdout line is the JSON of figures and the
 # exit status is 0 only when every goal is met. --quick runs inside make test.
 reliability: $(STAMP)
 	$(BIN)/python -m bench.reliability.run --detail reliability-detail.json
