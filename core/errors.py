@@ -6,6 +6,9 @@ trainer knowing anything about gRPC. The CLI prints ``str(err)`` on one line.
 """
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class AdapterctlError(Exception):
     """Base class; ``status`` is a ``grpc.StatusCode`` name."""
@@ -68,3 +71,19 @@ class Unauthenticated(AdapterctlError):
 
 class PermissionDenied(AdapterctlError):
     status = "PERMISSION_DENIED"
+
+
+# What parsers (json, int(), dict access, safetensors headers) raise on malformed input.
+MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError, OverflowError)
+
+
+@contextlib.contextmanager
+def malformed_as(error: type[AdapterctlError], what: str, *extra: type[BaseException]) -> Iterator[None]:
+    """Re-raise a parser's exception on malformed input (``MALFORMED`` + ``extra``) as ``error``
+    with one line naming ``what``; domain errors pass through unchanged."""
+    try:
+        yield
+    except AdapterctlError:
+        raise
+    except (*MALFORMED, *extra) as exc:
+        raise error(f"{what} is malformed ({type(exc).__name__}: {str(exc)[:200]})") from None

@@ -103,7 +103,7 @@ class Aliases:
             return None
         try:
             return parse_alias(raw, etag)
-        except (ValueError, KeyError, TypeError, InvalidArgument) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError, InvalidArgument) as exc:
             raise IntegrityError(f"alias {name}:{alias} is malformed: {exc}") from None
 
     def states(self, name: str) -> dict[str, AliasState]:

@@ -110,7 +110,7 @@ def tombstone_bytes(manifest: Manifest, deleted: str) -> bytes:
 def _loads(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise IntegrityError(f"stored manifest is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise IntegrityError("stored manifest is not a JSON object")
@@ -134,4 +134,9 @@ def _from_dict(data: dict[str, Any], digest: str) -> Manifest:
     bad = [f.path for f in files if f.path not in ALLOWED_FILES]
     if bad:
         raise IntegrityError(f"manifest {manifest.ref} lists unexpected file(s) {bad}")
+    paths = [f.path for f in files]
+    if len(set(paths)) != len(paths):  # publish never writes one; a second entry would overwrite the first
+        raise IntegrityError(
+            f"manifest {manifest.ref} lists a file twice: {sorted(p for p in set(paths) if paths.count(p) > 1)}"
+        )
     return manifest

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from adapterctl.basemodel import BaseModel, resolve_base_model, resolve_local_base_model
-from adapterctl.errors import FailedPrecondition, InvalidArgument, NotFound
+from adapterctl.errors import FailedPrecondition, InvalidArgument, NotFound, malformed_as
 from adapterctl.registry.manifest import ALLOWED_FILES
 from adapterctl.registry.tensors import ModelDims, check_tensors
 
@@ -57,7 +59,11 @@ def validate_adapter(adapter_dir: Path, base_model: str | None = None, *, progre
     """Check ``adapter_dir`` for publishing; ``base_model`` (an id or directory for
     :func:`adapterctl.basemodel.resolve_base_model`) supplies the fingerprint and
     config when ``adapterctl.json`` does not, and must agree with it when both do."""
-    adapter_dir = Path(adapter_dir)
+    with malformed_as(InvalidArgument, f"adapter {adapter_dir}", SafetensorError):
+        return _validate(Path(adapter_dir), base_model, progress)
+
+
+def _validate(adapter_dir: Path, base_model: str | None, progress: bool) -> ValidatedAdapter:
     names = check_files(adapter_dir)
     peft_config = _read_json(adapter_dir / CONFIG_FILE)
     meta = _read_json(adapter_dir / META_FILE) if META_FILE in names else {}
@@ -102,8 +108,8 @@ def check_files(adapter_dir: Path) -> list[str]:
             raise InvalidArgument(
                 f"unexpected {kind} {name!r} in {adapter_dir}: a version holds only {', '.join(ALLOWED_FILES)}"
             )
-        if not path.is_file():
-            raise InvalidArgument(f"{path} is not a regular file")
+        if path.is_symlink() or not path.is_file():  # a symlink could change between hash and upload
+            raise InvalidArgument(f"{path} is not a regular file{' (a symlink)' if path.is_symlink() else ''}")
     return entries
 
 

@@ -171,14 +171,35 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, code, message)
 
 
+class Undecodable:
+    """What a request deserializer returns for bytes that are not the request message
+    (grpc would answer UNKNOWN for the exception); the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.error = f"request is not a valid protobuf message: {exc}"
+
+
+def _tolerant(deserializer):
+    def deserialize(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError and friends: the client sent garbage
+            return Undecodable(exc)
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns domain errors raised by handlers into their status code; anything
-    unexpected is logged and becomes INTERNAL with a generic message."""
+    unexpected is logged and becomes INTERNAL with a generic message. Undecodable
+    request bytes become INVALID_ARGUMENT."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return handler
+        if handler.request_deserializer is not None:
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, details.method))
         if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
@@ -186,7 +207,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def _client_gone(context) -> bool:
+    """The call was cancelled or its deadline passed: no status can reach the client any more."""
+    remaining = context.time_remaining()
+    return context.cancelled() or (remaining is not None and remaining <= 0)
+
+
 async def _abort_for(exc: Exception, context, method: str) -> None:
+    if _client_gone(context):  # grpc already answered CANCELLED / DEADLINE_EXCEEDED; aborting would fail
+        log.debug("%s ended after its client went away: %s: %s", method, type(exc).__name__, exc)
+        raise asyncio.CancelledError()
     if isinstance(exc, AdapterctlError):
         await context.abort(status_code(exc), str(exc))
     log.exception("unexpected error in %s", method)
@@ -195,6 +225,8 @@ async def _abort_for(exc: Exception, context, method: str) -> None:
 
 def _wrap_unary(behavior, method: str):
     async def unary(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -207,6 +239,8 @@ def _wrap_unary(behavior, method: str):
 
 def _wrap_stream(behavior, method: str):
     async def stream(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         try:
             async for item in behavior(request, context):
                 yield item

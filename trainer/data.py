@@ -75,34 +75,11 @@ def load_jsonl(path: str | Path, fmt: str = "auto", skip_bad_lines: bool = False
     line_numbers: list[int] = []
     bad: list[str] = []
     with path.open("r", encoding="utf-8", errors="strict") as fh:
-        try:
-            lines = list(fh)
+        try:  # line by line: memory holds one line (however long) plus the parsed records
+            for lineno, line in enumerate(fh, start=1):
+                fmt = _read_line(path, lineno, line, fmt, records, line_numbers, bad)
         except UnicodeDecodeError as exc:
             raise InvalidArgument(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.append(f"{path}:{lineno}: invalid JSON ({exc.msg})")
-            continue
-        if not isinstance(record, dict):
-            bad.append(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            continue
-        if fmt == "auto":
-            detected = detect_format(record)
-            if detected is None:
-                bad.append(f"{path}:{lineno}: cannot tell the format from keys {sorted(record)}; "
-                           "expected text, prompt+completion or messages")
-                continue
-            fmt = detected
-        problem = validate_record(record, fmt)
-        if problem:
-            bad.append(f"{path}:{lineno}: {problem}")
-            continue
-        records.append(record)
-        line_numbers.append(lineno)
     if bad and not skip_bad_lines:
         more = f" (and {len(bad) - _MAX_REPORTED} more)" if len(bad) > _MAX_REPORTED else ""
         raise InvalidArgument("; ".join(bad[:_MAX_REPORTED]) + more + "; fix them or pass --skip-bad-lines")
@@ -112,6 +89,39 @@ def load_jsonl(path: str | Path, fmt: str = "auto", skip_bad_lines: bool = False
         raise InvalidArgument(f"{path}: no usable records")
     return DataFile(path=path, sha256=file_sha256(path), format=fmt if fmt != "auto" else "text",
                     records=records, line_numbers=line_numbers, skipped=len(bad))
+
+
+def _read_line(path: Path, lineno: int, line: str, fmt: str, records: list[dict[str, Any]],
+               line_numbers: list[int], bad: list[str]) -> str:
+    """Parse one line into ``records`` (or a message into ``bad``); returns the format, detected
+    from the first good record when ``fmt`` is auto."""
+    if not line.strip():
+        return fmt
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        bad.append(f"{path}:{lineno}: invalid JSON ({exc.msg})")
+        return fmt
+    except RecursionError:
+        bad.append(f"{path}:{lineno}: invalid JSON (nested too deeply)")
+        return fmt
+    if not isinstance(record, dict):
+        bad.append(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        return fmt
+    if fmt == "auto":
+        detected = detect_format(record)
+        if detected is None:
+            bad.append(f"{path}:{lineno}: cannot tell the format from keys {sorted(record)}; "
+                       "expected text, prompt+completion or messages")
+            return fmt
+        fmt = detected
+    problem = validate_record(record, fmt)
+    if problem:
+        bad.append(f"{path}:{lineno}: {problem}")
+        return fmt
+    records.append(record)
+    line_numbers.append(lineno)
+    return fmt
 
 
 def detect_format(record: dict[str, Any]) -> str | None:

@@ -80,10 +80,19 @@ class DiskTier:
             log.warning("disk cache copy of %s:%d is corrupt; pulling it again", manifest.name, manifest.version)
             self.lru.pop(key)
         self._observer.on_cache("disk", "miss", manifest.name)
-        staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
         try:
-            pulled = self._pull(manifest, reader, staging / "adapter")
-            entry = self._admit(key, manifest, pulled)
+            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=STAGING_PREFIX))
+        except OSError as exc:
+            yield from self._uncached(manifest, reader, exc)
+            return
+        try:
+            try:
+                pulled = self._pull(manifest, reader, staging / "adapter")
+                entry = self._admit(key, manifest, pulled)
+            except OSError as exc:  # the tier's filesystem is full or read-only
+                shutil.rmtree(staging, ignore_errors=True)
+                yield from self._uncached(manifest, reader, exc)
+                return
             if entry is None:  # no room on disk: serve from staging, keep nothing
                 yield pulled, "registry"
                 return
@@ -102,6 +111,13 @@ class DiskTier:
         self._observer.on_residency("disk", len(self.lru), self.lru.nbytes, self.lru.pinned_count)
 
     # ---- internals ---------------------------------------------------------------
+    def _uncached(self, manifest: "Manifest", reader: "RegistryReader", exc: OSError) -> Iterator[tuple[Path, str]]:
+        """Serve a pull from a temporary directory outside the unusable tier; cache nothing."""
+        log.warning("disk tier %s is unusable (%s); loading %s:%d from the registry without caching it",
+                    self.root, exc, manifest.name, manifest.version)
+        with tempfile.TemporaryDirectory(prefix="adapterctl-pull-") as tmp:
+            yield self._pull(manifest, reader, Path(tmp) / "adapter"), "registry"
+
     def _acquire(self, key: str) -> DiskEntry | None:
         try:
             entry = self.lru.acquire(key)
@@ -134,8 +150,13 @@ class DiskTier:
                 "disk tier cannot hold %s:%d (%s); loading without caching", manifest.name, manifest.version, exc
             )
             return None
-        shutil.rmtree(entry.path, ignore_errors=True)  # a leftover not in the index
-        os.replace(pulled, entry.path)
+        try:
+            shutil.rmtree(entry.path, ignore_errors=True)  # a leftover not in the index
+            os.replace(pulled, entry.path)
+        except OSError:
+            self.lru.release(key)
+            self.lru.pop(key)
+            raise
         self.report()
         return entry
 
@@ -168,8 +189,8 @@ class DiskTier:
                 if now - child.stat().st_mtime > STALE_STAGING_SECONDS:
                     shutil.rmtree(child, ignore_errors=True)
                 continue
-            if not (_HEX_DIR.match(child.name) and (child / MARKER).is_file()):
-                continue
+            if child.is_symlink() or not (_HEX_DIR.match(child.name) and (child / MARKER).is_file()):
+                continue  # only dirs this tier made (a symlink could point anywhere; eviction deletes)
             try:
                 meta = json.loads((child / MARKER).read_text())
                 nbytes = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())

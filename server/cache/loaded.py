@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 
 from adapterctl.basemodel import BaseModel
-from adapterctl.errors import FailedPrecondition
+from adapterctl.errors import FailedPrecondition, malformed_as
 from adapterctl.server.types import ServedAdapter
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,12 @@ def load_peft_dir(
     """
     path = Path(path)
     where = f"adapter {served.name}:{served.version}" if served else f"adapter at {path}"
+    with malformed_as(FailedPrecondition, where, SafetensorError):
+        return _load_peft_dir(path, where, base, max_lora_rank, served, expected_fingerprint)
+
+
+def _load_peft_dir(path: Path, where: str, base: BaseModel, max_lora_rank: int, served: ServedAdapter | None,
+                   expected_fingerprint: str | None) -> LoadedAdapter:
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_file.is_file():
         raise FailedPrecondition(f"{where}: not a PEFT adapter directory ({CONFIG_FILE} missing)")

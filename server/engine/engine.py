@@ -23,6 +23,7 @@ from adapterctl.errors import InvalidArgument, NotFound, ResourceExhausted, Unav
 from adapterctl.server.engine.admin import AdapterAdmin
 from adapterctl.server.engine.config import EngineConfig
 from adapterctl.server.engine.grammar import Grammars
+from adapterctl.server.engine.heap import IdleTrimmer
 from adapterctl.server.engine.prefill import Action, Piece, PrefillPolicy
 from adapterctl.server.engine.runner import ModelRunner
 from adapterctl.server.engine.sampling import make_generator, select
@@ -76,6 +77,7 @@ class BatchingEngine:
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._commands_lock = threading.Lock()
         self.admin = AdapterAdmin(self)
+        self._trimmer = IdleTrimmer()  # gives freed heap back to the OS when idle (see heap.py)
         # Test/debug hook: called on the decode thread with (sampled sequences, their logits [n, vocab]).
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
 
@@ -216,10 +218,12 @@ class BatchingEngine:
             plan = sched.plan()
             if not plan:
                 self._report(0, 0)
+                self._trimmer.idle(force=self.runner.kv.release_idle())
                 self._wake.wait(self.config.idle_poll_s)
                 continue
             try:
                 self._step(plan)
+                self._trimmer.stepped()
             except Exception as exc:  # fail this step's sequences, keep serving the rest
                 log.exception("decode step failed; failing %d requests", len(plan))
                 for seq, _ in plan:

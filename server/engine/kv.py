@@ -4,11 +4,18 @@ Rows of running sequences are kept dense (``0 .. num_rows-1``; freeing a row mov
 last row into the hole), so a decode step attends over a view ``k[:num_rows, :, lo:hi]``
 with no gather. All ``max_rows`` rows are allocated up front (growing them later meant
 a multi-second stall copying the whole cache in the middle of traffic); positions
-grow on demand, by doubling, up to ``max_positions``.
+grow on demand, by doubling, up to ``max_positions``, and go back to the first block
+when no sequence is running: slabs sized for one long request are
+``max_rows x positions x bytes_per_token`` (GBs at 2k positions on Gemma 270M) and were
+otherwise kept for the process lifetime (issue 12: RSS 2.4 -> 4.7 GB after hostile traffic).
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class KVCache:
@@ -52,6 +59,18 @@ class KVCache:
         self.num_rows -= 1
         return moved
 
+    def release_idle(self) -> bool:
+        """With no running rows, shrink the position capacity back to the first block
+        (frees the slabs at once: they are mmapped). True when it shrank."""
+        first = min(self.pos_block, self.max_positions)
+        if self.num_rows or self.pos_capacity <= first:
+            return False
+        grown = self.nbytes()
+        self.k, self.v, self.pos_capacity = [], [], 0  # drop the big slabs before allocating the small ones
+        self._grow(self.row_capacity, first)
+        log.info("KV cache idle: released %d MiB (back to %d positions)", (grown - self.nbytes()) >> 20, first)
+        return True
+
     def _grow(self, rows: int, positions: int) -> None:
         if rows <= self.row_capacity and positions <= self.pos_capacity:
             return
@@ -68,3 +87,5 @@ class KVCache:
             for new, old in zip((*self.k, *self.v), (*old_k, *old_v)):
                 new[:r, :, :p].copy_(old[:r])
         self.row_capacity, self.pos_capacity = new_rows, new_pos
+        if new_pos > self.pos_block:
+            log.info("KV cache grown to %d positions x %d rows (%d MiB)", new_pos, new_rows, self.nbytes() >> 20)

@@ -36,7 +36,7 @@ class Replica:
         self.ready = workdir / "ready.json"
         self.log = (workdir / "server.log").open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "adapterctl.client.cli.main", "serve", "--engine", "batched",
+            [sys.executable, "-m", "adapterctl.client.cli.main", "serve", "--http-port", "0",
              "--base-model", str(base), "--registry", registry, "--port", "0", "--metrics-port", "0",
              "--shutdown-grace", "60", "--alias-refresh", "0", "--max-new-tokens-limit", "2000",
              "--max-prompt-tokens", "64", "--cache-dir", str(workdir / "cache"), "--ready-file", str(self.ready)],

@@ -152,7 +152,24 @@ CASES = {
         InvalidArgument,
         "NaN or Inf",
     ),
+    # found by the reliability fuzzer (bench/reliability): each raised a non-domain exception before
+    "config-nested-deep": (lambda d: (d / "adapter_config.json").write_text("[" * 100_000), InvalidArgument,
+                           "is malformed (RecursionError"),
+    "target-modules-null": (lambda d: _edit_json(d / "adapter_config.json", target_modules=[None]), InvalidArgument,
+                            "is malformed (TypeError"),
+    "meta-base-list": (lambda d: _edit_json(d / "adapterctl.json", base_model=[1]), InvalidArgument,
+                       "is malformed (AttributeError"),
+    "header-too-large": (lambda d: (d / "adapter_model.safetensors").write_bytes((2**40).to_bytes(8, "little") + b"{}"),
+                         InvalidArgument, "safetensors"),
+    "symlinked-weights": (lambda d: _symlink_weights(d), InvalidArgument, "is not a regular file (a symlink)"),
 }
+
+
+def _symlink_weights(d: Path) -> None:
+    """The real weights, moved beside the dir and linked back in: refused (could change after hashing)."""
+    target = d.with_name(d.name + "-weights.safetensors")
+    (d / "adapter_model.safetensors").rename(target)
+    (d / "adapter_model.safetensors").symlink_to(target)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -226,3 +243,21 @@ def test_rank_pattern_and_regex_targets_are_understood(registry, tmp_path):
                            peft={"rank_pattern": {"v_proj": 2}, "target_modules": r".*\.(q_proj|v_proj)"})
     m = registry.publish(adapter, "reviews")
     assert m.lora["rank_pattern"] == {"v_proj": 2} and m.lora["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_manifest_listing_a_file_twice_is_refused_on_read(tmp_path, adapter_dir):
+    """Found by the reliability fuzzer (tampered manifests): a duplicated file entry was pulled."""
+    import json as _json
+
+    from adapterctl.errors import IntegrityError
+    from adapterctl.registry import open_registry
+
+    reg = open_registry(str(tmp_path / "reg"))
+    m = reg.publish(adapter_dir, "twice")
+    path = tmp_path / "reg" / "adapters" / "twice" / "versions" / f"{m.version:09d}.json"
+    data = _json.loads(path.read_text())
+    data["files"].append(dict(data["files"][0]))
+    path.write_text(_json.dumps(data))
+    with pytest.raises(IntegrityError, match="lists a file twice"):
+        reg.pull(f"twice:{m.version}", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

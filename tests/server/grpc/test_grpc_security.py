@@ -136,3 +136,32 @@ def test_proto_level_error_codes_for_auth(echo_server, token_file):
         with pytest.raises(grpc.RpcError) as info:
             stub.ListAdapters(pb.ListAdaptersRequest(), metadata=[("authorization", f"Bearer {INFER}")])
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _other_ca_files(tmp_path: Path) -> dict[str, Path]:
+    """A second, unrelated CA and a client cert it signed (nothing the server trusts)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    ca_key, ca_cert = _cert("some other CA", ca=True)
+    key, cert = _cert("impostor client", ca_key, ca_cert.subject)
+    files = {"ca": _pem(other, "ca", ca_key, ca_cert)[1]}
+    files["client_key"], files["client_cert"] = _pem(other, "client", key, cert)
+    return files
+
+
+def test_tls_client_trusting_another_ca_is_refused(echo_server, pki, tmp_path):
+    bg = echo_server(tls_cert=pki["server_cert"], tls_key=pki["server_key"])
+    other = _other_ca_files(tmp_path)
+    with Client(bg.address, root_certificates=other["ca"], timeout=3) as wrong_ca, pytest.raises(Unavailable):
+        wrong_ca.generate("x")
+
+
+def test_mtls_client_cert_from_another_ca_is_refused(echo_server, pki, tmp_path):
+    bg = echo_server(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
+    other = _other_ca_files(tmp_path)
+    with Client(bg.address, root_certificates=pki["ca"], client_cert=other["client_cert"],
+                client_key=other["client_key"], timeout=3) as impostor, pytest.raises(Unavailable):
+        impostor.generate("x")
+    with Client(bg.address, root_certificates=pki["ca"], client_cert=pki["client_cert"],
+                client_key=pki["client_key"], timeout=10) as good:
+        assert good.generate("still mutual").text == "still mutual"
