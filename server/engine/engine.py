@@ -108,7 +108,8 @@ class BatchingEngine:
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
         self.slots = DeviceSlots(self.runner.bank, self.observer)
         if cfg.prefix_cache_bytes:
-            self.prefix = PrefixCache(cfg.prefix_cache_bytes, cfg.prefix_block_tokens, self.base.fingerprint)
+            self.prefix = PrefixCache(cfg.prefix_cache_bytes, cfg.prefix_block_tokens, self.base.fingerprint,
+                                      self.observer)
         self.scheduler = Scheduler(cfg, self.runner.kv, self.slots, PrefillPolicy(cfg.prefill_mode), self.prefix)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])

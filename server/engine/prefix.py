@@ -30,7 +30,7 @@ import torch
 from adapterctl.errors import ResourceExhausted
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.lru import LRUCache
-from adapterctl.server.types import ServedAdapter
+from adapterctl.server.types import EngineObserver, ServedAdapter
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,11 @@ def block_keys(namespace: str, tokens: list[int], block_tokens: int, num_blocks:
 class PrefixCache:
     """Block K/V keyed by (weights, token prefix), bounded in bytes (LRU). Decode thread only."""
 
-    def __init__(self, max_bytes: int, block_tokens: int, base_key: str) -> None:
+    def __init__(self, max_bytes: int, block_tokens: int, base_key: str,
+                 observer: EngineObserver | None = None) -> None:
         self.block_tokens = block_tokens
         self.base_key = base_key
+        self.observer = observer or EngineObserver()
         self.lru: LRUCache[bytes, KVBlock] = LRUCache(max_bytes=max_bytes, sizeof=lambda b: b.nbytes)
         self.hit_tokens = 0  # prompt tokens restored instead of prefilled
         self.lookup_tokens = 0  # prompt tokens looked up (hit + missed)
@@ -93,6 +95,7 @@ class PrefixCache:
                 kv.k[layer][row, :, :n].copy_(k[layer])
                 kv.v[layer][row, :, :n].copy_(v[layer])
         kv.lengths[row] = n
+        self.observer.on_prefix_cache(n, len(prompt), self.lru.nbytes)
         return n
 
     def store(self, served: ServedAdapter | None, prompt: list[int], kv: KVCache, row: int) -> int:
