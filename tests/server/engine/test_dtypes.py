@@ -77,3 +77,18 @@ def test_cpu_only_gemm_is_chosen_only_on_cpu():
         assert pick_gemm("torch", torch.device("cpu"), dtype) is torch_linear
         with pytest.raises(ValueError, match="oneDNN"):
             pick_gemm("onednn", torch.device("cuda"), dtype)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
+    """oneDNN has no bf16 inner product on CPUs without native bf16 (AVX2-only hosts):
+    ``auto`` then falls back to F.linear instead of failing every step."""
+    import torch
+
+    from adapterctl.server.engine.kernels import pick_gemm
+
+    dtype = getattr(torch, dtype_name)
+    x, w, b = torch.randn(3, 16).to(dtype), torch.randn(8, 16).to(dtype), torch.randn(8).to(dtype)
+    y = pick_gemm("auto", torch.device("cpu"), dtype)(x, w, b)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), (x.float() @ w.float().T + b.float()), atol=0.1, rtol=0.05)
