@@ -10,7 +10,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.common import median, prompts, random_adapters, request, run_all
 
@@ -48,12 +48,11 @@ def _zipf(n_items: int, n_draws: int, seed: int) -> list[int]:
 
 
 async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log,
-             cpu_gemm: str = "auto") -> dict[str, Any]:
+             engine_config: Callable[..., Any]) -> dict[str, Any]:
     """Needs ``model`` (already wrapped by an earlier engine is fine) and two template
     adapter dirs: ``r16`` and ``r8`` (q/v)."""
     from adapterctl.registry import open_registry
     from adapterctl.server.cache.store import AdapterStore, AdapterStoreConfig
-    from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
 
     n_zipf, n_cold, n_req, new = (40, 3, 48, 8) if quick else (500, 10, 256, 32)
@@ -70,7 +69,7 @@ async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log,
             for d in random_adapters(template, root / "src", prefix, count, seed=seed):
                 reg.publish(d, d.name, base_model=str(base.path))
         log(f"p5: published {n_cold + n_zipf + 16} adapters to moto S3 in {time.monotonic() - began:.0f}s")
-        config = EngineConfig(device="cpu", max_adapters=16, max_waiting=4096, ignore_eos=True, cpu_gemm=cpu_gemm)
+        config = engine_config(max_adapters=16, max_waiting=4096, ignore_eos=True)
         store = AdapterStore(AdapterStoreConfig(cache_dir=root / "disk", host_max_items=64), reg, base,
                              max_lora_rank=config.max_lora_rank)
         engine = BatchingEngine(base, store, config, model=model, tokenizer=tok)
@@ -123,4 +122,4 @@ async def _promote_ms(engine, store, ref: str) -> float:
         engine.slots.ensure(loaded)
         return 1e3 * (time.perf_counter() - t)
 
-    return await engine._on_decode_thread(promote)
+    return await engine.on_decode_thread(promote)

@@ -38,7 +38,7 @@ async def p1_p2(engine, peft, tok, names: list[str], quick: bool) -> dict[str, A
     start = time.monotonic()
     for i in range(k):
         peft.set_adapter(names[i])
-        ids = torch.tensor([ps[i]])
+        ids = torch.tensor([ps[i]], device=peft.device)
         with torch.inference_mode():
             peft.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                           do_sample=False)
@@ -103,8 +103,8 @@ def _static_batching(peft, tok, ps, max_new, arrivals, max_batch: int = 32) -> f
             clock = max(clock, arrivals[pending[0]])
             batch = [i for i in pending if arrivals[i] <= clock][:max_batch]
             width = max(len(ps[i]) for i in batch)
-            ids = torch.tensor([[tok.pad_token_id] * (width - len(ps[i])) + ps[i] for i in batch])
-            mask = torch.tensor([[0] * (width - len(ps[i])) + [1] * len(ps[i]) for i in batch])
+            ids = torch.tensor([[tok.pad_token_id] * (width - len(ps[i])) + ps[i] for i in batch], device=peft.device)
+            mask = torch.tensor([[0] * (width - len(ps[i])) + [1] * len(ps[i]) for i in batch], device=peft.device)
             steps = max(max_new[i] for i in batch)
             began = time.monotonic()
             peft.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)

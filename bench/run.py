@@ -15,6 +15,10 @@ Workloads (full / --quick):
   p5     500 / 40 rank-8 adapters on a moto S3 registry, 16 slots, 64 host slots,
          256 / 48 Zipf(1.0) requests; cold loads and promotions of rank-16 q/v adapters.
   p6     bench/train_bench.py (null when it is absent).
+  p8     64 / 16 chat requests over 8 adapters sharing a ~400-token system prompt, 8 closed-loop
+         clients: TTFT p50 with the prefix cache off ÷ on (bench/prefix_bench.py).
+
+``--device cuda`` runs the engine and the in-process baselines on that device (default cpu).
 """
 from __future__ import annotations
 
@@ -41,8 +45,9 @@ KEYS = (
     "p5_zipf_over_hot",
     "base_tok_s_b64",
     "p6_train_over_stock",
+    "p8_prefix_ttft_gain",
 )
-WORKLOADS = ("p1", "p2", "b64", "p3", "p4", "p5", "p6")
+WORKLOADS = ("p1", "p2", "b64", "p3", "p4", "p5", "p6", "p8")
 GOALS = {
     "p1_mixed_over_base": ">= 0.90",
     "p2_over_switching": ">= 8",
@@ -55,6 +60,7 @@ GOALS = {
     "p5_zipf_over_hot": ">= 0.80",
     "base_tok_s_b64": "(ceiling ~350)",
     "p6_train_over_stock": "",
+    "p8_prefix_ttft_gain": ">= 3",
 }
 
 
@@ -62,7 +68,7 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
+async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
@@ -70,16 +76,20 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
     from adapterctl.server.cache.memory import MemoryStore
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
-    from bench import cache_bench, engine_bench, frontend_bench
+    from bench import cache_bench, engine_bench, frontend_bench, prefix_bench
     from bench.common import base_model, load_dirs, random_adapters, template_adapter
 
     torch.manual_seed(0)
     base = base_model()
     tok = load_tokenizer(base)
-    plain = load_model(base, device="cpu")
+    plain = load_model(base, device=device)
+
+    def engine_config(**fields: Any) -> EngineConfig:  # every engine of this run: same device, gemm, fp32
+        return EngineConfig(device=device, dtype="float32", cpu_gemm=cpu_gemm, **fields)
+
     out: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "cpu_gemm": cpu_gemm,
+        "cpu_gemm": cpu_gemm, "device": device,
     }
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = Path(tmp)
@@ -92,9 +102,8 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
             peft.load_adapter(str(d), adapter_name=d.name)
         _log("baseline PEFT model with 32 adapters ready")
         engine = BatchingEngine(base, MemoryStore(load_dirs(dirs, base)),
-                                EngineConfig(device="cpu", max_adapters=32, max_running_requests=64, max_waiting=256,
-                                             ignore_eos=True,
-                                             cpu_gemm=cpu_gemm),
+                                engine_config(max_adapters=32, max_running_requests=64, max_waiting=256,
+                                              ignore_eos=True),
                                 tokenizer=tok)
         await engine.start()
         try:
@@ -115,9 +124,12 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str) -> dict[str, Any]:
         model = engine.runner.model
         del peft, plain, engine
         if "p5" in only:
-            out.update(await cache_bench.p5(base, tok, model, templates, quick, _log, cpu_gemm))
+            out.update(await cache_bench.p5(base, tok, model, templates, quick, _log, engine_config))
             _log(f"p5 cold {out['p5_cold_load_ms_p50']:.1f} ms  promote {out['p5_promote_ms_p50']:.2f} ms  "
                  f"zipf/hot {out['p5_zipf_over_hot']:.2f}")
+        if "p8" in only:
+            out.update(await prefix_bench.p8(base, tok, model, dirs, quick, _log, engine_config))
+            _log(f"p8 prefix TTFT gain {out['p8_prefix_ttft_gain']:.2f}")
     return out
 
 
@@ -149,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"comma-separated subset of {','.join(WORKLOADS)} (the rest print null)")
     parser.add_argument("--cpu-gemm", default="auto", choices=("auto", "onednn", "torch"),
                         help="the engine's dense matmul (baselines always use stock torch)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="torch device of the engine and the in-process baselines (EngineConfig.device)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
@@ -157,7 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     only = set(args.only.split(","))
     if not only <= set(WORKLOADS):
         parser.error(f"--only takes a subset of {','.join(WORKLOADS)}")
-    results = asyncio.run(serving(args.quick, only, args.cpu_gemm)) if only - {"p6"} else {}
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device (is this a CUDA build of torch?)")
+    results = asyncio.run(serving(args.quick, only, args.cpu_gemm, args.device)) if only - {"p6"} else {}
     results.update(training(args.quick) if "p6" in only else {"p6_train_over_stock": None})
     results["wall_s"] = time.monotonic() - started
     print(table(results))

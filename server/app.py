@@ -96,10 +96,11 @@ class AdapterctlServer:
         if cfg.chat_template:
             self.engine.tokenizer.chat_template = cfg.chat_template.read_text()
         generations.engine = admin.engine = self.engine
-        base = getattr(self.engine, "base", None)
+        base, engine = getattr(self.engine, "base", None), self.engine
         self.metrics.set_base_model(getattr(base, "id", cfg.base_model or ""), getattr(base, "fingerprint", ""),
-                                    str(getattr(self.engine, "device", cfg.engine.device or "")), cfg.engine.dtype,
-                                    type(self.engine).__name__)
+                                    str(getattr(engine, "device", cfg.engine.device or "")),
+                                    getattr(engine, "dtype", cfg.engine.dtype),  # "auto" as resolved
+                                    type(engine).__name__)
         if cfg.store.alias_refresh > 0:
             self._tasks.append(asyncio.create_task(self._refresh_loop(cfg.store.alias_refresh)))
         self.state.phase = SERVING

@@ -154,12 +154,18 @@ class ServerMetrics(EngineObserver):
                               registry=reg)
         self.rejections = Counter("adapterctl_engine_queue_rejections", "Requests refused because the queue was full.",
                                   registry=reg)
+        self.prefix_tokens = Counter("adapterctl_prefix_cache_tokens", "Prompt tokens at admission: K/V restored from "
+                                     "the prefix cache (hit) or prefilled (miss).", ["result"], registry=reg)
+        self.prefix_bytes = Gauge("adapterctl_prefix_cache_bytes", "Bytes of K/V held by the prefix cache.",
+                                  registry=reg)
         self.auth_failures = Counter("adapterctl_auth_failures", "RPCs refused by authentication/authorisation.",
                                      ["code"], registry=reg)
         self.base_model = Info("adapterctl_base_model", "The base model this server serves.", registry=reg)
         for tier in TIERS:  # export zeros so dashboards and rules see every tier from the start
             for family in (self.cache_hits, self.cache_misses, self.evictions):
                 family.labels(tier=tier)
+        for result in ("hit", "miss"):
+            self.prefix_tokens.labels(result=result)
         for code in AUTH_CODES:  # likewise: refused RPCs read 0, not "no data", until the first one
             self.auth_failures.labels(code=code)
         self._http: Any = None
@@ -226,6 +232,11 @@ class ServerMetrics(EngineObserver):
 
     def on_queue_rejected(self) -> None:
         self.rejections.inc()
+
+    def on_prefix_cache(self, restored: int, prompt_tokens: int, nbytes: int) -> None:
+        self.prefix_tokens.labels(result="hit").inc(restored)
+        self.prefix_tokens.labels(result="miss").inc(prompt_tokens - restored)
+        self.prefix_bytes.set(nbytes)
 
     # ---- exposition -------------------------------------------------------------------
     def serve_http(self, host: str, port: int) -> int:

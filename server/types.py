@@ -255,3 +255,7 @@ class EngineObserver:
     def on_residency(self, tier: str, adapters: int, nbytes: int, pinned: int) -> None: ...
 
     def on_queue_rejected(self) -> None: ...
+
+    def on_prefix_cache(self, restored: int, prompt_tokens: int, nbytes: int) -> None:
+        """At admission: ``restored`` of the prompt's ``prompt_tokens`` came from the prefix
+        cache (the rest is prefilled); ``nbytes`` is the cache's size in bytes."""

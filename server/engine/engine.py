@@ -22,9 +22,11 @@ from adapterctl.basemodel import BaseModel
 from adapterctl.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from adapterctl.server.engine.admin import AdapterAdmin
 from adapterctl.server.engine.config import EngineConfig
+from adapterctl.server.engine.dtypes import resolve_dtype
 from adapterctl.server.engine.grammar import Grammars
 from adapterctl.server.engine.heap import IdleTrimmer
 from adapterctl.server.engine.prefill import Action, Piece, PrefillPolicy
+from adapterctl.server.engine.prefix import PrefixCache
 from adapterctl.server.engine.runner import ModelRunner
 from adapterctl.server.engine.sampling import make_generator, select
 from adapterctl.server.engine.scheduler import Scheduler, Sequence
@@ -66,10 +68,12 @@ class BatchingEngine:
         self.max_new_tokens_limit = self.config.max_new_tokens_limit
         self.max_prompt_tokens = self.config.max_prompt_tokens
         self.device = self.config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype, self._dtype_reason = resolve_dtype(self.config.dtype, self.device)  # "auto" resolved
         self._model = model
         self.runner: ModelRunner | None = None
         self.scheduler: Scheduler | None = None
         self.slots: DeviceSlots | None = None
+        self.prefix: PrefixCache | None = None
         self._eos: set[int] = set()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -96,7 +100,11 @@ class BatchingEngine:
         cfg = self.config
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.base)
-        model = self._model if self._model is not None else load_model(self.base, self.device, cfg.dtype)
+        log.info("engine dtype %s (%s) on %s", self.dtype, self._dtype_reason, self.device)
+        if self._model is not None:  # the engine owns a model it is given: cast in place
+            model = self._model.to(getattr(torch, self.dtype))
+        else:
+            model = load_model(self.base, self.device, self.dtype)
         self._model = None  # the runner owns it now
         max_len = cfg.max_prompt_tokens + cfg.max_new_tokens_limit
         self.runner = ModelRunner(model, max_rows=cfg.max_running_requests, max_positions=max_len,
@@ -105,15 +113,19 @@ class BatchingEngine:
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
         self.slots = DeviceSlots(self.runner.bank, self.observer)
         self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)
-        self.scheduler = Scheduler(cfg, self.runner.kv, self.slots, PrefillPolicy(cfg.prefill_mode))
+        if cfg.prefix_cache_bytes:
+            self.prefix = PrefixCache(cfg.prefix_cache_bytes, cfg.prefix_block_tokens, self.base.fingerprint,
+                                      self.observer)
+        self.scheduler = Scheduler(cfg, self.runner.kv, self.slots, PrefillPolicy(cfg.prefill_mode), self.prefix)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self._eos.add(int(self.tokenizer.eos_token_id))
         if cfg.ignore_eos:
             self._eos = set()
-        log.info("batching engine ready: %s on %s (%s), %d slots, max rank %d, %d running", self.base.id,
-                 self.device, cfg.dtype, cfg.max_adapters, cfg.max_lora_rank, cfg.max_running_requests)
+        log.info("batching engine ready: %s on %s (%s), %d slots, max rank %d, %d running, prefix cache %d MiB",
+                 self.base.id, self.device, self.dtype, cfg.max_adapters, cfg.max_lora_rank, cfg.max_running_requests,
+                 cfg.prefix_cache_bytes >> 20)
 
     async def stop(self) -> None:
         """Finish every request as cancelled and stop the decode thread."""
@@ -318,6 +330,8 @@ class BatchingEngine:
         sampled = []
         for seq, chunk in plan:
             seq.computed += len(chunk.tokens)
+            if self.prefix is not None and chunk.start_pos < len(seq.prompt) <= seq.computed:
+                self.prefix.store(seq.served, seq.prompt, self.runner.kv, seq.row)  # prefill just completed
             if chunk.sample:
                 sampled.append(seq)
         if self.logits_hook is not None:

@@ -7,7 +7,10 @@ Semantics every backend implements, for each token ``t`` with slot ``s = token_s
 
 ``A[s]`` is ``[max_rank, in]`` and ``Bt[s]`` is ``[max_rank, out]``, zero beyond the
 adapter's rank, so adapters of different ranks share one bank exactly; slicing a rank
-prefix ``[:, :r]`` keeps each slot's block contiguous.
+prefix ``[:, :r]`` keeps each slot's block contiguous. In fp32 the scale is applied to
+the rank-``r`` product and the delta fused into ``y`` (``addmm``); in bf16/fp16 the delta
+is rounded as PEFT rounds it (``B(A(x))``, times scale, then added), so greedy tokens
+agree with PEFT run in the same dtype.
 """
 from __future__ import annotations
 
@@ -48,8 +51,11 @@ class LoraBackend(ABC):
 def _segment(y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slot: int, lo: int, hi: int) -> None:
     rank = w.ranks[slot]
     if rank:
-        h = (x[lo:hi] @ w.A[slot, :rank].T).mul_(w.scale[slot])  # [n, r]
-        y[lo:hi].addmm_(h, w.Bt[slot, :rank])  # [n, out]
+        h = x[lo:hi] @ w.A[slot, :rank].T  # [n, r]
+        if y.dtype == torch.float32:
+            y[lo:hi].addmm_(h.mul_(w.scale[slot]), w.Bt[slot, :rank])  # [n, out]
+        else:  # half precision: PEFT's rounding order, (B(A(x)) * scale) then add
+            y[lo:hi].add_((h @ w.Bt[slot, :rank]).mul_(w.scale[slot]))
 
 
 class SegmentBackend(LoraBackend):
@@ -87,7 +93,15 @@ class GatherBackend(LoraBackend):
             a = w.A[:, :rank].index_select(0, slots)  # [n, r, in]
             bt = w.Bt[:, :rank].index_select(0, slots)  # [n, r, out]
             sc = w.scale.index_select(0, slots)
-        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2)).mul_(sc.view(-1, 1, 1))  # [n, 1, r]
+        h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
+        if y.dtype != torch.float32:  # half precision: PEFT's rounding order, (B(A(x)) * scale) then add
+            delta = torch.bmm(h, bt).squeeze(1).mul_(sc.view(-1, 1))
+            if full:
+                y.add_(delta)
+            else:
+                y.index_add_(0, meta.lora_tokens, delta)
+            return
+        h.mul_(sc.view(-1, 1, 1))
         if full:
             y.unsqueeze(1).baddbmm_(h, bt)
         else:

@@ -14,7 +14,9 @@ _TOPP_PROBE = 1024  # candidates tried before falling back to a full sort for to
 
 
 def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (or a random seed when None)."""
+    """A CPU generator seeded with ``seed`` (or a random seed when None). It stays on the
+    CPU on every device: one uniform draw per token, so the stream of a seed is the same
+    on CPU and CUDA."""
     g = torch.Generator(device="cpu")
     if seed is None:
         g.seed()
@@ -59,11 +61,13 @@ def _sample_row(row: torch.Tensor, p: SamplingParams, gen: torch.Generator | Non
             values, index = _top(scaled, k)
             cum = torch.cumsum(torch.exp(values - logz), dim=-1)
         # the smallest prefix whose mass reaches top_p (at least one token)
-        keep = min(int(torch.searchsorted(cum, torch.tensor([p.top_p], dtype=cum.dtype)).item()) + 1, len(cum))
+        probe_p = torch.tensor([p.top_p], dtype=cum.dtype, device=cum.device)
+        keep = min(int(torch.searchsorted(cum, probe_p).item()) + 1, len(cum))
         values, index = values[:keep], index[:keep]
     cdf = torch.cumsum(torch.exp(values - logz), dim=-1)
     u = torch.rand(1, generator=gen, dtype=torch.float64).item() * float(cdf[-1])
-    pick = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True).item()), len(cdf) - 1)
+    probe_u = torch.tensor([u], dtype=cdf.dtype, device=cdf.device)
+    pick = min(int(torch.searchsorted(cdf, probe_u, right=True).item()), len(cdf) - 1)
     return pick if index is None else int(index[pick])
 
 

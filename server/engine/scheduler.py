@@ -25,6 +25,7 @@ from adapterctl.errors import ResourceExhausted
 from adapterctl.server.engine.config import EngineConfig
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.prefill import PrefillPolicy
+from adapterctl.server.engine.prefix import PrefixCache
 from adapterctl.server.engine.runner import Chunk
 from adapterctl.server.engine.slots import DeviceSlots
 from adapterctl.server.textstream import StopTextStream
@@ -81,9 +82,11 @@ class Scheduler:
     setting ``Sequence.cancelled`` from any thread); everything else runs on the decode
     thread."""
 
-    def __init__(self, config: EngineConfig, kv: KVCache, slots: DeviceSlots, policy: PrefillPolicy) -> None:
+    def __init__(self, config: EngineConfig, kv: KVCache, slots: DeviceSlots, policy: PrefillPolicy,
+                 prefix: PrefixCache | None = None) -> None:
         self.config = config
         self.kv = kv
+        self.prefix = prefix  # restores a cached prompt prefix into a new row at admission
         self.slots = slots
         self.policy = policy
         self.waiting: deque[Sequence] = deque()
@@ -201,6 +204,8 @@ class Scheduler:
             seq.slot = resident.slot
             seq.adapter = None  # the slot holds the weights now
         seq.row = self.kv.alloc_row(seq.reserved_tokens)
+        if self.prefix is not None:  # prefill starts after the cached prefix (at least one token is left)
+            seq.computed = self.prefix.restore(seq.served, seq.prompt, self.kv, seq.row)
         self._reserved += seq.reserved_tokens
         self.running.append(seq)
         return ""

@@ -97,7 +97,7 @@ def test_server_flags_and_settings_are_real_serve_options(overlay, serve_setting
     if name == "gpu":
         assert (config.engine.dtype, config.engine.device) == ("bfloat16", "cuda")
     else:
-        assert config.engine.dtype == "float32" and config.engine.device is None
+        assert config.engine.dtype == "auto" and config.engine.device is None
 
 
 def test_flag_check_rejects_unknown_flags_and_values(overlay, serve_settings):

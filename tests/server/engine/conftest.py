@@ -88,6 +88,7 @@ def make_engine(tiny_base, tiny_model, tiny_tokenizer):
 
     def make(store=None, **config):
         config.setdefault("device", "cpu")
+        config.setdefault("dtype", "float32")  # exact parity with fp32 PEFT, whatever "auto" picks here
         engine = BatchingEngine(tiny_base, store, EngineConfig(**config), model=copy.deepcopy(tiny_model),
                                 tokenizer=tiny_tokenizer)
         loop.run_until_complete(engine.start())

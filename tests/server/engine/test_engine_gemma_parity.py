@@ -79,7 +79,8 @@ def test_real_gemma_mixed_batch_matches_peft(gemma_base, tmp_path, request_for):
                                output_logits=True, return_dict_in_generate=True)
         want.append((out.sequences[0, len(prompt):].tolist(), torch.stack(out.logits)[:, 0]))
 
-    engine = BatchingEngine(gemma_base, MemoryStore(loaded), EngineConfig(device="cpu", max_batch_tokens=256),
+    engine = BatchingEngine(gemma_base, MemoryStore(loaded),
+                            EngineConfig(device="cpu", dtype="float32", max_batch_tokens=256),
                             model=model, tokenizer=tok)
     logits: dict[str, list[torch.Tensor]] = {}
     engine.logits_hook = lambda seqs, rows: [logits.setdefault(s.request.request_id, []).append(r.clone())

@@ -61,8 +61,9 @@ def test_family_matches_hf_and_peft(kind, tmp_path, tiny_tokenizer, save_adapter
             out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
                                eos_token_id=None, pad_token_id=0)
         want.append(out[0, len(prompt):].tolist())
-    engine = BatchingEngine(base, store, EngineConfig(device="cpu", max_prompt_tokens=64, max_new_tokens_limit=64,
-                                                      max_running_requests=8, max_batch_tokens=32),
+    engine = BatchingEngine(base, store, EngineConfig(device="cpu", dtype="float32", max_prompt_tokens=64,
+                                                      max_new_tokens_limit=64, max_running_requests=8,
+                                                      max_batch_tokens=32),
                             model=copy.deepcopy(model), tokenizer=tiny_tokenizer)
     engine._eos = set()
 

@@ -140,7 +140,7 @@ class _DirStore(MemoryStore):
         super().__init__({})
         self.dirs, self.base = dirs, base
 
-    async def resolve(self, ref):
+    async def resolve(self, ref, routing_key=""):
         from adapterctl.server.types import ServedAdapter
 
         return ServedAdapter(ref, 1, "sha256:" + "0" * 64)

@@ -111,6 +111,9 @@ def test_readme_section_lists_only_real_metrics():
     m.on_load("disk", 0.1, "a")
     m.on_residency("device", 1, 10, 0)
     m.on_queue_rejected()
+    m.on_prefix_cache(16, 20, 8192)
+    assert m.prefix_tokens.labels(result="hit")._value.get() == 16
+    assert m.prefix_tokens.labels(result="miss")._value.get() == 4
     m.auth_failures.labels(code="UNAUTHENTICATED").inc()
     m.set_base_model("b", "sha256:x", "cpu", "float32", "PeftEngine")
     from prometheus_client.parser import text_string_to_metric_families

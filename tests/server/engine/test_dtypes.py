@@ -1,0 +1,94 @@
+"""``--dtype auto``: the resolution rule fed with CPU flags / CUDA capability, the
+/proc/cpuinfo parser, and the engine serving in the dtype it resolved."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from adapterctl.server.engine.dtypes import cpu_flags, resolve_dtype
+
+
+@pytest.mark.parametrize("device,flags,cuda_bf16,want", [
+    ("cpu", {"avx2", "fma"}, None, "float32"),  # AMD EPYC / older Xeon: no native bf16
+    ("cpu", {"avx2", "avx512f", "avx512_bf16"}, None, "bfloat16"),
+    ("cpu", {"avx2", "amx_tile", "amx_bf16"}, None, "bfloat16"),
+    ("cpu", set(), None, "float32"),
+    ("cuda", set(), True, "bfloat16"),
+    ("cuda:1", set(), True, "bfloat16"),
+    ("cuda", {"amx_bf16"}, False, "float32"),  # host CPU flags do not matter for a CUDA device
+    ("mps", {"amx_bf16"}, True, "float32"),
+])
+def test_auto_picks_bf16_only_with_native_support(device, flags, cuda_bf16, want):
+    dtype, why = resolve_dtype("auto", device, flags=flags, cuda_bf16=cuda_bf16)
+    assert dtype == want
+    assert why.startswith("auto: ")
+    if device == "cpu" and want == "bfloat16":
+        assert any(f in why for f in flags if "bf16" in f)  # the log line names the flag that decided
+
+
+@pytest.mark.parametrize("explicit", ["float32", "bfloat16", "float16"])
+def test_explicit_dtype_is_kept(explicit):
+    assert resolve_dtype(explicit, "cpu", flags={"amx_bf16"}) == (explicit, "set explicitly")
+    assert resolve_dtype(explicit, "cuda", cuda_bf16=False)[0] == explicit
+
+
+def test_cpu_flags_parses_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 amx_bf16 avx512_bf16\n\n"
+                    "processor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_engine_serves_in_the_resolved_dtype(make_engine, caplog):
+    """``dtype=auto`` (the EngineConfig default) on this host: the model, KV cache and slot
+    bank use what :func:`resolve_dtype` picks here, and one log line says why."""
+    import torch
+
+    want, why = resolve_dtype("auto", "cpu")
+    with caplog.at_level(logging.INFO, logger="adapterctl.server.engine.engine"):
+        engine = make_engine(dtype="auto")
+    assert engine.dtype == want
+    assert engine.runner.dtype == engine.runner.kv.dtype == getattr(torch, want)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine dtype")]
+    assert lines == [f"engine dtype {want} ({why}) on cpu"]
+
+
+def test_default_is_auto_and_serve_accepts_dtypes():
+    from adapterctl.errors import InvalidArgument
+    from adapterctl.server.engine.config import EngineConfig
+
+    assert EngineConfig().dtype == "auto"
+    assert EngineConfig(dtype="bfloat16").dtype == "bfloat16"
+    with pytest.raises(InvalidArgument, match="dtype"):
+        EngineConfig(dtype="int8")
+
+
+def test_cpu_only_gemm_is_chosen_only_on_cpu():
+    """oneDNN is the CPU fast path; on any other device (CUDA) ``auto`` is F.linear, and
+    asking for oneDNN there is a clear error rather than a CPU kernel on GPU tensors."""
+    import torch
+
+    from adapterctl.server.engine.kernels import pick_gemm, torch_linear
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert pick_gemm("auto", torch.device("cuda"), dtype) is torch_linear
+        assert pick_gemm("torch", torch.device("cpu"), dtype) is torch_linear
+        with pytest.raises(ValueError, match="oneDNN"):
+            pick_gemm("onednn", torch.device("cuda"), dtype)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
+    """oneDNN has no bf16 inner product on CPUs without native bf16 (AVX2-only hosts):
+    ``auto`` then falls back to F.linear instead of failing every step."""
+    import torch
+
+    from adapterctl.server.engine.kernels import pick_gemm
+
+    dtype = getattr(torch, dtype_name)
+    x, w, b = torch.randn(3, 16).to(dtype), torch.randn(8, 16).to(dtype), torch.randn(8).to(dtype)
+    y = pick_gemm("auto", torch.device("cpu"), dtype)(x, w, b)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), (x.float() @ w.float().T + b.float()), atol=0.1, rtol=0.05)
