@@ -33,6 +33,10 @@ class KVCache:
         self.lengths: list[int] = []  # [num_rows] tokens written per row
         self._grow(max_rows, min(pos_block, max_positions))
 
+    def nbytes(self) -> int:
+        """Bytes held by the K and V slabs of every layer (capacity, not use)."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
     def alloc_row(self, max_len: int) -> int:
         """A fresh row for a sequence that will hold at most ``max_len`` tokens."""
         if self.num_rows >= self.max_rows:
