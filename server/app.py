@@ -174,12 +174,13 @@ class AdapterctlServer:
         for task in self._tasks:
             task.cancel()
         if closing is not None:
-            try:  # generations get the grace period; then anything left (e.g. health watches) is cancelled
+            try:  # generations get the grace period; grpc's stop(grace) cancels what is left after it
                 if self.state.inflight:
                     await asyncio.wait_for(self.state.wait_idle(), grace)
             except asyncio.TimeoutError:
                 log.warning("grace period over with %d request(s) in flight; cancelling them", self.state.inflight)
-            await self._server.stop(0)
+            # One stop call only: a second, overlapping stop(0) crashed grpc's aio server (a segfault
+            # in tests/server/grpc/test_grpc_lifecycle.py).
             await closing
         if self._http is not None:
             await self._http.stop()
