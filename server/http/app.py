@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 def create_app(front: Frontend) -> FastAPI:
     """The OpenAI-compatible app over ``front`` (routes, error shape, no docs UI)."""
-    app = FastAPI(title="adapterctl", docs_url=None, redoc_url=None, openapi_url=None)
+    # No trailing-slash redirects: `/v1/models/` is an unknown path (404 error JSON), not an empty 307.
+    app = FastAPI(title="adapterctl", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.frontend = front
     app.include_router(router)
     errors.install(app)

@@ -6,10 +6,31 @@ from __future__ import annotations
 
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapterctl.errors import InvalidArgument
 from adapterctl.server.types import ResponseFormat
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Where a string of a parsed JSON body holds a lone UTF-16 surrogate (JSON's
+    ``"\\ud800"`` escape decodes to one), which no tokenizer or UTF-8 answer can carry;
+    None when there is none. Iterative: the body may be nested deeply."""
+    stack: list[tuple[str, Any]] = [("body", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return where
+        elif isinstance(item, dict):
+            stack.extend((f"{where}.{k}" if isinstance(k, str) and k.isprintable() else where, v)
+                         for k, v in item.items())
+            stack.extend((where, k) for k in item)
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", v) for i, v in enumerate(item))
+    return None
 
 
 class _Body(BaseModel):
@@ -51,6 +72,14 @@ class _Generation(_Body):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormatBody | None = None
     user: str | None = None  # OpenAI's end-user id: the routing key of a weighted (canary) alias
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        where = lone_surrogate(data)
+        if where is not None:
+            raise ValueError(f"{where[:80]}: a lone UTF-16 surrogate (\\ud800-\\udfff) is not text")
+        return data
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
