@@ -133,11 +133,16 @@ class ServerProc:
     proc: subprocess.Popen | None = None
     port: int = 0
     metrics_port: int | None = None
+    http_port: int | None = None
     starts: int = 0
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def log_path(self) -> Path:
@@ -169,7 +174,7 @@ class ServerProc:
                 raise RuntimeError(f"server not SERVING after {timeout}s; see {self.log_path}")
             time.sleep(0.1)
         info = json.loads(ready.read_text())
-        self.port, self.metrics_port = info["port"], info.get("metrics_port")
+        self.port, self.metrics_port, self.http_port = info["port"], info.get("metrics_port"), info.get("http_port")
         return self
 
     def metrics_text(self) -> str:

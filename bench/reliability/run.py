@@ -33,6 +33,7 @@ class Budget:
     """How much of each part one run does."""
 
     fuzz_grpc: int
+    fuzz_http: int
     fuzz_registry: int
     fuzz_jsonl: int
     huge_line_mb: int
@@ -44,10 +45,10 @@ class Budget:
     soak_prompts: int = 3
 
 
-QUICK = Budget(fuzz_grpc=600, fuzz_registry=60, fuzz_jsonl=300, huge_line_mb=16, soak_requests=300,
+QUICK = Budget(fuzz_grpc=600, fuzz_http=200, fuzz_registry=60, fuzz_jsonl=300, huge_line_mb=16, soak_requests=300,
                soak_adapters=20, soak_warmup=50, publish_kills=5, hostile_rss=48)
-FULL = Budget(fuzz_grpc=7000, fuzz_registry=1000, fuzz_jsonl=2000, huge_line_mb=100, soak_requests=10_000,
-              soak_adapters=200, soak_warmup=1000, publish_kills=50, hostile_rss=300)
+FULL = Budget(fuzz_grpc=7000, fuzz_http=3000, fuzz_registry=1000, fuzz_jsonl=2000, huge_line_mb=100,
+              soak_requests=10_000, soak_adapters=200, soak_warmup=1000, publish_kills=50, hostile_rss=300)
 
 
 def _home(tmp: Path) -> None:
@@ -74,7 +75,10 @@ def shared_server(ctx: dict[str, Any]):
                       env={"AWS_ENDPOINT_URL": ctx["proxy"].endpoint})
 
 
-async def part_fuzz_grpc(ctx: dict[str, Any], b: Budget, seed: int) -> dict[str, Any]:
+async def part_fuzz_servers(ctx: dict[str, Any], b: Budget, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The RSS reproduction, then the gRPC fuzz, then the HTTP fuzz on the shared server;
+    the greedy probes before the first and after the last (``greedy_unchanged``, ``alive``
+    in the gRPC detail cover both fuzzers)."""
     from bench.reliability.common import Probe, greedy, health_status, log
     from bench.reliability.fuzz_grpc import FuzzTargets, fuzz
     from bench.reliability.rss import hostile_rss
@@ -86,17 +90,40 @@ async def part_fuzz_grpc(ctx: dict[str, Any], b: Budget, seed: int) -> dict[str,
     rss = await hostile_rss(server, names[0], b.hostile_rss, seed, limit=1024)
     log(f"hostile RSS: {rss.requests} requests in {time.monotonic() - began:.0f}s: start {rss.rss_start_mib} MiB, "
         f"peak {rss.rss_peak_mib} MiB, idle {rss.rss_idle_mib} MiB; {rss.kv_log_lines[-2:]}")
+    targets = FuzzTargets(names, [ctx["digests"][n] for n in names], 1024)
     began = time.monotonic()
-    report = await fuzz(server.address, FuzzTargets(names, [ctx["digests"][n] for n in names], 1024), b.fuzz_grpc,
-                        seed)
-    log(f"fuzz gRPC: {report.inputs} inputs in {time.monotonic() - began:.0f}s, statuses {dict(report.statuses)}")
+    report = await fuzz(server.address, targets, b.fuzz_grpc, seed)
+    grpc_seconds = time.monotonic() - began
+    log(f"fuzz gRPC: {report.inputs} inputs in {grpc_seconds:.0f}s, statuses {dict(report.statuses)}")
+    http = await part_fuzz_http(ctx, targets, b, seed)
     alive = server.alive() and await health_status(server.address) == "SERVING"
     after = await greedy(server.address, probes) if alive else []
-    return {"inputs": report.inputs, "internal": report.internal, "undocumented": report.undocumented,
-            "malformed_ok": report.malformed_ok, "client_refused": report.client_refused,
-            "statuses": dict(report.statuses), "alive": alive, "greedy_unchanged": after == before,
-            "seconds": round(time.monotonic() - began, 1), "examples": report.examples,
-            "hostile_rss": {**asdict(rss), "idle_growth": round(rss.idle_growth, 4)}}
+    grpc_detail = {"inputs": report.inputs, "internal": report.internal, "undocumented": report.undocumented,
+                   "malformed_ok": report.malformed_ok, "client_refused": report.client_refused,
+                   "statuses": dict(report.statuses), "alive": alive, "greedy_unchanged": after == before,
+                   "seconds": round(grpc_seconds, 1), "examples": report.examples,
+                   "hostile_rss": {**asdict(rss), "idle_growth": round(rss.idle_growth, 4)}}
+    return grpc_detail, http
+
+
+async def part_fuzz_http(ctx: dict[str, Any], targets: Any, b: Budget, seed: int) -> dict[str, Any]:
+    """The HTTP fuzz; ``alive``: the process runs, gRPC health is SERVING and ``GET /v1/models`` answers 200."""
+    import httpx
+
+    from bench.reliability.common import INFER_TOKEN, health_status, log
+    from bench.reliability.fuzz_http import fuzz_http
+
+    server, began = ctx["server"], time.monotonic()
+    report = await fuzz_http(server.http_url, targets, b.fuzz_http, seed + 1)
+    log(f"fuzz HTTP: {report.inputs} inputs in {time.monotonic() - began:.0f}s, statuses {dict(report.statuses)}, "
+        f"{report.client_timeouts} client timeouts, {report.abandoned} streams abandoned")
+    alive = server.alive() and await health_status(server.address) == "SERVING"
+    if alive:
+        async with httpx.AsyncClient(base_url=server.http_url, timeout=60) as client:
+            r = await client.get("/v1/models", headers={"authorization": f"Bearer {INFER_TOKEN}"})
+            alive = r.status_code == 200
+    return {**{k: v for k, v in asdict(report).items() if k != "statuses"}, "statuses": dict(report.statuses),
+            "findings": report.findings, "alive": alive, "seconds": round(time.monotonic() - began, 1)}
 
 
 async def part_soak(ctx: dict[str, Any], b: Budget, seed: int) -> dict[str, Any]:
@@ -166,7 +193,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from bench.reliability.publish_kill import run_publish_kills
 
     b = dataclasses.replace(QUICK if args.quick else FULL)
-    for key in ("fuzz_grpc", "soak_requests", "publish_kills"):
+    for key in ("fuzz_grpc", "fuzz_http", "soak_requests", "publish_kills"):
         if getattr(args, key) is not None:
             setattr(b, key, getattr(args, key))
     for item in args.set or ():
@@ -198,7 +225,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             + json.dumps({k: {x: v[x] for x in ("inputs", "crashes")} for k, v in detail["fuzz_files"].items()})
         )
         ctx["server"].start()
-        detail["fuzz_grpc"] = await part_fuzz_grpc(ctx, b, args.seed)
+        detail["fuzz_grpc"], detail["fuzz_http"] = await part_fuzz_servers(ctx, b, args.seed)
         soak_detail = await part_soak(ctx, b, args.seed)
         metrics = soak_detail.pop("metrics")
         detail["soak"] = soak_detail
@@ -212,15 +239,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         ctx["server"].stop()
         proxy.close()
         moto.close()
-    fg, ff, soak_d = detail["fuzz_grpc"], detail["fuzz_files"], detail["soak"]
+    fg, fh, ff, soak_d = detail["fuzz_grpc"], detail["fuzz_http"], detail["fuzz_files"], detail["soak"]
     drills_passed = sum(d["passed"] for d in detail["drills"])
     # A kill drill failing its own checks (next number, gc) counts as a failed drill too.
     kill_ok = kills.next_version_ok and kills.orphans_left == 0 and kills.partial_versions_seen == 0
     figures = {
-        "fuzz_inputs": fg["inputs"] + ff["registry"]["inputs"] + ff["jsonl"]["inputs"],
-        "fuzz_crashes": int(not fg["alive"]) + ff["registry"]["crashes"] + ff["jsonl"]["crashes"]
+        "fuzz_inputs": fg["inputs"] + fh["inputs"] + ff["registry"]["inputs"] + ff["jsonl"]["inputs"],
+        "fuzz_crashes": int(not fg["alive"]) + int(not fh["alive"]) + ff["registry"]["crashes"]
+        + ff["jsonl"]["crashes"]
         + ff["registry"]["accepted_bad"] + ff["registry"]["wrote_on_refusal"] + int(not fg["greedy_unchanged"]),
-        "fuzz_internal": fg["internal"] + fg["undocumented"] + fg["malformed_ok"],
+        "fuzz_internal": fg["internal"] + fg["undocumented"] + fg["malformed_ok"] + fh["findings"],
         "soak_requests": soak_d["requests"],
         "soak_wrong_or_lost": soak_d["wrong_or_lost"],
         "soak_rss_growth": soak_d["rss_growth"],
@@ -246,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="base model (default gemma-3-270m)")
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--fuzz-grpc", type=int, help="override the gRPC fuzz count")
+    parser.add_argument("--fuzz-http", type=int, help="override the HTTP fuzz count")
     parser.add_argument("--soak-requests", type=int, help="override the soak request count")
     parser.add_argument("--publish-kills", type=int, help="override the number of publish kills")
     parser.add_argument("--set", action="append", metavar="FIELD=N",
