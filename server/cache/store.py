@@ -14,6 +14,7 @@ from adapterctl.errors import NotFound
 from adapterctl.refs import parse_ref, validate_name
 from adapterctl.server.cache.config import AdapterStoreConfig
 from adapterctl.server.cache.disk import DiskTier
+from adapterctl.server.cache.listing import RegistryListing
 from adapterctl.server.cache.loaded import LoadedAdapter, check_base_fingerprint, check_lora_config, load_peft_dir
 from adapterctl.server.cache.resolver import RefResolver, served_of
 from adapterctl.server.lru import LRUCache
@@ -52,6 +53,7 @@ class AdapterStore:
         self._base = base
         self._observer = observer or EngineObserver()
         self._resolver = RefResolver(reader, config.alias_refresh, config.max_cached_refs, clock)
+        self._listing = RegistryListing(reader)
         self._host: LRUCache[str, LoadedAdapter] = LRUCache(
             config.host_max_items, config.host_max_bytes, sizeof=lambda a: a.nbytes, on_evict=self._host_evicted
         )
@@ -147,7 +149,7 @@ class AdapterStore:
                     aliases=aliases,
                 )
         if include_registry:
-            for row in await asyncio.to_thread(self._registry_rows, name):
+            for row in await self._listing.rows(name):
                 if row.digest in rows:  # resident: the registry knows all its aliases
                     rows[row.digest].aliases = row.aliases
                 else:
@@ -157,6 +159,7 @@ class AdapterStore:
     def close(self) -> None:
         """Stop the load threads (queued loads are cancelled)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._listing.close()
 
     # ---- internals -----------------------------------------------------------------
     def _load_future(self, served: ServedAdapter) -> concurrent.futures.Future[LoadedAdapter]:
@@ -208,22 +211,3 @@ class AdapterStore:
 
     def _report_host(self) -> None:
         self._observer.on_residency("host", len(self._host), self._host.nbytes, self._host.pinned_count)
-
-    def _registry_rows(self, name: str | None) -> list[AdapterStatus]:
-        rows = []
-        for adapter in [name] if name else self._reader.list_names():
-            versions = self._reader.list_versions(adapter)
-            by_version: dict[int, list[str]] = {}
-            for alias, version in self._reader.aliases(adapter).items():
-                by_version.setdefault(version, []).append(alias)
-            if versions:
-                by_version.setdefault(versions[-1].version, []).append("latest")
-            for m in versions:
-                rank = int((m.lora or {}).get("rank") or 0)
-                aliases = tuple(sorted(set(by_version.get(m.version, ()))))
-                rows.append(
-                    AdapterStatus(
-                        m.name, m.version, m.digest, "registry", bytes=m.total_bytes, rank=rank, aliases=aliases
-                    )
-                )
-        return rows

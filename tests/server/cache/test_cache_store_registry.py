@@ -141,3 +141,38 @@ def test_unreachable_registry_is_unavailable(store_over, tmp_path, monkeypatch):
     with pytest.raises(Unavailable):
         asyncio.run(store.resolve("anything"))
     assert list(store.config.cache_dir.iterdir()) == []
+
+
+class GatedReader(CountingReader):
+    """Holds ``list_names`` until ``gate`` is set, so a listing is in flight on demand."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def list_names(self):
+        self.entered.set()
+        assert self.gate.wait(30)
+        return self.inner.list_names()
+
+
+def test_concurrent_listings_share_one_and_never_see_an_older_registry(reg, make_adapter, tiny_base, store_over):
+    _publish(reg, make_adapter, tiny_base, "chat", seed=0)
+    reader = GatedReader(reg)
+    store = store_over(reader)
+
+    async def go():
+        first = asyncio.ensure_future(store.status(include_registry=True))
+        await asyncio.to_thread(reader.entered.wait, 30)  # listing 1 is in flight, before the publish
+        _publish(reg, make_adapter, tiny_base, "chat", seed=1)
+        burst = [asyncio.ensure_future(store.status(include_registry=True)) for _ in range(20)]
+        # the event loop's default executor is not held by the listing: other work runs meanwhile
+        assert await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(lambda: 7) for _ in range(12))), 10) == [7] * 12
+        reader.gate.set()
+        return await first, await asyncio.gather(*burst)
+
+    first, burst = asyncio.run(go())
+    assert [r.version for r in first][:1] == [1]  # started before the publish (read v2 or not)
+    assert all([r.version for r in rows] == [1, 2] for rows in burst)  # asked after it: a later listing
+    assert store._listing.listings == 2  # 21 calls, two listings

@@ -3,6 +3,7 @@ the same engine batches, and a client disconnecting mid-stream (tiny model, batc
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -209,6 +210,27 @@ def test_disconnect_mid_stream_frees_the_slot(http_server):
     m = scrape(http_server.server.metrics_port)
     assert m[("adapterctl_engine_running_requests", ())] == 0
     assert m.get(("adapterctl_requests_total", (("adapter", "delta"), ("api", "http"), ("code", "CANCELLED"))), 0) >= 1
+
+
+def test_client_giving_up_on_a_unary_request_frees_the_row(http_server):
+    engine = http_server.server.engine
+    body = {"model": "delta", "prompt": "Once upon a time", "max_tokens": 250, "temperature": 0}
+    url = httpx.URL(base_url(http_server))
+    payload = json.dumps(body).encode()
+    with socket.create_connection((url.host, url.port), timeout=30) as sock:  # a client that will give up
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(payload), payload))
+        deadline = time.monotonic() + 30  # the request is admitted and generating ...
+        while not engine.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(engine.scheduler.running) == 1
+    # ... when the client closes the connection without reading an answer
+    deadline = time.monotonic() + 30
+    while engine.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not engine.scheduler.running  # not 250 tokens for nobody
+    m = scrape(http_server.server.metrics_port)
+    assert m[("adapterctl_requests_total", (("adapter", "delta"), ("api", "http"), ("code", "CANCELLED")))] >= 1
 
 
 def test_deadline_header_gives_504_and_frees_the_row(http_server):
