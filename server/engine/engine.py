@@ -218,7 +218,13 @@ class BatchingEngine:
 
     # ---- decode thread -------------------------------------------------------------------
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
+        # inference mode, not just no-grad: no version counters or view tracking, which
+        # roughly halves the dispatch cost of each of a step's ~1,000 small ops at one row.
+        # Every tensor the engine writes (KV slabs, slot banks) is written on this thread.
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
             self._run_commands()

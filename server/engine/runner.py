@@ -23,6 +23,8 @@ from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.kernels import pick_gemm
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.lora import LoraLinear, make_backend
+from adapterctl.server.engine.norms import fuse_norms
+from adapterctl.server.engine.packed import PackedLinear
 from adapterctl.server.engine.slots import SlotBank
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class ModelRunner:
         self.config = cfg
         self.inner = model.model
         self.layers = list(self.inner.layers)
+        self.fused_norms = fuse_norms(model)  # (fused, kept): one op per norm where that is bitwise the same
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -78,6 +81,8 @@ class ModelRunner:
         wrapped = self._wrap(LORA_MODULE_TYPES)
         self.lora_modules = {p: m for p, m in wrapped.items() if p.rsplit(".", 1)[-1] in lora_modules}
         self.bank = SlotBank(self.lora_modules, num_slots, max_rank, self.device, self.dtype)
+        self.qkv = [self._pack(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
+        self.gate_up = [self._pack(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
                           self.dtype, self.device)
@@ -104,6 +109,10 @@ class ModelRunner:
                         setattr(parent, name, wrapped[path])
         return wrapped
 
+    def _pack(self, parent: nn.Module, names: tuple[str, ...]) -> PackedLinear | None:
+        parts = [getattr(parent, n, None) for n in names]
+        return PackedLinear(parts, self.gemm) if PackedLinear.can_pack(parts) else None
+
     # ---- forward (the public seams Forward drives) ----------------------------------------
     def start(self, chunks: list[Chunk]) -> "Forward":
         """A forward over ``chunks`` (ordered so equal slots are adjacent) to advance piece
@@ -128,9 +137,11 @@ class ModelRunner:
         layer = self.layers[i]
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q = attn.q_proj(x).view(n_tok, self.num_heads, self.head_dim)
-        k = attn.k_proj(x).view(n_tok, self.kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(n_tok, self.kv_heads, self.head_dim)
+        packed = self.qkv[i]
+        q, k, v = packed(x) if packed is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(n_tok, self.num_heads, self.head_dim)
+        k = k.view(n_tok, self.kv_heads, self.head_dim)
+        v = v.view(n_tok, self.kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         cos, sin = rope
@@ -143,9 +154,17 @@ class ModelRunner:
         a = attn.o_proj(o.reshape(n_tok, self.num_heads * self.head_dim))
         if self.sandwich:
             h = h + layer.post_attention_layernorm(a)
-            return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            return h + layer.post_feedforward_layernorm(self.mlp(i, layer.pre_feedforward_layernorm(h)))
         h = h + a
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        return h + self.mlp(i, layer.post_attention_layernorm(h))
+
+    def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s gated MLP, ``down(act(gate(x)) * up(x))``, on ``x`` [N, hidden]."""
+        mlp, packed = self.layers[i].mlp, self.gate_up[i]
+        if packed is None:
+            return mlp(x)
+        gate, up = packed(x)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
 
 class Forward:
@@ -157,7 +176,7 @@ class Forward:
 
     head_chunk = 32768  # LM-head rows per piece (measured no slower than one matmul)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __init__(self, runner: ModelRunner, chunks: list[Chunk]) -> None:
         self.r, self.chunks = runner, chunks
         dev = runner.device
@@ -190,7 +209,7 @@ class Forward:
         """True until the final norm: another forward may still :meth:`join`."""
         return self.hs is None
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> bool:
         """Advance one piece; False once ``logits`` is ready."""
         r = self.r
@@ -230,7 +249,7 @@ class Forward:
             raise RuntimeError("join needs this forward before its final norm and the other after it")
         self.joined.append(other)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _final_norm(self) -> None:
         r = self.r
         if self.hs is not None:
