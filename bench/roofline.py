@@ -1,7 +1,8 @@
 """Decode against the memory roofline (issue 10): how much of the machine's memory
 bandwidth one decode step's weight traffic uses, measured in one run.
 
-* ``mem_bw_gb_s``: read bandwidth, the best of 5 ``sum`` passes over a 1 GiB tensor.
+* ``mem_bw_gb_s``: the best of 5 passes of a streaming ``sum`` (bytes read) and a copy
+  (bytes read + written) over 1 GiB: what the memory system delivers to torch here.
 * ``single_stream_tok_s_<dt>``: one greedy base request, 64 / 16 new tokens, prefill
   included (the issue's single-stream definition), through ``BatchingEngine``.
 * ``roofline_<dt>_b1``: the weight bytes of one step (every projection and the LM head,
@@ -26,12 +27,16 @@ SHORT = {"bfloat16": "bf16", "float32": "fp32"}
 
 
 def read_bandwidth(device: str = "cpu", gib: float = 1.0, reps: int = 5) -> float:
-    """Bytes/s of a streaming read (``sum`` over ``gib`` GiB of fp32 on ``device``), best of ``reps``."""
+    """Memory bandwidth in bytes/s on ``device``: the best of ``reps`` passes of a streaming
+    ``sum`` over ``gib`` GiB (bytes read) and of a copy of it (bytes read + written)."""
     x = torch.ones(int(gib * (1 << 30)) // 4, device=device)
+    y = torch.empty_like(x)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     float(x.sum())
-    best = min(_seconds(lambda: float(x.sum()), sync) for _ in range(reps))
-    return x.numel() * 4 / best
+    y.copy_(x)
+    read = min(_seconds(lambda: float(x.sum()), sync) for _ in range(reps))
+    copy = min(_seconds(lambda: y.copy_(x), sync) for _ in range(reps))
+    return max(x.numel() * 4 / read, 2 * x.numel() * 4 / copy)
 
 
 def _seconds(fn: Callable[[], Any], sync: Callable[[], None]) -> float:

@@ -174,7 +174,7 @@ class Forward:
     Another forward whose layers are done may :meth:`join` this one before its final
     norm and share its LM head (one weight pass for both; logits rows appended)."""
 
-    head_chunk = 32768  # LM-head rows per piece (measured no slower than one matmul)
+    head_chunk = 32768  # LM-head rows per piece, while newcomers may be waiting
 
     @torch.inference_mode()
     def __init__(self, runner: ModelRunner, chunks: list[Chunk]) -> None:
@@ -210,8 +210,10 @@ class Forward:
         return self.hs is None
 
     @torch.inference_mode()
-    def step(self) -> bool:
-        """Advance one piece; False once ``logits`` is ready."""
+    def step(self, whole_head: bool = False) -> bool:
+        """Advance one piece; False once ``logits`` is ready. ``whole_head``: the rest of
+        the LM head in one GEMM (no newcomer waits; one 262k-row GEMV measured ~25 %
+        faster at one row than eight slices copied into place)."""
         r = self.r
         if self.layer < len(r.layers):
             i = self.layer
@@ -223,12 +225,17 @@ class Forward:
         if self.hs is None:
             self._final_norm()
             self.hs = torch.cat([self.hs, *(f.hs for f in self.joined)]) if self.joined else self.hs
-            self.logits = self.hs.new_empty(self.hs.shape[0], r.config.vocab_size)
+            self.logits = self.hs.new_empty(self.hs.shape[0], r.config.vocab_size)  # filled piece by piece
             return self.hs.shape[0] > 0
         head = r.model.lm_head
-        lo, hi = self.head_at, min(self.head_at + self.head_chunk, head.weight.shape[0])
+        vocab = head.weight.shape[0]
+        lo = self.head_at
+        hi = vocab if whole_head else min(lo + self.head_chunk, vocab)
         bias = None if head.bias is None else head.bias[lo:hi]
-        self.logits[:, lo:hi] = r.gemm(self.hs, head.weight[lo:hi], bias)
+        if lo == 0 and hi == vocab:
+            self.logits = r.gemm(self.hs, head.weight, bias)
+        else:
+            self.logits[:, lo:hi] = r.gemm(self.hs, head.weight[lo:hi], bias)
         self.head_at = hi
         if hi < head.weight.shape[0]:
             return True
