@@ -53,7 +53,7 @@ class ModelRunner:
     :class:`LoraLinear` backed by ``self.bank``; ``forward`` reads and writes ``self.kv``."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
-                 lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto") -> None:
+                 lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto", fuse: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", "?")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -65,7 +65,9 @@ class ModelRunner:
         self.config = cfg
         self.inner = model.model
         self.layers = list(self.inner.layers)
-        self.fused_norms = fuse_norms(model)  # (fused, kept): one op per norm where that is bitwise the same
+        # (fused, kept): one op per norm where that is bitwise the same; ``fuse=False`` keeps the
+        # HF modules and unpacked projections (the baseline of bench/step_bench.py)
+        self.fused_norms = fuse_norms(model) if fuse else (0, 0)
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -81,8 +83,10 @@ class ModelRunner:
         wrapped = self._wrap(LORA_MODULE_TYPES)
         self.lora_modules = {p: m for p, m in wrapped.items() if p.rsplit(".", 1)[-1] in lora_modules}
         self.bank = SlotBank(self.lora_modules, num_slots, max_rank, self.device, self.dtype)
-        self.qkv = [self._pack(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
-        self.gate_up = [self._pack(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
+        no_pack = [None] * len(self.layers)
+        self.qkv = [self._pack(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers] if fuse \
+            else no_pack
+        self.gate_up = [self._pack(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers] if fuse else no_pack
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
                           self.dtype, self.device)
