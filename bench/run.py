@@ -17,6 +17,8 @@ Workloads (full / --quick):
   p6     bench/train_bench.py (null when it is absent).
   p8     64 / 16 chat requests over 8 adapters sharing a ~400-token system prompt, 8 closed-loop
          clients: TTFT p50 with the prefix cache off ÷ on (bench/prefix_bench.py).
+  roof   single-stream tok/s and decode weight traffic ÷ measured memory bandwidth at 1 and
+         64 rows, in bf16 and in the dtype ``--dtype auto`` picks (bench/roofline.py).
 
 ``--device cuda`` runs the engine and the in-process baselines on that device (default cpu).
 """
@@ -46,8 +48,11 @@ KEYS = (
     "base_tok_s_b64",
     "p6_train_over_stock",
     "p8_prefix_ttft_gain",
+    "single_stream_tok_s_bf16",
+    "roofline_bf16_b1",
+    "roofline_bf16_b64",
 )
-WORKLOADS = ("p1", "p2", "b64", "p3", "p4", "p5", "p6", "p8")
+WORKLOADS = ("p1", "p2", "b64", "p3", "p4", "p5", "p6", "p8", "roof")
 GOALS = {
     "p1_mixed_over_base": ">= 0.90",
     "p2_over_switching": ">= 8",
@@ -61,6 +66,9 @@ GOALS = {
     "base_tok_s_b64": "(ceiling ~350)",
     "p6_train_over_stock": "",
     "p8_prefix_ttft_gain": ">= 3",
+    "single_stream_tok_s_bf16": "(/ vLLM's: bench-peer)",
+    "roofline_bf16_b1": ">= 0.6",
+    "roofline_bf16_b64": ">= 0.40",
 }
 
 
@@ -76,7 +84,7 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str) -> di
     from adapterctl.server.cache.memory import MemoryStore
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
-    from bench import cache_bench, engine_bench, frontend_bench, prefix_bench
+    from bench import cache_bench, engine_bench, frontend_bench, prefix_bench, roofline
     from bench.common import base_model, load_dirs, random_adapters, template_adapter
 
     torch.manual_seed(0)
@@ -130,6 +138,13 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str) -> di
         if "p8" in only:
             out.update(await prefix_bench.p8(base, tok, model, dirs, quick, _log, engine_config))
             _log(f"p8 prefix TTFT gain {out['p8_prefix_ttft_gain']:.2f}")
+    if "roof" in only:
+        def base_engine(dtype: str) -> BatchingEngine:  # 64 base rows, no adapters, in ``dtype``
+            config = EngineConfig(device=device, dtype=dtype, cpu_gemm=cpu_gemm, max_running_requests=64,
+                                  max_waiting=64, ignore_eos=True)
+            return BatchingEngine(base, MemoryStore({}), config, tokenizer=tok)
+
+        out.update(await roofline.roofline(tok, quick, _log, base_engine, device))
     return out
 
 

@@ -110,7 +110,7 @@ class Generations:
         ref = call.adapter.strip()
         if ref:
             parse_ref(ref)
-        features: frozenset[str] = getattr(self.engine, "features", frozenset())
+        features = self.engine.features
         if call.logprobs and LOGPROBS not in features:
             raise FailedPrecondition(f"this server's engine ({type(self.engine).__name__}) does not report logprobs")
         fmt = call.response_format.validate() if call.response_format else None

@@ -219,6 +219,7 @@ class Engine(Protocol):
     tokenizer: object
     max_new_tokens_limit: int
     max_prompt_tokens: int
+    features: frozenset[str]  # what it supports beyond plain generation: "logprobs", "response_format"
 
     async def start(self) -> None: ...
 

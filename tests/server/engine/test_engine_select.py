@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapterctl.errors import InvalidArgument
-from adapterctl.server.engine.sampling import make_generator, sample, select
+from adapterctl.server.engine.sampling import argmax_rows, make_generator, sample, select
 from adapterctl.server.types import ResponseFormat, SamplingParams
 
 
@@ -46,3 +46,18 @@ def test_response_format_validation():
                 ResponseFormat("json_schema", "[1]")):
         with pytest.raises(InvalidArgument):
             bad.validate()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 37])
+def test_argmax_rows_is_torch_argmax_with_ties_and_nan(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 8192, generator=g)
+    x[0, 5000] = x[0, 7000] = 99.0  # tie across blocks: the first wins
+    if rows > 1:
+        x[1, 3] = x[1, 1020] = 99.0  # tie inside a block
+    if rows > 2:
+        x[2, 6000] = float("nan")  # NaN counts as the maximum
+        x[2, 100] = float("inf")
+    if rows > 3:
+        x[3] = float("-inf")  # all equal: index 0
+    assert torch.equal(argmax_rows(x), x.argmax(-1))

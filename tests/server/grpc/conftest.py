@@ -185,6 +185,7 @@ class EchoEngine:
     max_new_tokens_limit = 1024
     max_prompt_tokens = 1000
     device = "cpu"
+    features: frozenset[str] = frozenset()  # neither logprobs nor response_format
 
     def __init__(self, gate: asyncio.Event | None = None) -> None:
         self.tokenizer = CharTokenizer()

@@ -1,0 +1,83 @@
+"""``python -m bench.step_bench [--dtype float32] [--rows 1,64] [--steps 30]``: one decode
+step of the runner, fused (this build: one-op RMSNorms, packed q/k/v and gate/up, the LM
+head in one GEMM) against the unfused step (HF norm modules, seven GEMMs per layer, the
+LM head in vocab slices), both in this process on the real base model, alternating step
+by step so a noisy neighbour hits both. Base rows, prompts of 20 tokens, then decode.
+
+Prints per row count the median step time of each and ``step_fused_speedup_b<rows>``
+(unfused ÷ fused), and whether the logits of every step were bit-identical; the LAST line
+is one JSON object of those figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+
+
+def _runner(base, dtype: str, rows: int, fuse: bool):
+    from adapterctl.basemodel import load_model
+    from adapterctl.server.engine.runner import Chunk, ModelRunner
+
+    runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=4, max_rank=16,
+                         lora_modules=("q_proj", "v_proj"), fuse=fuse)
+    with torch.inference_mode():
+        for i in range(rows):
+            runner.kv.alloc_row(256)
+        fwd = runner.start([Chunk(i, 0, [2] + list(range(1000 + 20 * i, 1019 + 20 * i)), 0, True) for i in range(rows)])
+        while fwd.step():
+            pass
+    return runner
+
+
+def _step(runner, rows: int, pos: int, whole_head: bool) -> tuple[float, torch.Tensor]:
+    from adapterctl.server.engine.runner import Chunk
+
+    began = time.perf_counter()
+    with torch.inference_mode():
+        fwd = runner.start([Chunk(i, pos, [3000 + pos + i], 0, True) for i in range(rows)])
+        while fwd.step(whole_head=whole_head):
+            pass
+    return time.perf_counter() - began, fwd.logits
+
+
+def measure(base, dtype: str, rows: int, steps: int) -> dict[str, Any]:
+    unfused, fused = _runner(base, dtype, rows, False), _runner(base, dtype, rows, True)
+    t_old, t_new, identical = [], [], True
+    for k in range(steps + 3):
+        a, la = _step(unfused, rows, 20 + k, whole_head=False)
+        b, lb = _step(fused, rows, 20 + k, whole_head=True)
+        identical &= torch.equal(la, lb)
+        if k >= 3:  # warm-up steps not counted
+            t_old.append(a)
+            t_new.append(b)
+    old, new = statistics.median(t_old), statistics.median(t_new)
+    return {f"step_ms_unfused_b{rows}": 1e3 * old, f"step_ms_fused_b{rows}": 1e3 * new,
+            f"step_fused_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench.common import base_model
+
+    parser = argparse.ArgumentParser(prog="python -m bench.step_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
+    args = parser.parse_args(argv)
+    base = base_model()
+    out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads()}
+    for rows in (int(r) for r in args.rows.split(",")):
+        out.update(measure(base, args.dtype, rows, args.steps))
+        old, new = out[f"step_ms_unfused_b{rows}"], out[f"step_ms_fused_b{rows}"]
+        print(f"{rows} rows: unfused {old:.1f} ms, fused {new:.1f} ms, speedup {old / new:.3f}, logits identical "
+              f"{out[f'logits_identical_b{rows}']}", file=sys.stderr, flush=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The decode step's fusions are exact where they claim to be: fused RMSNorms are bitwise
+the model's own modules (or are not used), and packed q/k/v and gate/up projections keep
+each part's weights as views and its LoRA delta on its own columns."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from adapterctl.server.engine.batch import LoraBatch, use_batch
+from adapterctl.server.engine.kernels import torch_linear
+from adapterctl.server.engine.lora import LoraLinear, LoraWeights, make_backend
+from adapterctl.server.engine.norms import FusedRMSNorm, fuse_norms, fused_equivalent
+from adapterctl.server.engine.packed import PackedLinear
+
+
+def _norms():
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return [Gemma3RMSNorm(48, eps=1e-6), LlamaRMSNorm(48, eps=1e-5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", [0, 1], ids=["gemma3", "llama"])
+def test_fused_norm_is_bitwise_the_module(dtype, which):
+    norm = _norms()[which]
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48) * 0.5)
+    norm = norm.to(dtype)
+    fused = fused_equivalent(norm)
+    assert isinstance(fused, FusedRMSNorm)
+    g = torch.Generator().manual_seed(7)
+    for shape in [(1, 48), (33, 48), (2, 3, 48)]:  # other shapes and values than the probes
+        x = (torch.randn(shape, generator=g) * 4).to(dtype)
+        got, want = fused(x), norm(x)
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)
+
+
+class OddRMSNorm(nn.Module):
+    """Named like an RMSNorm but computes something else: must be left alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * self.weight + 1.0
+
+
+def test_unknown_norm_semantics_are_kept():
+    model = nn.Sequential(OddRMSNorm(), _norms()[0].__class__(16))
+    fused, kept = fuse_norms(model)
+    assert (fused, kept) == (1, 1)
+    assert isinstance(model[0], OddRMSNorm) and isinstance(model[1], FusedRMSNorm)
+
+
+def _lora_linear(inp: int, out: int, slots: int, rank: int, seed: int) -> LoraLinear:
+    torch.manual_seed(seed)
+    m = LoraLinear(nn.Linear(inp, out, bias=False).requires_grad_(False), f"p{seed}", make_backend("auto"),
+                   torch_linear)
+    a = torch.randn(slots + 1, rank, inp)
+    bt = torch.randn(slots + 1, rank, out)
+    a[0] = bt[0] = 0
+    m.weights = LoraWeights(a, bt, torch.rand(slots + 1) + 0.5, [0] + [rank] * slots)
+    return m
+
+
+def test_packed_projection_equals_its_parts_with_lora():
+    parts = [_lora_linear(32, n, 3, 4, seed) for seed, n in enumerate((64, 16, 16))]
+    parts[1].weights = None  # k untargeted, as with q/v adapters
+    x = torch.randn(6, 32)
+    batch = LoraBatch.from_token_slots([0, 1, 1, 2, 3, 3])
+    with use_batch(batch):
+        want = [p(x) for p in parts]
+    packed = PackedLinear(parts, torch_linear)
+    storage = packed.weight.untyped_storage().data_ptr()
+    assert all(p.base.weight.untyped_storage().data_ptr() == storage for p in parts)  # views, not copies
+    with use_batch(batch):
+        got = packed(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    with use_batch(None):  # no batch: base only
+        torch.testing.assert_close(packed(x)[0], x @ parts[0].base.weight.T)
+
+
+def test_parts_of_different_widths_are_not_packed():
+    parts = [_lora_linear(32, 8, 1, 2, 0), _lora_linear(16, 8, 1, 2, 1)]
+    assert not PackedLinear.can_pack(parts)
+    assert not PackedLinear.can_pack([nn.Linear(4, 4)])
