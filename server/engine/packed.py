@@ -13,6 +13,8 @@ target ``q_proj`` / ``v_proj`` exactly as before.
 """
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ class PackedLinear:
                 b.bias = nn.Parameter(self.bias[lo:hi], requires_grad=False)
 
     @staticmethod
-    def can_pack(parts: list[nn.Module]) -> bool:
+    def can_pack(parts: list) -> TypeGuard[list[LoraLinear]]:
         """All LoraLinears with one input width, one dtype/device, and all or none biased."""
         if not parts or not all(isinstance(p, LoraLinear) for p in parts):
             return False

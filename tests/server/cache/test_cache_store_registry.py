@@ -168,7 +168,8 @@ def test_concurrent_listings_share_one_and_never_see_an_older_registry(reg, make
         _publish(reg, make_adapter, tiny_base, "chat", seed=1)
         burst = [asyncio.ensure_future(store.status(include_registry=True)) for _ in range(20)]
         # the event loop's default executor is not held by the listing: other work runs meanwhile
-        assert await asyncio.wait_for(asyncio.gather(*(asyncio.to_thread(lambda: 7) for _ in range(12))), 10) == [7] * 12
+        others = asyncio.gather(*(asyncio.to_thread(lambda: 7) for _ in range(12)))
+        assert await asyncio.wait_for(others, 10) == [7] * 12
         reader.gate.set()
         return await first, await asyncio.gather(*burst)
 
