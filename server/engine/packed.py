@@ -6,7 +6,8 @@ Packing turns seven GEMMs per layer into four with the same bytes read.
 
 The packed weight ``[sum(out_i), in]`` is one contiguous tensor, and each original
 ``nn.Linear.weight`` becomes a row-slice **view** of it, so nothing is stored twice and
-adapters, ``state_dict`` and the HF modules still see their own weights. Each part's
+adapters, ``state_dict`` and the HF modules still see their own weights (the copied
+originals' pages are given back when they are a file mapping: ``pages.py``). Each part's
 LoRA delta is added to its column slice of the packed output by the part's own
 :class:`~adapterctl.server.engine.lora.LoraLinear` backend and slot bank, so adapters
 target ``q_proj`` / ``v_proj`` exactly as before.
@@ -18,6 +19,7 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
+from adapterctl.server.engine import pages
 from adapterctl.server.engine.batch import current_batch
 from adapterctl.server.engine.kernels import Gemm
 from adapterctl.server.engine.lora import LoraLinear
@@ -32,13 +34,15 @@ class PackedLinear:
         self.bounds = [0]
         for b in bases:
             self.bounds.append(self.bounds[-1] + b.out_features)
-        weight = torch.cat([b.weight.detach() for b in bases])  # [sum(out), in]
+        originals = [b.weight.detach() for b in bases]
+        weight = torch.cat(originals)  # [sum(out), in]
         self.weight = weight
         self.bias = torch.cat([b.bias.detach() for b in bases]) if bases[0].bias is not None else None
         for b, lo, hi in zip(bases, self.bounds, self.bounds[1:]):  # the originals become views of the pack
             b.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
             if self.bias is not None:
                 b.bias = nn.Parameter(self.bias[lo:hi], requires_grad=False)
+        self.released = pages.release(originals)  # bytes of mmapped originals no longer resident
 
     @staticmethod
     def can_pack(parts: list) -> TypeGuard[list[LoraLinear]]:

@@ -87,6 +87,10 @@ class ModelRunner:
         self.qkv = [self._pack(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers] if fuse \
             else no_pack
         self.gate_up = [self._pack(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers] if fuse else no_pack
+        packs = [p for p in (*self.qkv, *self.gate_up) if p is not None]
+        if packs:
+            log.info("packed %d projection groups into one GEMM each (%d MiB of mmapped originals released)",
+                     len(packs), sum(p.released for p in packs) >> 20)
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
                           self.dtype, self.device)

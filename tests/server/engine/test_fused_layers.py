@@ -90,3 +90,30 @@ def test_parts_of_different_widths_are_not_packed():
     parts = [_lora_linear(32, 8, 1, 2, 0), _lora_linear(16, 8, 1, 2, 1)]
     assert not PackedLinear.can_pack(parts)
     assert not PackedLinear.can_pack([nn.Linear(4, 4)])
+
+
+def _file_weight(tiny_base):
+    from adapterctl.basemodel import load_model
+
+    model = load_model(tiny_base, "cpu", "float32")  # safetensors: weights are views of the file mapping
+    return max((p for p in model.parameters() if p.dim() == 2), key=lambda p: p.numel()).detach()
+
+
+def test_released_file_pages_read_back_the_same_bytes(tiny_base):
+    from adapterctl.server.engine import pages
+
+    w = _file_weight(tiny_base)
+    before = w.clone()
+    assert pages.release([w]) > 0
+    assert torch.equal(w, before)  # faulted back in from the file
+    assert pages.release([before]) == 0  # anonymous memory is never touched
+
+
+def test_a_weight_written_in_place_is_not_released(tiny_base):
+    from adapterctl.server.engine import pages
+
+    w = _file_weight(tiny_base)
+    w.mul_(2.0)
+    doubled = w.clone()
+    assert pages.release([w]) == 0
+    assert torch.equal(w, doubled)
