@@ -44,9 +44,9 @@ def release(tensors: list[torch.Tensor]) -> int:
     """Drop the resident pages wholly inside each CPU tensor's bytes if they lie in a
     private file mapping and still hold the file's bytes; returns the bytes released (0
     where nothing qualified)."""
-    if os.name != "posix" or not hasattr(ctypes.CDLL(None), "madvise"):
+    libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+    if libc is None or not hasattr(libc, "madvise"):
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
     page = mmap.PAGESIZE
     released = 0
     for t in tensors:

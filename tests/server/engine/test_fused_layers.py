@@ -117,3 +117,29 @@ def test_a_weight_written_in_place_is_not_released(tiny_base):
     doubled = w.clone()
     assert pages.release([w]) == 0
     assert torch.equal(w, doubled)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_step_logits_are_bit_identical_to_the_unfused_step(tiny_base, rows):
+    """What README and BENCHMARKS claim for the fused decode step (bench/step_bench.py measures its speed)."""
+    from adapterctl.basemodel import load_model
+    from adapterctl.server.engine.runner import Chunk, ModelRunner
+
+    def logits(fuse: bool, whole_head: bool) -> list[torch.Tensor]:
+        r = ModelRunner(load_model(tiny_base, "cpu", "float32"), max_rows=rows, max_positions=64, num_slots=2,
+                        max_rank=8, lora_modules=("q_proj", "v_proj"), fuse=fuse)
+        out = []
+        with torch.inference_mode():
+            for i in range(rows):
+                r.kv.alloc_row(32)
+            plans = [[Chunk(i, 0, [2, 40 + i, 7, 300 + i], 0, True) for i in range(rows)]]
+            plans += [[Chunk(i, 4 + k, [50 + k + i], 0, True) for i in range(rows)] for k in range(3)]
+            for chunks in plans:
+                fwd = r.start(chunks)
+                while fwd.step(whole_head=whole_head):
+                    pass
+                out.append(fwd.logits.clone())
+        return out
+
+    unfused, fused = logits(False, False), logits(True, True)
+    assert all(torch.equal(a, b) for a, b in zip(unfused, fused))
