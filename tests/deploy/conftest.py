@@ -45,10 +45,10 @@ def metric_samples(port: int) -> list[Any]:
     return [s for family in text_string_to_metric_families(text) for s in family.samples]
 
 
-def requests_by_adapter(port: int, code: str = "OK") -> dict[str, float]:
-    """``adapterctl_requests_total`` per adapter label (status ``code``) from /metrics."""
+def requests_by_adapter(port: int, code: str = "OK", api: str = "grpc") -> dict[str, float]:
+    """``adapterctl_requests_total`` per adapter label (status ``code``, ``api`` grpc/http) from /metrics."""
     return {s.labels["adapter"]: s.value for s in metric_samples(port)
-            if s.name == "adapterctl_requests_total" and s.labels["code"] == code}
+            if s.name == "adapterctl_requests_total" and s.labels["code"] == code and s.labels["api"] == api}
 
 
 @pytest.fixture(scope="session")
@@ -98,17 +98,20 @@ def serve_settings() -> Callable[[list[str], dict[str, str]], Any]:
 
 class Nginx:
     """deploy/nginx/nginx.conf run by the real nginx on 127.0.0.1, with an upstreams.conf
-    listing loopback replicas (the only per-deployment part of the config)."""
+    listing loopback replicas' gRPC addresses and an upstreams-http.conf their HTTP ones
+    (the only per-deployment part of the config)."""
 
-    def __init__(self, workdir: Path, replicas: list[str]) -> None:
-        self.workdir, self.port = workdir, free_port()
+    def __init__(self, workdir: Path, replicas: list[str], http_replicas: list[str]) -> None:
+        self.workdir, self.port, self.http_port = workdir, free_port(), free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         conf = (DEPLOY / "nginx/nginx.conf").read_text()
         assert "listen 8080" in conf and "include upstreams.conf;" in conf
+        assert "listen 8000;" in conf and "include upstreams-http.conf;" in conf
         conf = conf.replace("listen 8080", f"listen 127.0.0.1:{self.port}").replace("/tmp/", f"{workdir}/")
+        conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{self.http_port};")
         (workdir / "nginx.conf").write_text(conf)
-        (workdir / "upstreams.conf").write_text(
-            "".join(f"server {address} max_fails=3 fail_timeout=10s;\n" for address in replicas))
+        for name, addresses in (("upstreams.conf", replicas), ("upstreams-http.conf", http_replicas)):
+            (workdir / name).write_text("".join(f"server {a} max_fails=3 fail_timeout=10s;\n" for a in addresses))
         self.proc = subprocess.Popen(
             [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", "daemon off;"],
             stdout=subprocess.DEVNULL,
@@ -119,6 +122,10 @@ class Nginx:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
 
     def stop(self) -> str:
         """Stop nginx; returns its error log."""
@@ -140,12 +147,12 @@ def ok_requests() -> Callable[[int], dict[str, float]]:
 
 
 @pytest.fixture
-def run_nginx(tmp_path, nginx_installed) -> Iterator[Callable[[list[str]], Nginx]]:
-    """``run_nginx([replica address, ...]) -> Nginx`` (stopped after the test)."""
+def run_nginx(tmp_path, nginx_installed) -> Iterator[Callable[..., Nginx]]:
+    """``run_nginx([grpc address, ...], [http address, ...]) -> Nginx`` (stopped after the test)."""
     started: list[Nginx] = []
 
-    def run(replicas: list[str]) -> Nginx:
-        started.append(Nginx(tmp_path / f"nginx{len(started)}", replicas))
+    def run(replicas: list[str], http_replicas: list[str]) -> Nginx:
+        started.append(Nginx(tmp_path / f"nginx{len(started)}", replicas, http_replicas))
         return started[-1]
 
     yield run

@@ -41,3 +41,8 @@ def test_compose_sets_only_real_options(serve_settings):
     assert DEPLOY / source == DEPLOY / "nginx" and nginx["command"][:3] == ["nginx", "-c", f"{mount}/nginx.conf"]
     upstreams = re.findall(r"^server (\S+) ", (DEPLOY / "nginx/upstreams.conf").read_text(), re.M)
     assert upstreams == ["adapterctl-1:50051", "adapterctl-2:50051"]
+    http_ports = {serve_settings([], {k: str(v) for k, v in services[n]["environment"].items()}).http_port
+                  for n in ("adapterctl-1", "adapterctl-2")}
+    http_upstreams = re.findall(r"^server (\S+) ", (DEPLOY / "nginx/upstreams-http.conf").read_text(), re.M)
+    assert http_upstreams == [f"adapterctl-{i}:{port}" for i in (1, 2) for port in http_ports]
+    assert "8000:8000" in nginx["ports"] and "8080:8080" in nginx["ports"]

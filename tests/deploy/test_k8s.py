@@ -81,7 +81,8 @@ def test_server_flags_and_settings_are_real_serve_options(overlay, serve_setting
     assert (config.port, config.metrics_port, config.host) == (50051, 9400, "0.0.0.0")
     assert config.registry.uri.startswith("s3://")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.port, "metrics": config.metrics_port}
+    assert config.http_enabled and config.http_port == 8000
+    assert ports == {"grpc": config.port, "http": config.http_port, "metrics": config.metrics_port}
     pod = one(docs, "StatefulSet", "adapterctl")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > config.shutdown_grace  # the drain ends before SIGKILL
     # the auth token file and S3 credentials come from the Secret
@@ -158,13 +159,24 @@ def test_router_runs_the_shared_nginx_config_over_every_replica(overlay):
     pods = [f"adapterctl-{i}" for i in range(statefulset["spec"]["replicas"])]
     upstreams = re.findall(r"^server (\S+):50051 ", nginx_cm["data"]["upstreams.conf"], re.M)
     assert upstreams == pods
+    http_upstreams = re.findall(r"^server (\S+):8000 ", nginx_cm["data"]["upstreams-http.conf"], re.M)
+    assert http_upstreams == pods  # the HTTP API's ring: the same replicas, on their http port
+    server_ports = {p["name"]: p["containerPort"] for p in server_container(docs)["ports"]}
     for pod in pods:
         service = one(docs, "Service", pod)
         assert service["spec"]["selector"] == {"statefulset.kubernetes.io/pod-name": pod}
-        assert service["spec"]["ports"][0]["port"] == 50051
+        ports = {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+        assert ports == {"grpc": (50051, "grpc"), "http": (8000, "http")}
+        assert {"grpc", "http"} <= server_ports.keys()
     router_svc = one(docs, "Service", "adapterctl-router")
-    assert router_svc["spec"]["selector"].items() <= \
-        one(docs, "Deployment", "adapterctl-router")["spec"]["template"]["metadata"]["labels"].items()
+    router_pod = one(docs, "Deployment", "adapterctl-router")["spec"]["template"]
+    assert router_svc["spec"]["selector"].items() <= router_pod["metadata"]["labels"].items()
+    # the front door has both of nginx.conf's listeners: gRPC 8080, HTTP 8000
+    listens = sorted(int(port) for port in re.findall(r"^\s*listen (\d+)", nginx_cm["data"]["nginx.conf"], re.M))
+    router_ports = {p["name"]: p["containerPort"] for p in router_pod["spec"]["containers"][0]["ports"]}
+    assert sorted(router_ports.values()) == listens == [8000, 8080]
+    assert {(p["port"], p["targetPort"]) for p in router_svc["spec"]["ports"]} == \
+        {(port, name) for name, port in router_ports.items()}
 
 
 def test_statefulset_keeps_the_home_volume(overlay):

@@ -2,7 +2,9 @@
 (subprocesses, tiny model, batching engine) on loopback behind nginx's consistent hash
 on ``x-adapter``. Which replica served a request is read from each replica's /metrics.
 
-- one adapter's requests always land on the same replica;
+- one adapter's requests always land on the same replica, over gRPC (``x-adapter``) and over
+  the OpenAI HTTP API (the name part of the body's ``model``, or an ``X-Adapter`` header),
+  and SSE streams pass through;
 - removing a replica from the upstream list moves only that replica's adapters;
 - a replica given SIGTERM stops getting new requests while it drains its in-flight one,
   and no request is lost (none fails; the in-flight one completes).
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -41,7 +44,7 @@ class Replica:
              "--shutdown-grace", "60", "--alias-refresh", "0", "--max-new-tokens-limit", "2000",
              "--max-prompt-tokens", "64", "--cache-dir", str(workdir / "cache"), "--ready-file", str(self.ready)],
             stdout=subprocess.DEVNULL, stderr=self.log)
-        self.address = ""
+        self.address = self.http_address = ""
         self.metrics_port = 0
 
     def wait_ready(self) -> None:
@@ -52,6 +55,7 @@ class Replica:
             time.sleep(0.2)
         info = json.loads(self.ready.read_text())
         self.address, self.metrics_port = f"127.0.0.1:{info['port']}", info["metrics_port"]
+        self.http_address = f"127.0.0.1:{info['http_port']}"
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -107,9 +111,60 @@ def send_all(address: str, rounds: int = 1) -> None:
                 assert client.generate("hello", adapter=name, max_new_tokens=2).adapter.name == name
 
 
+def wait_http(http: httpx.Client) -> None:
+    """Until nginx accepts connections on its HTTP port (bounded)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            http.get("/v1/models")
+            return
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "nginx's HTTP port never accepted"
+            time.sleep(0.1)
+
+
+def complete(http: httpx.Client, model: str, headers: dict[str, str] | None = None) -> None:
+    r = http.post("/v1/completions", headers=headers,
+                  json={"model": model, "prompt": "hello", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == model.split(":")[0] + ":1"  # resolved NAME:VERSION
+
+
+def check_http(proxy, replicas, count) -> None:
+    """Through nginx's HTTP port, as a stock OpenAI client would (no X-Adapter): each adapter's
+    requests, as ``NAME`` and ``NAME:1``, land on one replica; an X-Adapter header overrides
+    the body; an SSE stream passes through whole."""
+    def served_http():
+        return served(replicas, lambda port: count(port, api="http"))
+
+    with httpx.Client(base_url=f"http://{proxy.http_address}", timeout=60) as http:
+        wait_http(http)
+        start = served_http()
+        for name in NAMES:
+            complete(http, name)
+            complete(http, f"{name}:1")
+        home = owners(delta(served_http(), start), rounds=2)
+        assert len(set(home.values())) >= 2, f"every adapter hashed onto one replica over HTTP: {home}"
+
+        a = NAMES[0]
+        b = next(n for n in NAMES if home[n] != home[a])
+        before = served_http()
+        complete(http, a, headers={"X-Adapter": b})
+        moved = delta(served_http(), before)
+        assert moved[home[b]] == {a: 1}, moved  # routed by the header, not the body
+
+        events = []
+        with http.stream("POST", "/v1/completions", json={"model": a, "prompt": "hello", "max_tokens": 4,
+                                                           "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and len(events) >= 2, events
+        assert all(json.loads(e)["model"] == f"{a}:1" for e in events[:-1])
+
+
 def test_scale_out(replicas, run_nginx, ok_requests):
     count = ok_requests
-    proxy = run_nginx([r.address for r in replicas])
+    proxy = run_nginx([r.address for r in replicas], [r.http_address for r in replicas])
 
     # 1. affinity: 3 rounds over 24 adapters; each adapter's 3 requests on one replica
     start = served(replicas, count)
@@ -119,12 +174,13 @@ def test_scale_out(replicas, run_nginx, ok_requests):
     assert len(used) >= 2, f"every adapter hashed onto one replica: {home}"
     with Client(proxy.address, timeout=20) as client, pytest.raises(PermissionDenied):
         client.list_adapters()  # Admin RPCs are per replica, refused at the proxy
+    check_http(proxy, replicas, count)
 
     # 2. scale in: nginx over all but the busiest replica (kept running: any request that still
     #    reached it would show in its metrics). Only the removed replica's adapters move.
     removed = max(used, key=lambda i: sum(1 for owner in home.values() if owner == i))
     kept = [r for i, r in enumerate(replicas) if i != removed]
-    smaller = run_nginx([r.address for r in kept])
+    smaller = run_nginx([r.address for r in kept], [r.http_address for r in kept])
     before = served(replicas, count)
     send_all(smaller.address)
     now = owners(delta(served(replicas, count), before), rounds=1)
