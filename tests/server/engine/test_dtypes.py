@@ -92,3 +92,29 @@ def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
     y = pick_gemm("auto", torch.device("cpu"), dtype)(x, w, b)
     assert y.dtype == dtype
     torch.testing.assert_close(y.float(), (x.float() @ w.float().T + b.float()), atol=0.1, rtol=0.05)
+
+
+def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch):
+    """On a CPU whose oneDNN has no bf16 GEMM, ``auto`` picks :func:`upcast_linear` for bf16:
+    8+ rows multiply the bf16 values in fp32 (bf16 x bf16 products are exact there), block by
+    block over every output column, and round once to bf16; fewer rows keep ATen's bf16 GEMV."""
+    import torch
+    import torch.nn.functional as F
+
+    from adapterctl.server.engine import kernels
+
+    want = kernels.onednn_linear if kernels._onednn_runs(torch.bfloat16) else kernels.upcast_linear
+    assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is want
+    assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is kernels.onednn_linear
+    monkeypatch.setattr(kernels, "UPCAST_BLOCK", 4)  # 11 output rows: blocks of 4, 4 and 3
+    torch.manual_seed(0)
+    w, b = torch.randn(11, 48).bfloat16(), torch.randn(11).bfloat16()
+    for shape in ((9, 48), (3, 5, 48)):  # 9 and 15 rows: upcast path
+        x = torch.randn(*shape).bfloat16()
+        y = kernels.upcast_linear(x, w, b)
+        exact = (x.double() @ w.double().T + b.double()).float()
+        assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 11)
+        torch.testing.assert_close(y.float(), exact.bfloat16().float(), atol=1e-6, rtol=2 ** -7)  # <= 1 bf16 ulp
+        assert (y.float() == exact.bfloat16().float()).float().mean() > 0.9  # mostly the correctly rounded value
+    few = torch.randn(kernels.UPCAST_MIN_ROWS - 1, 48).bfloat16()
+    assert torch.equal(kernels.upcast_linear(few, w, b), F.linear(few, w, b))
