@@ -1,12 +1,15 @@
-"""``python -m bench.step_bench [--dtype float32] [--rows 1,64] [--steps 30]``: one decode
-step of the runner, fused (this build: one-op RMSNorms, packed q/k/v and gate/up, the LM
-head in one GEMM) against the unfused step (HF norm modules, seven GEMMs per layer, the
-LM head in vocab slices), both in this process on the real base model, alternating step
-by step so a noisy neighbour hits both. Base rows, prompts of 20 tokens, then decode.
+"""``python -m bench.step_bench [--dtype float32] [--rows 1,64] [--steps 30] [--baseline unfused]``:
+one decode step of the runner as the engine builds it (one-op RMSNorms, packed q/k/v and
+gate/up, the LM head in one piece, weights in the GEMM's layout) against a baseline, both
+in this process on the real base model, alternating step by step so a noisy neighbour
+hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 
-Prints per row count the median step time of each and ``step_fused_speedup_b<rows>``
-(unfused ÷ fused), and whether the logits of every step were bit-identical; the LAST line
-is one JSON object of those figures.
+* ``unfused``: HF norm modules, seven GEMMs per layer, the LM head in vocab slices;
+* ``unpacked``: the same step with the weights in their plain layout (``prepack=False``).
+
+Prints per row count the median step time of each, ``step_fused_speedup_b<rows>`` or
+``step_prepack_speedup_b<rows>`` (baseline ÷ engine), whether the logits of every step were
+bit-identical and their largest difference; the LAST line is one JSON object of those.
 """
 from __future__ import annotations
 
@@ -20,12 +23,12 @@ from typing import Any
 import torch
 
 
-def _runner(base, dtype: str, rows: int, fuse: bool):
+def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True):
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
     runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=4, max_rank=16,
-                         lora_modules=("q_proj", "v_proj"), fuse=fuse)
+                         lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack)
     with torch.inference_mode():
         for i in range(rows):
             runner.kv.alloc_row(256)
@@ -46,19 +49,23 @@ def _step(runner, rows: int, pos: int, whole_head: bool) -> tuple[float, torch.T
     return time.perf_counter() - began, fwd.logits
 
 
-def measure(base, dtype: str, rows: int, steps: int) -> dict[str, Any]:
-    unfused, fused = _runner(base, dtype, rows, False), _runner(base, dtype, rows, True)
-    t_old, t_new, identical = [], [], True
+def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") -> dict[str, Any]:
+    unpacked = baseline == "unpacked"
+    unfused, fused = _runner(base, dtype, rows, unpacked, prepack=not unpacked), _runner(base, dtype, rows, True)
+    t_old, t_new, identical, diff = [], [], True, 0.0
     for k in range(steps + 3):
-        a, la = _step(unfused, rows, 20 + k, whole_head=False)
+        a, la = _step(unfused, rows, 20 + k, whole_head=unpacked)
         b, lb = _step(fused, rows, 20 + k, whole_head=True)
         identical &= torch.equal(la, lb)
+        diff = max(diff, (la.float() - lb.float()).abs().max().item())
         if k >= 3:  # warm-up steps not counted
             t_old.append(a)
             t_new.append(b)
     old, new = statistics.median(t_old), statistics.median(t_new)
-    return {f"step_ms_unfused_b{rows}": 1e3 * old, f"step_ms_fused_b{rows}": 1e3 * new,
-            f"step_fused_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical}
+    name = "prepack" if unpacked else "fused"
+    return {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
+            f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
+            f"logits_max_diff_b{rows}": diff}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,14 +75,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
+    parser.add_argument("--baseline", default="unfused", choices=("unfused", "unpacked"))
     args = parser.parse_args(argv)
     base = base_model()
-    out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads()}
+    out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline}
     for rows in (int(r) for r in args.rows.split(",")):
-        out.update(measure(base, args.dtype, rows, args.steps))
-        old, new = out[f"step_ms_unfused_b{rows}"], out[f"step_ms_fused_b{rows}"]
-        print(f"{rows} rows: unfused {old:.1f} ms, fused {new:.1f} ms, speedup {old / new:.3f}, logits identical "
-              f"{out[f'logits_identical_b{rows}']}", file=sys.stderr, flush=True)
+        out.update(measure(base, args.dtype, rows, args.steps, args.baseline))
+        old, new = out[f"step_ms_{args.baseline}_b{rows}"], out[f"step_ms_engine_b{rows}"]
+        print(f"{rows} rows: {args.baseline} {old:.1f} ms, engine {new:.1f} ms, speedup {old / new:.3f}, logits "
+              f"identical {out[f'logits_identical_b{rows}']} (max diff {out[f'logits_max_diff_b{rows}']:.2e})",
+              file=sys.stderr, flush=True)
     print(json.dumps(out))
 
 

@@ -38,6 +38,8 @@ class EngineConfig:
     lora_backend: str = option("auto", "LoRA compute: auto | gather | segment.")
     cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (oneDNN, measured faster than MKL; bf16 without "
                            "native bf16: weight blocks upcast to fp32) | onednn | torch.")
+    cpu_prepack: bool = option(True, "oneDNN fp32: keep the weights in oneDNN's blocked layout (a copy "
+                               "replacing the loaded pages; 10-25 % faster GEMMs at 8-64 rows measured).")
     lora_modules: tuple[str, ...] = option(LORA_MODULE_TYPES, "Linear layers that accept LoRA.")
     device: str | None = option(None, "Torch device (default: cuda when available, else cpu).")
     dtype: str = option("auto", "Model, KV and adapter dtype. auto: bfloat16 on CPUs with AVX512-BF16 or AMX and "

@@ -109,7 +109,7 @@ class BatchingEngine:
         max_len = cfg.max_prompt_tokens + cfg.max_new_tokens_limit
         self.runner = ModelRunner(model, max_rows=cfg.max_running_requests, max_positions=max_len,
                                   num_slots=cfg.max_adapters, max_rank=cfg.max_lora_rank, lora_modules=cfg.lora_modules,
-                                  backend=cfg.lora_backend, gemm=cfg.cpu_gemm)
+                                  backend=cfg.lora_backend, gemm=cfg.cpu_gemm, prepack=cfg.cpu_prepack)
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
         self.slots = DeviceSlots(self.runner.bank, self.observer)
         self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)

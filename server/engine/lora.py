@@ -158,13 +158,14 @@ class LoraLinear(nn.Module):
         self.weights: LoraWeights | None = None
         self.in_features = base.in_features
         self.out_features = base.out_features
+        self.operand: torch.Tensor | None = None  # base weight in the GEMM's own layout (kernels.prepare)
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code reads .weight of projections
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.gemm(x, self.base.weight, self.base.bias)
+        y = self.gemm(x, self.base.weight if self.operand is None else self.operand, self.base.bias)
         meta = current_batch()
         if meta is None or self.weights is None or not meta.has_lora:
             return y

@@ -7,7 +7,9 @@ Packing turns seven GEMMs per layer into four with the same bytes read.
 The packed weight ``[sum(out_i), in]`` is one contiguous tensor, and each original
 ``nn.Linear.weight`` becomes a row-slice **view** of it, so nothing is stored twice and
 adapters, ``state_dict`` and the HF modules still see their own weights (the copied
-originals' pages are given back when they are a file mapping: ``pages.py``). Each part's
+originals' pages are given back when they are a file mapping: ``pages.py``). Where the
+GEMM reads its own weight layout (``kernels.prepare``: oneDNN's blocked fp32), the pack is
+only that layout's copy and the originals stay as loaded (their pages given back). Each part's
 LoRA delta is added to its column slice of the packed output by the part's own
 :class:`~adapterctl.server.engine.lora.LoraLinear` backend and slot bank, so adapters
 target ``q_proj`` / ``v_proj`` exactly as before.
@@ -19,7 +21,7 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
-from adapterctl.server.engine import pages
+from adapterctl.server.engine import kernels, pages
 from adapterctl.server.engine.batch import current_batch
 from adapterctl.server.engine.kernels import Gemm
 from adapterctl.server.engine.lora import LoraLinear
@@ -28,7 +30,7 @@ from adapterctl.server.engine.lora import LoraLinear
 class PackedLinear:
     """``parts`` (LoraLinears over one input width) computed as one GEMM."""
 
-    def __init__(self, parts: list[LoraLinear], gemm: Gemm) -> None:
+    def __init__(self, parts: list[LoraLinear], gemm: Gemm, prepack: bool = True) -> None:
         bases = [p.base for p in parts]
         self.parts, self.gemm = parts, gemm
         self.bounds = [0]
@@ -36,12 +38,14 @@ class PackedLinear:
             self.bounds.append(self.bounds[-1] + b.out_features)
         originals = [b.weight.detach() for b in bases]
         weight = torch.cat(originals)  # [sum(out), in]
-        self.weight = weight
         self.bias = torch.cat([b.bias.detach() for b in bases]) if bases[0].bias is not None else None
-        for b, lo, hi in zip(bases, self.bounds, self.bounds[1:]):  # the originals become views of the pack
-            b.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
-            if self.bias is not None:
-                b.bias = nn.Parameter(self.bias[lo:hi], requires_grad=False)
+        self.weight = kernels.prepare(gemm, weight) if prepack else weight  # the GEMM's operand
+        if self.weight is weight:  # the pack itself: the originals become views of it
+            for b, lo, hi in zip(bases, self.bounds, self.bounds[1:]):
+                b.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
+                if self.bias is not None:
+                    b.bias = nn.Parameter(self.bias[lo:hi], requires_grad=False)
+        del weight  # a prepared copy: the plain pack is not kept
         self.released = pages.release(originals)  # bytes of mmapped originals no longer resident
 
     @staticmethod

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterctl.errors import FailedPrecondition
+from adapterctl.server.engine import kernels, pages
 from adapterctl.server.engine.batch import LoraBatch, use_batch
 from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.kernels import pick_gemm
@@ -53,7 +54,8 @@ class ModelRunner:
     :class:`LoraLinear` backed by ``self.bank``; ``forward`` reads and writes ``self.kv``."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
-                 lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto", fuse: bool = True) -> None:
+                 lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto", fuse: bool = True,
+                 prepack: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", "?")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -84,13 +86,16 @@ class ModelRunner:
         self.lora_modules = {p: m for p, m in wrapped.items() if p.rsplit(".", 1)[-1] in lora_modules}
         self.bank = SlotBank(self.lora_modules, num_slots, max_rank, self.device, self.dtype)
         no_pack = [None] * len(self.layers)
-        self.qkv = [self._pack(layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers] if fuse \
+        self.qkv = [self._pack(layer.self_attn, ("q_proj", "k_proj", "v_proj"), prepack) for layer in self.layers] \
+            if fuse else no_pack
+        self.gate_up = [self._pack(layer.mlp, ("gate_proj", "up_proj"), prepack) for layer in self.layers] if fuse \
             else no_pack
-        self.gate_up = [self._pack(layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers] if fuse else no_pack
         packs = [p for p in (*self.qkv, *self.gate_up) if p is not None]
         if packs:
             log.info("packed %d projection groups into one GEMM each (%d MiB of mmapped originals released)",
                      len(packs), sum(p.released for p in packs) >> 20)
+        # (lo, hi, operand) vocab slices of the LM head in the GEMM's own layout, or None: plain weight
+        self.head_parts = self._prepare(wrapped, packs) if prepack else None
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
                           self.dtype, self.device)
@@ -117,9 +122,31 @@ class ModelRunner:
                         setattr(parent, name, wrapped[path])
         return wrapped
 
-    def _pack(self, parent: nn.Module, names: tuple[str, ...]) -> PackedLinear | None:
+    def _prepare(self, wrapped: dict[str, LoraLinear], packs: list[PackedLinear]) -> list | None:
+        """Give the unpacked projections and the LM head their weights in the GEMM's layout
+        (``kernels.prepare``; packs did so themselves) and give back the originals' mmapped
+        pages (transparent: the tied embedding still reads its rows). The head becomes
+        ``head_chunk``-row slices, the pieces a forward runs it in. None: plain weights."""
+        head = self.model.lm_head.weight
+        probe = head[:1]
+        if kernels.prepare(self.gemm, probe) is probe:
+            return None
+        in_pack = {id(part) for pack in packs for part in pack.parts}
+        originals = [head]
+        for lin in wrapped.values():
+            if id(lin) not in in_pack:
+                lin.operand = kernels.prepare(self.gemm, lin.base.weight)
+                originals.append(lin.base.weight)
+        parts = [(lo, min(lo + Forward.head_chunk, head.shape[0]),
+                  kernels.prepare(self.gemm, head[lo: lo + Forward.head_chunk]))
+                 for lo in range(0, head.shape[0], Forward.head_chunk)]
+        log.info("weights in the GEMM's layout (%d MiB of mmapped originals released)",
+                 pages.release(originals) >> 20)
+        return parts
+
+    def _pack(self, parent: nn.Module, names: tuple[str, ...], prepack: bool) -> PackedLinear | None:
         parts = [getattr(parent, n, None) for n in names]
-        return PackedLinear(parts, self.gemm) if PackedLinear.can_pack(parts) else None
+        return PackedLinear(parts, self.gemm, prepack) if PackedLinear.can_pack(parts) else None
 
     # ---- forward (the public seams Forward drives) ----------------------------------------
     def start(self, chunks: list[Chunk]) -> "Forward":
@@ -240,7 +267,12 @@ class Forward:
         lo = self.head_at
         hi = vocab if whole_head else min(lo + self.head_chunk, vocab)
         bias = None if head.bias is None else head.bias[lo:hi]
-        if lo == 0 and hi == vocab:
+        if r.head_parts is not None:  # prepared slices (each head_chunk rows, as head_at advances)
+            for plo, phi, operand in r.head_parts:
+                if lo <= plo < hi:
+                    part_bias = None if head.bias is None else head.bias[plo:phi]
+                    self.logits[:, plo:phi] = r.gemm(self.hs, operand, part_bias)
+        elif lo == 0 and hi == vocab:
             self.logits = r.gemm(self.hs, head.weight, bias)
         else:
             self.logits[:, lo:hi] = r.gemm(self.hs, head.weight[lo:hi], bias)

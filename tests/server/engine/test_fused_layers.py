@@ -119,27 +119,78 @@ def test_a_weight_written_in_place_is_not_released(tiny_base):
     assert torch.equal(w, doubled)
 
 
-@pytest.mark.parametrize("rows", [1, 5])
-def test_fused_step_logits_are_bit_identical_to_the_unfused_step(tiny_base, rows):
-    """What README and BENCHMARKS claim for the fused decode step (bench/step_bench.py measures its speed)."""
+def _step_logits(tiny_base, rows: int, whole_head: bool, **runner_args):
+    """(runner, logits of a 4-token prefill and three decode steps of ``rows`` base rows)."""
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
-    def logits(fuse: bool, whole_head: bool) -> list[torch.Tensor]:
-        r = ModelRunner(load_model(tiny_base, "cpu", "float32"), max_rows=rows, max_positions=64, num_slots=2,
-                        max_rank=8, lora_modules=("q_proj", "v_proj"), fuse=fuse)
-        out = []
-        with torch.inference_mode():
-            for i in range(rows):
-                r.kv.alloc_row(32)
-            plans = [[Chunk(i, 0, [2, 40 + i, 7, 300 + i], 0, True) for i in range(rows)]]
-            plans += [[Chunk(i, 4 + k, [50 + k + i], 0, True) for i in range(rows)] for k in range(3)]
-            for chunks in plans:
-                fwd = r.start(chunks)
-                while fwd.step(whole_head=whole_head):
-                    pass
-                out.append(fwd.logits.clone())
-        return out
+    r = ModelRunner(load_model(tiny_base, "cpu", "float32"), max_rows=rows, max_positions=64, num_slots=2,
+                    max_rank=8, lora_modules=("q_proj", "v_proj"), **runner_args)
+    out = []
+    with torch.inference_mode():
+        for i in range(rows):
+            r.kv.alloc_row(32)
+        plans = [[Chunk(i, 0, [2, 40 + i, 7, 300 + i], 0, True) for i in range(rows)]]
+        plans += [[Chunk(i, 4 + k, [50 + k + i], 0, True) for i in range(rows)] for k in range(3)]
+        for chunks in plans:
+            fwd = r.start(chunks)
+            while fwd.step(whole_head=whole_head):
+                pass
+            out.append(fwd.logits.clone())
+    return r, out
 
-    unfused, fused = logits(False, False), logits(True, True)
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_fused_step_logits_are_bit_identical_to_the_unfused_step(tiny_base, rows):
+    """What README and BENCHMARKS claim for the fused decode step (bench/step_bench.py measures its speed)."""
+
+    _, unfused = _step_logits(tiny_base, rows, False, fuse=False)
+    _, fused = _step_logits(tiny_base, rows, True, fuse=True)
     assert all(torch.equal(a, b) for a, b in zip(unfused, fused))
+
+
+def test_prepared_weights_are_exact_from_8_rows_and_keep_the_plain_fallback():
+    """``kernels.prepare``: oneDNN's blocked fp32 layout gives bitwise the plain oneDNN
+    result for 8+ rows (and fp32-close at one row); any other kernel or dtype gets the weight
+    itself, unchanged."""
+    from adapterctl.server.engine import kernels
+
+    w, b = torch.randn(96, 48), torch.randn(96)
+    assert kernels.prepare(torch_linear, w) is w
+    assert kernels.prepare(kernels.onednn_linear, w.bfloat16()).dtype == torch.bfloat16  # plain: no fp32 layout
+    if not kernels._reorder_runs():
+        pytest.skip("this torch build cannot reorder oneDNN weights")
+    packed = kernels.prepare(kernels.onednn_linear, w)
+    assert packed is not w and packed.is_mkldnn
+    for rows in (8, 33):
+        x = torch.randn(rows, 48)
+        assert torch.equal(kernels.onednn_linear(x, packed, b), kernels.onednn_linear(x, w, b))
+    x = torch.randn(1, 48)
+    torch.testing.assert_close(kernels.onednn_linear(x, packed, b), x @ w.T + b, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_prepacked_step_matches_the_plain_layout(tiny_base, rows, monkeypatch):
+    """The engine's step with weights in oneDNN's layout (``prepack``, LM head in prepared
+    vocab slices, whole or piece by piece) against the plain-layout step: bit-identical
+    logits from 8 rows on, fp32-close at one row; the prepared head slices cover the vocab."""
+    from adapterctl.server.engine import kernels
+    from adapterctl.server.engine.runner import Forward
+
+    if not kernels._reorder_runs():
+        pytest.skip("this torch build cannot reorder oneDNN weights")
+    monkeypatch.setattr(Forward, "head_chunk", 1000)  # several head slices on the tiny vocab
+
+    plain_runner, plain = _step_logits(tiny_base, rows, True, gemm="onednn", prepack=False)
+    assert plain_runner.head_parts is None
+    for whole_head in (True, False):
+        runner, prepared = _step_logits(tiny_base, rows, whole_head, gemm="onednn", prepack=True)
+        vocab = runner.config.vocab_size
+        bounds = [(lo, hi) for lo, hi, _ in runner.head_parts]
+        assert bounds[0][0] == 0 and bounds[-1][1] == vocab and all(hi - lo <= Forward.head_chunk for lo, hi in bounds)
+        assert len(bounds) > 2 and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+        for a, b in zip(plain, prepared):
+            if rows >= 8:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
