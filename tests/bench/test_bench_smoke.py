@@ -27,3 +27,21 @@ def test_quick_bench_prints_every_key(gemma_base):
     assert set(last) == KEYS
     assert all(last[k] is None or isinstance(last[k], (int, float)) for k in KEYS)
     assert all(isinstance(last[k], float) and last[k] > 0 for k in ROOF)  # measured, not skipped
+
+
+def test_gemm_bench_times_the_engine_kernel_against_aten(gemma_base):
+    """``bench.gemm_bench`` on the real model's shapes: every shape has a measured speedup,
+    and the kernel it names is the one the engine picks for that dtype on this CPU."""
+    import torch
+
+    from adapterctl.server.engine.kernels import pick_gemm
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "bench.gemm_bench", "--rows", "8", "--dtypes", "bfloat16"], cwd=repo,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    shapes = ("qkv", "o", "gate_up", "down", "head")
+    assert all(last[f"gemm_speedup_bf16_{s}_b8"] > 0 for s in shapes) and last["gemm_step_ms_bf16_b8"] > 0
+    kernel = pick_gemm("auto", torch.device("cpu"), torch.bfloat16).__name__
+    assert all(f" {kernel} " in line for line in done.stderr.splitlines() if line.startswith("bf16 rows"))

@@ -1,0 +1,100 @@
+"""``python -m bench.gemm_bench [--rows 1,8,32,64,512] [--dtypes float32,bfloat16]``: the
+engine's GEMM kernels against ATen's ``F.linear`` on the base model's projection shapes
+(packed q/k/v, o, packed gate/up, down, the LM head), in one process, alternating, best
+of three rounds. Random weights of the model's shapes; only the config is read.
+
+* fp32: ``kernels.pick_gemm("auto")`` (oneDNN on CPU) on the weight the engine gives it
+  (``kernels.prepare``: oneDNN's blocked layout) vs ``F.linear`` (ATen's MKL sgemm).
+* bf16: ``pick_gemm("auto")`` (oneDNN bf16 where the CPU has bf16 arithmetic, else
+  :func:`kernels.upcast_linear`) vs ``F.linear`` in bf16.
+
+Every row prints the ms and GFLOP/s of both and ``auto`` ÷ ``F.linear`` time; the LAST line
+is one JSON object: ``gemm_speedup_<dtype>_<shape>_b<rows>`` (F.linear ÷ auto time), the
+model's step totals ``gemm_step_ms_<dtype>_b<rows>`` (every projection x layers + the head,
+auto) and the CPU (lscpu model, ISA flags). Weights are reused across repetitions, so a
+shape that fits in the caches looks faster than it runs in a step: compare kernels, not
+absolute times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+ROUNDS = 3
+
+
+def shapes(config) -> dict[str, tuple[int, int, int]]:
+    """name -> (out, in, count per step) of the decoder's projections and the LM head."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    return {"qkv": (q + 2 * kv, h, layers), "o": (h, q, layers), "gate_up": (2 * inter, h, layers),
+            "down": (h, inter, layers), "head": (config.vocab_size, h, 1)}
+
+
+def _best(fn: Callable[[], Any], reps: int) -> float:
+    fn()
+    began = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - began) / reps
+
+
+def measure(dtype: torch.dtype, name: str, out: int, inp: int, rows: int) -> dict[str, float]:
+    from adapterctl.server.engine.kernels import pick_gemm, prepare
+
+    torch.manual_seed(0)
+    w, x = torch.randn(out, inp).to(dtype), torch.randn(rows, inp).to(dtype)
+    auto = pick_gemm("auto", torch.device("cpu"), dtype)
+    operand = prepare(auto, w)
+    reps = max(1, min(30, int(2e9 / (2 * rows * out * inp + 1e7))))  # about a second of work per call
+    times = {"auto": float("inf"), "aten": float("inf")}
+    with torch.inference_mode():
+        for _ in range(ROUNDS):  # alternating, so a noisy neighbour hits both
+            times["auto"] = min(times["auto"], _best(lambda: auto(x, operand, None), reps))
+            times["aten"] = min(times["aten"], _best(lambda: F.linear(x, w), reps))
+    return {"auto_ms": 1e3 * times["auto"], "aten_ms": 1e3 * times["aten"],
+            "gflop": 2 * rows * out * inp / 1e9, "kernel": auto.__name__ + ("" if operand is w else "+prepacked")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoConfig
+
+    from bench.common import base_model
+    from bench.peer import cpu_info
+
+    parser = argparse.ArgumentParser(prog="python -m bench.gemm_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,8,32,64,512", help="comma-separated row counts (M)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    args = parser.parse_args(argv)
+    config = AutoConfig.from_pretrained(str(base_model().path))
+    config = getattr(config, "text_config", config)
+    cpu = cpu_info()
+    print(f"cpu {cpu['cpu_model']}, {cpu['cpus']} CPUs, ISA {' '.join(cpu['cpu_isa'])}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    result: dict[str, Any] = {"cpu_model": cpu["cpu_model"], "cpu_isa": cpu["cpu_isa"]}
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        short = {"float32": "fp32", "bfloat16": "bf16"}[dtype_name]
+        for rows in (int(r) for r in args.rows.split(",")):
+            step_ms = 0.0
+            for name, (out, inp, count) in shapes(config).items():
+                m = measure(dtype, name, out, inp, rows)
+                step_ms += count * m["auto_ms"]
+                result[f"gemm_speedup_{short}_{name}_b{rows}"] = m["aten_ms"] / m["auto_ms"]
+                print(f"{short} rows {rows:4d} {name:8s} [{out:6d} x {inp:5d}] {m['kernel']:24s} "
+                      f"{m['auto_ms']:9.2f} ms ({m['gflop'] / m['auto_ms'] * 1e3:5.1f} GFLOP/s)   F.linear "
+                      f"{m['aten_ms']:9.2f} ms ({m['gflop'] / m['aten_ms'] * 1e3:5.1f} GFLOP/s)   "
+                      f"auto/F.linear {m['auto_ms'] / m['aten_ms']:.2f}", file=sys.stderr, flush=True)
+            result[f"gemm_step_ms_{short}_b{rows}"] = step_ms
+    print(json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
