@@ -40,12 +40,17 @@ def test_eval_metrics_resume_and_determinism(tiny_config, tmp_path):
         (first.output_dir / "adapter_model.safetensors").read_bytes()
 
     # Ctrl-C at step 4 saves a checkpoint and stops cleanly; --resume finishes identically.
+    # Python's own SIGINT handler first: a shell's background job starts with SIGINT ignored.
     cfg = tiny_config(output=str(tmp_path / "c"), **common)
-    with pytest.raises(TrainingInterrupted) as info:
-        train(cfg, callbacks=[_SigintAt(4)])
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(TrainingInterrupted) as info:
+            train(cfg, callbacks=[_SigintAt(4)])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert info.value.step == 4 and (cfg.checkpoints / "checkpoint-4").is_dir()
     assert not (tmp_path / "c" / "adapter_model.safetensors").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = train(cfg.replace(resume=True))
     assert resumed.losses == first.losses and len(resumed.losses) == 6
     assert resumed.eval_loss == first.eval_loss
