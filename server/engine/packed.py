@@ -45,7 +45,7 @@ class PackedLinear:
                 b.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
                 if self.bias is not None:
                     b.bias = nn.Parameter(self.bias[lo:hi], requires_grad=False)
-        del weight  # a prepared copy: the plain pack is not kept
+        del weight  # with a prepared copy, the plain pack is freed here
         self.released = pages.release(originals)  # bytes of mmapped originals no longer resident
 
     @staticmethod

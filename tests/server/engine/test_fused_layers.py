@@ -157,7 +157,8 @@ def test_prepared_weights_are_exact_from_8_rows_and_keep_the_plain_fallback():
 
     w, b = torch.randn(96, 48), torch.randn(96)
     assert kernels.prepare(torch_linear, w) is w
-    assert kernels.prepare(kernels.onednn_linear, w.bfloat16()).dtype == torch.bfloat16  # plain: no fp32 layout
+    wb = w.bfloat16()
+    assert kernels.prepare(kernels.onednn_linear, wb) is wb  # bf16: no blocked layout, the weight itself
     if not kernels._reorder_runs():
         pytest.skip("this torch build cannot reorder oneDNN weights")
     packed = kernels.prepare(kernels.onednn_linear, w)
