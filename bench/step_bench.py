@@ -5,11 +5,13 @@ in this process on the real base model, alternating step by step so a noisy neig
 hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 
 * ``unfused``: HF norm modules, seven GEMMs per layer, the LM head in vocab slices;
-* ``unpacked``: the same step with the weights in their plain layout (``prepack=False``).
+* ``unpacked``: the same step with the weights in their plain layout (``prepack=False``);
+* ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
+  MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV.
 
-Prints per row count the median step time of each, ``step_fused_speedup_b<rows>`` or
-``step_prepack_speedup_b<rows>`` (baseline ÷ engine), whether the logits of every step were
-bit-identical and their largest difference; the LAST line is one JSON object of those.
+Prints per row count the median step time of each, ``step_fused_speedup_b<rows>``,
+``step_prepack_speedup_b<rows>`` or ``step_gemm_speedup_b<rows>`` (baseline ÷ engine), whether
+the logits of every step were bit-identical and their largest difference; the LAST line is one JSON object of those.
 """
 from __future__ import annotations
 
@@ -23,12 +25,12 @@ from typing import Any
 import torch
 
 
-def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True):
+def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm: str = "auto"):
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
     runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=4, max_rank=16,
-                         lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack)
+                         lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack, gemm=gemm)
     with torch.inference_mode():
         for i in range(rows):
             runner.kv.alloc_row(256)
@@ -50,11 +52,13 @@ def _step(runner, rows: int, pos: int, whole_head: bool) -> tuple[float, torch.T
 
 
 def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") -> dict[str, Any]:
-    unpacked = baseline == "unpacked"
-    unfused, fused = _runner(base, dtype, rows, unpacked, prepack=not unpacked), _runner(base, dtype, rows, True)
+    unpacked, torch_gemm = baseline == "unpacked", baseline == "torch"
+    unfused = _runner(base, dtype, rows, unpacked or torch_gemm, prepack=not unpacked,
+                      gemm="torch" if torch_gemm else "auto")
+    fused = _runner(base, dtype, rows, True)
     t_old, t_new, identical, diff = [], [], True, 0.0
     for k in range(steps + 3):
-        a, la = _step(unfused, rows, 20 + k, whole_head=unpacked)
+        a, la = _step(unfused, rows, 20 + k, whole_head=unpacked or torch_gemm)
         b, lb = _step(fused, rows, 20 + k, whole_head=True)
         identical &= torch.equal(la, lb)
         diff = max(diff, (la.float() - lb.float()).abs().max().item())
@@ -62,7 +66,7 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
             t_old.append(a)
             t_new.append(b)
     old, new = statistics.median(t_old), statistics.median(t_new)
-    name = "prepack" if unpacked else "fused"
+    name = {"unpacked": "prepack", "torch": "gemm"}.get(baseline, "fused")
     return {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
             f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
             f"logits_max_diff_b{rows}": diff}
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
-    parser.add_argument("--baseline", default="unfused", choices=("unfused", "unpacked"))
+    parser.add_argument("--baseline", default="unfused", choices=("unfused", "unpacked", "torch"))
     args = parser.parse_args(argv)
     base = base_model()
     out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline}

@@ -6,8 +6,9 @@ oneDNN has no bf16 inner product on CPUs without native bf16 (AVX2-only: "could 
 create a primitive descriptor"), so ``auto`` probes the dtype once. Where it cannot run
 bf16, bf16 GEMMs of 8+ rows upcast the weight a block at a time to fp32 in a scratch
 buffer that stays in cache and use oneDNN's fp32 GEMM (:func:`upcast_linear`: 3-4x
-faster than ATen's bf16 GEMM at 32-64 rows here, which runs row by row); fewer rows keep
-ATen's bf16 GEMV, which streams half the bytes of fp32.
+faster than ATen's bf16 GEMM at 32-64 rows here, which runs row by row); fewer rows stream
+the bf16 weights through the AVX2 GEMV of :mod:`cpu_gemv` (half the bytes of fp32), or
+ATen's bf16 GEMV where that kernel is not available.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from adapterctl.server.engine import cpu_gemv
 
 GEMMS = ("auto", "onednn", "torch")
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -32,7 +35,7 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
-UPCAST_MIN_ROWS = 8  # below it ATen's bf16 GEMV wins (measured crossover 4-8 rows, AVX2 host)
+UPCAST_MIN_ROWS = 8  # below it a GEMV wins (measured crossover 4-8 rows for ATen's, AVX2 host)
 UPCAST_BLOCK = 1024  # weight rows upcast at a time (fp32 scratch <= 8 MiB; 512-2048 measured alike)
 
 
@@ -45,7 +48,8 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return upcast_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
     rows, n = x.shape[0], weight.shape[0]
     if rows < UPCAST_MIN_ROWS:
-        return F.linear(x, weight, bias)
+        y = cpu_gemv.linear(x, weight, bias)
+        return F.linear(x, weight, bias) if y is None else y
     xf = x.float().contiguous()
     out = x.new_empty(rows, n)
     scratch = torch.empty(min(UPCAST_BLOCK, n), weight.shape[1])

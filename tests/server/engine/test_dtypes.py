@@ -97,7 +97,8 @@ def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
 def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch):
     """On a CPU whose oneDNN has no bf16 GEMM, ``auto`` picks :func:`upcast_linear` for bf16:
     8+ rows multiply the bf16 values in fp32 (bf16 x bf16 products are exact there), block by
-    block over every output column, and round once to bf16; fewer rows keep ATen's bf16 GEMV."""
+    block over every output column, and round once to bf16; fewer rows go to the AVX2 GEMV
+    (:mod:`cpu_gemv`) where it loads, else ATen's bf16 GEMV."""
     import torch
     import torch.nn.functional as F
 
@@ -117,4 +118,5 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
         torch.testing.assert_close(y.float(), exact.bfloat16().float(), atol=1e-6, rtol=2 ** -7)  # <= 1 bf16 ulp
         assert (y.float() == exact.bfloat16().float()).float().mean() > 0.9  # mostly the correctly rounded value
     few = torch.randn(kernels.UPCAST_MIN_ROWS - 1, 48).bfloat16()
-    assert torch.equal(kernels.upcast_linear(few, w, b), F.linear(few, w, b))
+    gemv = kernels.cpu_gemv.linear(few, w, b)
+    assert torch.equal(kernels.upcast_linear(few, w, b), F.linear(few, w, b) if gemv is None else gemv)

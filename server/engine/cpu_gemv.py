@@ -1,0 +1,132 @@
+"""The bf16 GEMV of ``gemv_bf16.c`` for 1-7 rows on x86 CPUs without bf16 arithmetic.
+
+ATen's bf16 GEMV converts each weight on its own and streams ~4 GB/s per core on the AVX2 host
+(`bench/gemm_bench.py`), so a one-row bf16 decode step spent most of its time there. The C
+kernel reads each weight row once per four rows of x with AVX2 and sums in fp32, like a native
+bf16 GEMM (only the order of the sum differs, so results may differ from ATen's by one bf16 ulp).
+
+It is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
+``$ADAPTERCTL_KERNEL_CACHE`` (default ``~/.cache/adapterctl/kernels``), named by the digest of
+its source and flags; the file appears by an atomic rename, so concurrent servers never load a
+half-written one. It runs on torch's own OpenMP pool (the ``libgomp.so.1`` torch has loaded).
+A probe against fp32 arithmetic gates it. Where there is no compiler, no AVX2/FMA, or the probe
+fails, :func:`library` is None and callers keep ATen's path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gemv_bf16.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 7  # rows beyond it use the upcast GEMM (kernels.upcast_linear)
+K_MULTIPLE = 16  # the kernel reads 16 weights at a time
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ADAPTERCTL_KERNEL_CACHE") or Path.home() / ".cache" / "adapterctl" / "kernels")
+
+
+def _cpu_supported() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _build() -> Path:
+    """The shared library's path, compiling it first when this source and flags have none yet."""
+    source = SOURCE.read_bytes()
+    cc = os.environ.get("CC") or "cc"
+    digest = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"gemv_bf16-{digest}.so"
+    if target.exists():
+        return target
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler {cc!r} on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel after a passing probe, or None (logged once, with why)."""
+    if not _cpu_supported():
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("bf16 GEMV kernel unavailable, using ATen's: %s", exc)
+        return None
+    long = ctypes.c_long
+    ptr = ctypes.c_void_p
+    lib.gemv_bf16.argtypes = [ptr, long, ptr, long, ptr, long, long, long, ptr, long, ctypes.c_int]
+    lib.gemv_bf16.restype = ctypes.c_int
+    if not _probe(lib):
+        log.warning("bf16 GEMV kernel failed its probe against fp32 arithmetic; using ATen's")
+        return None
+    log.info("bf16 GEMV kernel loaded for 1-%d rows", MAX_ROWS)
+    return lib
+
+
+def _probe(lib: ctypes.CDLL) -> bool:
+    """Every row count and a ragged output width agree with fp32 arithmetic rounded to bf16,
+    within one bf16 ulp (the sum order differs)."""
+    gen = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(37, 64, generator=gen).bfloat16(), torch.randn(37, generator=gen).bfloat16()
+    for rows in range(1, MAX_ROWS + 1):
+        x = torch.randn(rows, 64, generator=gen).bfloat16()
+        want = x.float() @ w.float().T + bias.float()
+        got = _call(lib, x, w, bias)
+        if got is None or not torch.allclose(got.float(), want, rtol=2 ** -7, atol=1e-6):
+            return False
+    return True
+
+
+def _call(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    rows, k = x.shape
+    y = torch.empty(rows, w.shape[0], dtype=torch.bfloat16)
+    rc = lib.gemv_bf16(w.data_ptr(), w.stride(0), x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),
+                       rows, w.shape[0], k, y.data_ptr(), y.stride(0), torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` takes these: bf16 CPU tensors, ``x`` [1..MAX_ROWS, k] and ``weight``
+    [n, k] with unit column stride, ``k`` a multiple of 16."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16
+            and x.device.type == weight.device.type == "cpu" and weight.dim() == 2
+            and x.shape[1] == weight.shape[1] and x.shape[1] % K_MULTIPLE == 0
+            and x.stride(1) == 1 and weight.stride(1) == 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``x @ weight.T + bias`` in bf16, [rows, n] (bias [n] added in fp32 before rounding), or
+    None where the kernel does not apply (see :func:`supports`; no kernel here; out of memory)."""
+    lib = library()
+    if lib is None or not supports(x, weight):
+        return None
+    if bias is not None and not (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.is_contiguous()):
+        return None
+    return _call(lib, x, weight, bias)

@@ -1,0 +1,85 @@
+"""The AVX2 bf16 GEMV (server/engine/gemv_bf16.c through cpu_gemv.py): built once per machine,
+correct to one bf16 ulp against exact arithmetic for every row count, and refused (None) for
+what it does not handle so callers fall back to ATen."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from adapterctl.server.engine import cpu_gemv
+
+BUILDS_HERE = cpu_gemv._cpu_supported() and shutil.which("cc") is not None
+
+
+def _lib():
+    if not BUILDS_HERE:
+        pytest.skip("the kernel needs Linux x86-64 with AVX2/FMA and a C compiler")
+    lib = cpu_gemv.library()
+    assert lib is not None, "the kernel should build and pass its probe on this machine"
+    return lib
+
+
+def _exact(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ w.double().T
+    return (y if b is None else y + b.double()).bfloat16()
+
+
+@pytest.mark.parametrize("k", [16, 640, 2048])
+def test_every_row_count_is_within_one_bf16_ulp_of_exact(k):
+    _lib()
+    gen = torch.Generator().manual_seed(k)
+    big = torch.randn(1100, k + 32, generator=gen).bfloat16()
+    for w in (big[3:1032, :k], big[:37, :k].contiguous()):  # strided rows and a ragged width
+        for rows in range(1, cpu_gemv.MAX_ROWS + 1):
+            x = torch.randn(rows, k + 16, generator=gen).bfloat16()[:, :k]  # strided rows of x too
+            y = cpu_gemv.linear(x, w)
+            want = _exact(x, w, None)
+            assert y is not None and y.dtype == torch.bfloat16 and y.shape == (rows, w.shape[0])
+            torch.testing.assert_close(y.float(), want.float(), atol=1e-5, rtol=2 ** -7)
+            assert (y == want).float().mean() > 0.9  # mostly the correctly rounded value
+
+
+def test_bias_is_added_before_the_rounding():
+    _lib()
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(300, 64, generator=gen).bfloat16(), (100 * torch.randn(300, generator=gen)).bfloat16()
+    x = torch.randn(2, 64, generator=gen).bfloat16()
+    y, want = cpu_gemv.linear(x, w, b), _exact(x, w, b)
+    torch.testing.assert_close(y.float(), want.float(), atol=1e-5, rtol=2 ** -7)
+    assert (y == want).float().mean() > 0.9
+    assert (y != (x.float() @ w.float().T).bfloat16() + b).any()  # one rounding, not two
+
+
+def test_inf_and_nan_propagate():
+    _lib()
+    w = torch.ones(4, 16, dtype=torch.bfloat16)
+    w[1, 3], w[2, 5] = float("inf"), float("nan")
+    y = cpu_gemv.linear(torch.ones(1, 16, dtype=torch.bfloat16), w)
+    assert y[0, 0].item() == 16 and y[0, 1].item() == float("inf") and y[0, 2].isnan() and y[0, 3].item() == 16
+
+
+def test_what_it_does_not_handle_is_refused():
+    _lib()
+    w = torch.randn(8, 48).bfloat16()
+    assert cpu_gemv.linear(torch.randn(cpu_gemv.MAX_ROWS + 1, 48).bfloat16(), w) is None  # too many rows
+    assert cpu_gemv.linear(torch.randn(2, 40).bfloat16(), torch.randn(8, 40).bfloat16()) is None  # k % 16
+    assert cpu_gemv.linear(torch.randn(2, 48), w.float()) is None  # fp32
+    assert cpu_gemv.linear(torch.randn(2, 48).bfloat16(), w.T.contiguous().T) is None  # column-strided
+    assert cpu_gemv.linear(torch.randn(2, 48).bfloat16(), w, torch.randn(8)) is None  # fp32 bias
+
+
+def test_build_is_cached_atomic_and_a_failing_compiler_leaves_nothing(tmp_path, monkeypatch):
+    if not BUILDS_HERE:
+        pytest.skip("needs a C compiler and an AVX2 x86-64 CPU")
+    monkeypatch.setenv("ADAPTERCTL_KERNEL_CACHE", str(tmp_path / "k"))
+    built = cpu_gemv._build()
+    assert built.parent == tmp_path / "k" and built.name.startswith("gemv_bf16-") and built.stat().st_size > 0
+    mtime = built.stat().st_mtime_ns
+    assert cpu_gemv._build() == built and built.stat().st_mtime_ns == mtime  # not rebuilt
+    assert [p.name for p in (tmp_path / "k").iterdir()] == [built.name]  # no temporary left
+    monkeypatch.setenv("CC", "false")  # a compiler that fails: a different digest, so a fresh build
+    with pytest.raises(RuntimeError, match="false failed"):
+        cpu_gemv._build()
+    assert [p.name for p in (tmp_path / "k").iterdir()] == [built.name]
