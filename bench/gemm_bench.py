@@ -6,10 +6,13 @@ of three rounds. Random weights of the model's shapes; only the config is read.
 * fp32: ``kernels.pick_gemm("auto")`` (oneDNN on CPU) on the weight the engine gives it
   (``kernels.prepare``: oneDNN's blocked layout) vs ``F.linear`` (ATen's MKL sgemm).
 * bf16: ``pick_gemm("auto")`` (oneDNN bf16 where the CPU has bf16 arithmetic, else
-  :func:`kernels.upcast_linear`) vs ``F.linear`` in bf16.
+  :func:`kernels.upcast_linear`: the C GEMV of ``cpu_gemv`` up to 32 rows, upcast weight
+  blocks beyond) vs ``F.linear`` in bf16; where the C GEMV runs, also vs the upcast
+  (``kernels.upcast_blocks``) on the same rows.
 
 Every row prints the ms and GFLOP/s of both and ``auto`` ÷ ``F.linear`` time; the LAST line
-is one JSON object: ``gemm_speedup_<dtype>_<shape>_b<rows>`` (F.linear ÷ auto time), the
+is one JSON object: ``gemm_speedup_<dtype>_<shape>_b<rows>`` (F.linear ÷ auto time),
+``gemm_gemv_over_upcast_bf16_<shape>_b<rows>`` (upcast ÷ C GEMV time, where it runs), the
 model's step totals ``gemm_step_ms_<dtype>_b<rows>`` (every projection x layers + the head,
 auto) and the CPU (lscpu model, ISA flags). Weights are reused across repetitions, so a
 shape that fits in the caches looks faster than it runs in a step: compare kernels, not
@@ -47,20 +50,25 @@ def _best(fn: Callable[[], Any], reps: int) -> float:
 
 
 def measure(dtype: torch.dtype, name: str, out: int, inp: int, rows: int) -> dict[str, float]:
-    from adapterctl.server.engine.kernels import pick_gemm, prepare
+    from adapterctl.server.engine import cpu_gemv
+    from adapterctl.server.engine.kernels import pick_gemm, prepare, upcast_blocks, upcast_linear
 
     torch.manual_seed(0)
     w, x = torch.randn(out, inp).to(dtype), torch.randn(rows, inp).to(dtype)
     auto = pick_gemm("auto", torch.device("cpu"), dtype)
     operand = prepare(auto, w)
     reps = max(1, min(30, int(2e9 / (2 * rows * out * inp + 1e7))))  # about a second of work per call
-    times = {"auto": float("inf"), "aten": float("inf")}
+    gemv = auto is upcast_linear and rows <= cpu_gemv.MAX_ROWS and cpu_gemv.linear(x[:, :16], w[:1, :16]) is not None
+    fns = {"auto": lambda: auto(x, operand, None), "aten": lambda: F.linear(x, w)}
+    if gemv:
+        fns["upcast"] = lambda: upcast_blocks(x, w)
+    times = dict.fromkeys(fns, float("inf"))
     with torch.inference_mode():
-        for _ in range(ROUNDS):  # alternating, so a noisy neighbour hits both
-            times["auto"] = min(times["auto"], _best(lambda: auto(x, operand, None), reps))
-            times["aten"] = min(times["aten"], _best(lambda: F.linear(x, w), reps))
-    return {"auto_ms": 1e3 * times["auto"], "aten_ms": 1e3 * times["aten"],
-            "gflop": 2 * rows * out * inp / 1e9, "kernel": auto.__name__ + ("" if operand is w else "+prepacked")}
+        for _ in range(ROUNDS):  # alternating, so a noisy neighbour hits each
+            for key, fn in fns.items():
+                times[key] = min(times[key], _best(fn, reps))
+    kernel = "cpu_gemv" if gemv else auto.__name__ + ("" if operand is w else "+prepacked")
+    return {**{f"{key}_ms": 1e3 * t for key, t in times.items()}, "gflop": 2 * rows * out * inp / 1e9, "kernel": kernel}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -88,10 +96,14 @@ def main(argv: list[str] | None = None) -> None:
                 m = measure(dtype, name, out, inp, rows)
                 step_ms += count * m["auto_ms"]
                 result[f"gemm_speedup_{short}_{name}_b{rows}"] = m["aten_ms"] / m["auto_ms"]
+                upcast = ""
+                if "upcast_ms" in m:
+                    result[f"gemm_gemv_over_upcast_{short}_{name}_b{rows}"] = m["upcast_ms"] / m["auto_ms"]
+                    upcast = f"   upcast {m['upcast_ms']:9.2f} ms, upcast/auto {m['upcast_ms'] / m['auto_ms']:.2f}"
                 print(f"{short} rows {rows:4d} {name:8s} [{out:6d} x {inp:5d}] {m['kernel']:24s} "
                       f"{m['auto_ms']:9.2f} ms ({m['gflop'] / m['auto_ms'] * 1e3:5.1f} GFLOP/s)   F.linear "
                       f"{m['aten_ms']:9.2f} ms ({m['gflop'] / m['aten_ms'] * 1e3:5.1f} GFLOP/s)   "
-                      f"auto/F.linear {m['auto_ms'] / m['aten_ms']:.2f}", file=sys.stderr, flush=True)
+                      f"auto/F.linear {m['auto_ms'] / m['aten_ms']:.2f}{upcast}", file=sys.stderr, flush=True)
             result[f"gemm_step_ms_{short}_b{rows}"] = step_ms
     print(json.dumps(result, sort_keys=True))
 

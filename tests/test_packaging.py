@@ -26,3 +26,25 @@ def test_console_script_runs(tmp_path):
     res = subprocess.run([sys.executable, "-m", "adapterctl.client.cli.main", "--version"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "adapterctl" in res.stdout
+
+
+def test_wheel_ships_the_chat_template_and_the_kernel_source(tmp_path):
+    """A non-editable install (the Docker image's ``pip install /src``) keeps the package data:
+    Gemma's chat template and the C source that cpu_gemv compiles."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    root, src = Path(__file__).resolve().parents[1], tmp_path / "src"
+    for name in ("setup.py", "pyproject.toml", "README.md"):  # a clean tree: no stale build/ to reuse
+        src.mkdir(exist_ok=True)
+        shutil.copy2(root / name, src / name)
+    for folder in ("core", "proto", "registry", "trainer", "server", "client"):
+        shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("adapterctl-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "adapterctl/server/engine/gemv_bf16.c" in names
+    assert any(n.startswith("adapterctl/templates/") and n.endswith(".jinja") for n in names)

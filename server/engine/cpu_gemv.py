@@ -1,9 +1,11 @@
-"""The bf16 GEMV of ``gemv_bf16.c`` for 1-7 rows on x86 CPUs without bf16 arithmetic.
+"""The bf16 GEMV of ``gemv_bf16.c`` for 1-32 rows on x86 CPUs without bf16 arithmetic.
 
 ATen's bf16 GEMV converts each weight on its own and streams ~4 GB/s per core on the AVX2 host
 (`bench/gemm_bench.py`), so a one-row bf16 decode step spent most of its time there. The C
 kernel reads each weight row once per four rows of x with AVX2 and sums in fp32, like a native
 bf16 GEMM (only the order of the sum differs, so results may differ from ATen's by one bf16 ulp).
+Up to 32 rows it also beats upcasting weight blocks to fp32 for oneDNN (kernels.upcast_blocks),
+which pays for the fp32 copies; beyond, oneDNN's blocking wins (measured crossover 32-64 rows).
 
 It is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
 ``$ADAPTERCTL_KERNEL_CACHE`` (default ``~/.cache/adapterctl/kernels``), named by the digest of
@@ -31,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv_bf16.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
-MAX_ROWS = 7  # rows beyond it use the upcast GEMM (kernels.upcast_linear)
+MAX_ROWS = 32  # rows beyond it use the upcast GEMM (kernels.upcast_blocks)
 K_MULTIPLE = 16  # the kernel reads 16 weights at a time
 
 

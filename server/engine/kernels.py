@@ -5,10 +5,11 @@ for decode-sized inputs on this project's AMD host, with the same fp32 accuracy
 oneDNN has no bf16 inner product on CPUs without native bf16 (AVX2-only: "could not
 create a primitive descriptor"), so ``auto`` probes the dtype once. Where it cannot run
 bf16, bf16 GEMMs of 8+ rows upcast the weight a block at a time to fp32 in a scratch
-buffer that stays in cache and use oneDNN's fp32 GEMM (:func:`upcast_linear`: 3-4x
-faster than ATen's bf16 GEMM at 32-64 rows here, which runs row by row); fewer rows stream
-the bf16 weights through the AVX2 GEMV of :mod:`cpu_gemv` (half the bytes of fp32), or
-ATen's bf16 GEMV where that kernel is not available.
+buffer that stays in cache and use oneDNN's fp32 GEMM (:func:`upcast_blocks`: 3-4x
+faster than ATen's bf16 GEMM at 32-64 rows here, which runs row by row); up to 32 rows
+stream the bf16 weights through the AVX2 GEMV of :mod:`cpu_gemv` instead (half the bytes,
+no scratch copies: 1.1-2.6x faster than the upcast at 8-32 rows), or, without that kernel,
+fewer than 8 rows use ATen's bf16 GEMV.
 """
 from __future__ import annotations
 
@@ -35,21 +36,33 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
-UPCAST_MIN_ROWS = 8  # below it a GEMV wins (measured crossover 4-8 rows for ATen's, AVX2 host)
+UPCAST_MIN_ROWS = 8  # without the C GEMV, fewer rows keep ATen's (measured crossover 4-8 rows, AVX2 host)
 UPCAST_BLOCK = 1024  # weight rows upcast at a time (fp32 scratch <= 8 MiB; 512-2048 measured alike)
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ weight.T + bias`` in ``x.dtype`` (bf16) for CPUs without bf16 arithmetic:
-    blocks of ``weight`` rows are upcast into one fp32 scratch buffer and multiplied by
-    oneDNN's fp32 GEMM. bf16 x bf16 products are exact in fp32 and the sums accumulate in
-    fp32, as in a native bf16 GEMM; only the summation order differs. ``x`` [..., in]."""
+    """``x @ weight.T + bias`` in ``x.dtype`` (bf16) for CPUs without bf16 arithmetic, ``x``
+    [..., in]: up to ``cpu_gemv.MAX_ROWS`` rows through the C GEMV (which streams the bf16
+    weights), more through :func:`upcast_blocks`; without the C kernel, fewer than
+    ``UPCAST_MIN_ROWS`` rows use ATen's bf16 GEMV."""
     if x.dim() != 2:
         return upcast_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
-    rows, n = x.shape[0], weight.shape[0]
-    if rows < UPCAST_MIN_ROWS:
+    rows = x.shape[0]
+    if rows <= cpu_gemv.MAX_ROWS:
         y = cpu_gemv.linear(x, weight, bias)
-        return F.linear(x, weight, bias) if y is None else y
+        if y is not None:
+            return y
+    if rows < UPCAST_MIN_ROWS:
+        return F.linear(x, weight, bias)
+    return upcast_blocks(x, weight, bias)
+
+
+def upcast_blocks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` [rows, in] @ ``weight.T`` + ``bias`` in bf16: blocks of ``weight`` rows are upcast
+    into one fp32 scratch buffer and multiplied by oneDNN's fp32 GEMM. bf16 x bf16 products are
+    exact in fp32 and the sums accumulate in fp32, as in a native bf16 GEMM; only the summation
+    order differs."""
+    rows, n = x.shape[0], weight.shape[0]
     xf = x.float().contiguous()
     out = x.new_empty(rows, n)
     scratch = torch.empty(min(UPCAST_BLOCK, n), weight.shape[1])

@@ -96,9 +96,9 @@ def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
 
 def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch):
     """On a CPU whose oneDNN has no bf16 GEMM, ``auto`` picks :func:`upcast_linear` for bf16:
-    8+ rows multiply the bf16 values in fp32 (bf16 x bf16 products are exact there), block by
-    block over every output column, and round once to bf16; fewer rows go to the AVX2 GEMV
-    (:mod:`cpu_gemv`) where it loads, else ATen's bf16 GEMV."""
+    up to ``cpu_gemv.MAX_ROWS`` rows go to the AVX2 GEMV where it loads; more rows multiply the
+    bf16 values in fp32 (bf16 x bf16 products are exact there), block by block over every
+    output column, and round once to bf16; without the GEMV, fewer than 8 rows use ATen's."""
     import torch
     import torch.nn.functional as F
 
@@ -108,6 +108,7 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is want
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is kernels.onednn_linear
     monkeypatch.setattr(kernels, "UPCAST_BLOCK", 4)  # 11 output rows: blocks of 4, 4 and 3
+    monkeypatch.setattr(kernels.cpu_gemv, "MAX_ROWS", 2)  # so that 9 and 15 rows take the upcast path
     torch.manual_seed(0)
     w, b = torch.randn(11, 48).bfloat16(), torch.randn(11).bfloat16()
     for shape in ((9, 48), (3, 5, 48)):  # 9 and 15 rows: upcast path
@@ -115,8 +116,11 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
         y = kernels.upcast_linear(x, w, b)
         exact = (x.double() @ w.double().T + b.double()).float()
         assert y.dtype == torch.bfloat16 and y.shape == (*shape[:-1], 11)
+        assert torch.equal(y.reshape(-1, 11), kernels.upcast_blocks(x.reshape(-1, 48), w, b))
         torch.testing.assert_close(y.float(), exact.bfloat16().float(), atol=1e-6, rtol=2 ** -7)  # <= 1 bf16 ulp
         assert (y.float() == exact.bfloat16().float()).float().mean() > 0.9  # mostly the correctly rounded value
-    few = torch.randn(kernels.UPCAST_MIN_ROWS - 1, 48).bfloat16()
-    gemv = kernels.cpu_gemv.linear(few, w, b)
-    assert torch.equal(kernels.upcast_linear(few, w, b), F.linear(few, w, b) if gemv is None else gemv)
+    for rows in (2, kernels.UPCAST_MIN_ROWS - 1):  # the C GEMV where it applies, else ATen's
+        few = torch.randn(rows, 48).bfloat16()
+        gemv = kernels.cpu_gemv.linear(few, w, b)
+        assert (gemv is None) == (rows > 2 or kernels.cpu_gemv.library() is None)
+        assert torch.equal(kernels.upcast_linear(few, w, b), F.linear(few, w, b) if gemv is None else gemv)
