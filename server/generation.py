@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable
 
 from adapterctl.errors import FailedPrecondition, InvalidArgument
@@ -37,24 +37,21 @@ MAX_ROUTING_KEY = 256
 LOGPROBS, RESPONSE_FORMAT = "logprobs", "response_format"
 
 
+DEFAULT_SAMPLING = SamplingParams(max_new_tokens=0)  # 0 new tokens: the server's default
+
+
 @dataclass
 class Call:
-    """One generation request, whichever API it came through. Zero / empty fields take
-    the server defaults; exactly one of ``prompt`` and ``messages`` is set."""
+    """One generation request, whichever API it came through; exactly one of ``prompt`` and
+    ``messages`` is set. ``sampling.max_new_tokens`` 0 takes the server default; the rest of
+    ``sampling`` is validated as the engine will use it."""
 
     api: str  # "grpc" | "http": the metrics label
     adapter: str = ""  # reference (NAME, NAME:3, NAME:prod, NAME@sha256:...); "" = base model
     prompt: str = ""
     messages: tuple[tuple[str, str], ...] = ()  # (role, content) turns
-    max_new_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    sampling: SamplingParams = DEFAULT_SAMPLING
     request_id: str = ""
-    logprobs: bool = False
-    top_logprobs: int = 0
     response_format: ResponseFormat | None = None
     routing_key: str = ""  # sticky version choice for a weighted (canary) alias; "" = random
 
@@ -111,17 +108,15 @@ class Generations:
         if ref:
             parse_ref(ref)
         features = self.engine.features
-        if call.logprobs and LOGPROBS not in features:
+        if call.sampling.logprobs and LOGPROBS not in features:
             raise FailedPrecondition(f"this server's engine ({type(self.engine).__name__}) does not report logprobs")
         fmt = call.response_format.validate() if call.response_format else None
         if fmt is not None and RESPONSE_FORMAT not in features:
             raise FailedPrecondition(f"this server's engine ({type(self.engine).__name__}) does not support "
                                      "response_format")
         limit = min(self._limit, self.engine.max_new_tokens_limit)
-        sampling = SamplingParams(max_new_tokens=call.max_new_tokens or min(self._default_max_new_tokens, limit),
-                                  temperature=call.temperature, top_p=call.top_p, top_k=call.top_k, seed=call.seed,
-                                  stop=tuple(call.stop), logprobs=call.logprobs,
-                                  top_logprobs=call.top_logprobs).validate(limit)
+        wanted = call.sampling.max_new_tokens or min(self._default_max_new_tokens, limit)
+        sampling = replace(call.sampling, max_new_tokens=wanted, stop=tuple(call.sampling.stop)).validate(limit)
         ids = self.prompt_ids(call)
         if len(call.routing_key) > MAX_ROUTING_KEY:
             raise InvalidArgument(f"routing_key is {len(call.routing_key)} characters; at most {MAX_ROUTING_KEY}")

@@ -23,6 +23,7 @@ from adapterctl.server.types import (
     Engine,
     GenerationResult,
     ResponseFormat,
+    SamplingParams,
     TokenLogprob,
 )
 from adapterctl.v1 import adapterctl_pb2 as pb
@@ -39,13 +40,13 @@ def call_of(request: pb.GenerateRequest) -> Call:
     fmt = None
     if request.HasField("response_format") and request.response_format.type not in ("", "text"):
         fmt = ResponseFormat(request.response_format.type, request.response_format.json_schema or None)
+    sampling = SamplingParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                              top_p=request.top_p if request.HasField("top_p") else 1.0, top_k=request.top_k,
+                              seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
+                              logprobs=request.logprobs, top_logprobs=request.top_logprobs)
     return Call(api="grpc", adapter=request.adapter, prompt=request.prompt,
-                messages=tuple((m.role, m.content) for m in request.messages),
-                max_new_tokens=request.max_new_tokens, temperature=request.temperature,
-                top_p=request.top_p if request.HasField("top_p") else 1.0, top_k=request.top_k,
-                seed=request.seed if request.HasField("seed") else None, stop=tuple(request.stop),
-                request_id=request.request_id, logprobs=request.logprobs, top_logprobs=request.top_logprobs,
-                response_format=fmt, routing_key=request.routing_key)
+                messages=tuple((m.role, m.content) for m in request.messages), sampling=sampling,
+                request_id=request.request_id, response_format=fmt, routing_key=request.routing_key)
 
 
 def logprobs_proto(tokenizer: Any, logprobs: list[TokenLogprob] | None) -> list[pb.TokenLogprob]:

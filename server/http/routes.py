@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
-from adapterctl.server.generation import Call, Generations, served_model
+from adapterctl.server.generation import DEFAULT_SAMPLING, Call, Generations, served_model
 from adapterctl.server.http import responses as R
 from adapterctl.server.http.errors import APIError, exception_body
 from adapterctl.server.http.schemas import ChatBody, CompletionBody, _Generation
@@ -109,19 +109,19 @@ def _calls(front: Frontend, body: _Generation, rid: str, prompts: list[Call], re
     base_id = front.generations.base_id
     common: dict[str, Any] = dict(api="http", adapter="" if body.model == base_id else body.model,
                   routing_key=request.headers.get(ROUTING_KEY_HEADER) or body.user or "",
-                  max_new_tokens=body.max_tokens or 0,
-                  temperature=1.0 if body.temperature is None else body.temperature,
-                  top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0, stop=body.stops(),
                   response_format=body.response_format.engine_format() if body.response_format else None)
+    max_new = (body.max_completion_tokens if isinstance(body, ChatBody) else None) or body.max_tokens or 0
+    sampling: dict[str, Any] = dict(max_new_tokens=max_new,
+                                    temperature=1.0 if body.temperature is None else body.temperature,
+                                    top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                                    stop=body.stops())
     calls = []
     for p, partial in enumerate(prompts):
         for j in range(body.n):
             index = p * body.n + j
             seed = None if body.seed is None else body.seed + j
-            calls.append(replace(partial, **common, seed=seed,
+            calls.append(replace(partial, **common, sampling=replace(partial.sampling, **sampling, seed=seed),
                                  request_id=rid if len(prompts) * body.n == 1 else f"{rid}-{index}"))
-    if isinstance(body, ChatBody) and body.max_completion_tokens:
-        calls = [replace(c, max_new_tokens=body.max_completion_tokens) for c in calls]
     return calls
 
 
@@ -251,8 +251,8 @@ def _chat_chunk(index: int, event: Any, tokenizer: Any, first: bool) -> dict[str
 @router.post("/v1/completions")
 async def completions(body: CompletionBody, request: Request, front: Frontend = Depends(frontend)) -> Any:
     logprobs = body.logprobs is not None
-    prompts = [Call(api="http", prompt=p, logprobs=logprobs, top_logprobs=body.logprobs or 0)
-               for p in body.prompts()]
+    asked = replace(DEFAULT_SAMPLING, logprobs=logprobs, top_logprobs=body.logprobs or 0)
+    prompts = [Call(api="http", prompt=p, sampling=asked) for p in body.prompts()]
     rid = _request_id(request)
     return await _respond(front, request, rid, _calls(front, body, rid, prompts, request), body, "text_completion",
                           R.completion_choice, _completion_chunk)
@@ -261,8 +261,8 @@ async def completions(body: CompletionBody, request: Request, front: Frontend = 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatBody, request: Request, front: Frontend = Depends(frontend)) -> Any:
     rid = _request_id(request)
-    calls = _calls(front, body, rid, [Call(api="http", messages=body.turns(), logprobs=body.logprobs,
-                                           top_logprobs=body.top_logprobs or 0)], request)
+    asked = replace(DEFAULT_SAMPLING, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
+    calls = _calls(front, body, rid, [Call(api="http", messages=body.turns(), sampling=asked)], request)
     return await _respond(front, request, rid, calls, body, "chat.completion", R.chat_choice, _chat_chunk)
 
 
