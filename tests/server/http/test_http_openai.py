@@ -77,6 +77,17 @@ def test_streaming_completion_and_chat(openai_client):
     assert stream[-1].choices[0].finish_reason in ("length", "stop")
 
 
+def test_chat_max_completion_tokens_wins_over_max_tokens(openai_client):
+    """OpenAI's newer ``max_completion_tokens`` takes precedence; ``max_tokens`` alone still bounds."""
+    messages = [{"role": "user", "content": "Count"}]
+    both = openai_client.chat.completions.create(model="gamma", messages=messages, max_tokens=9,
+                                                 max_completion_tokens=3, temperature=0)
+    alone = openai_client.chat.completions.create(model="gamma", messages=messages, max_tokens=5, temperature=0)
+    for resp, limit in ((both, 3), (alone, 5)):
+        reason, used = resp.choices[0].finish_reason, resp.usage.completion_tokens
+        assert used <= limit and (reason == "stop" or used == limit), (reason, used, limit)
+
+
 def test_models_lists_base_and_every_adapter_with_versions_and_aliases(openai_client, http_server):
     models = {m.id: m for m in openai_client.models.list().data}
     assert _base_id(http_server) in models
