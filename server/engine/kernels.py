@@ -8,7 +8,7 @@ bf16, bf16 GEMMs of 8+ rows upcast the weight a block at a time to fp32 in a scr
 buffer that stays in cache and use oneDNN's fp32 GEMM (:func:`upcast_blocks`: 3-4x
 faster than ATen's bf16 GEMM at 32-64 rows here, which runs row by row); up to 32 rows
 stream the bf16 weights through the AVX2 GEMV of :mod:`cpu_gemv` instead (half the bytes,
-no scratch copies: 1.1-2.6x faster than the upcast at 8-32 rows), or, without that kernel,
+no scratch copies: 1.1-3.3x faster than the upcast at 8-32 rows), or, without that kernel,
 fewer than 8 rows use ATen's bf16 GEMV.
 """
 from __future__ import annotations
