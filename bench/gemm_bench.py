@@ -58,7 +58,7 @@ def measure(dtype: torch.dtype, name: str, out: int, inp: int, rows: int) -> dic
     auto = pick_gemm("auto", torch.device("cpu"), dtype)
     operand = prepare(auto, w)
     reps = max(1, min(30, int(2e9 / (2 * rows * out * inp + 1e7))))  # about a second of work per call
-    gemv = auto is upcast_linear and rows <= cpu_gemv.MAX_ROWS and cpu_gemv.linear(x[:, :16], w[:1, :16]) is not None
+    gemv = auto is upcast_linear and cpu_gemv.library() is not None and cpu_gemv.supports(x, w)
     fns = {"auto": lambda: auto(x, operand, None), "aten": lambda: F.linear(x, w)}
     if gemv:
         fns["upcast"] = lambda: upcast_blocks(x, w)

@@ -116,7 +116,7 @@ class Generations:
                                      "response_format")
         limit = min(self._limit, self.engine.max_new_tokens_limit)
         wanted = call.sampling.max_new_tokens or min(self._default_max_new_tokens, limit)
-        sampling = replace(call.sampling, max_new_tokens=wanted, stop=tuple(call.sampling.stop)).validate(limit)
+        sampling = replace(call.sampling, max_new_tokens=wanted).validate(limit)
         ids = self.prompt_ids(call)
         if len(call.routing_key) > MAX_ROUTING_KEY:
             raise InvalidArgument(f"routing_key is {len(call.routing_key)} characters; at most {MAX_ROUTING_KEY}")

@@ -36,8 +36,8 @@ def test_wheel_ships_the_chat_template_and_the_kernel_source(tmp_path):
     from pathlib import Path
 
     root, src = Path(__file__).resolve().parents[1], tmp_path / "src"
-    for name in ("setup.py", "pyproject.toml", "README.md"):  # a clean tree: no stale build/ to reuse
-        src.mkdir(exist_ok=True)
+    src.mkdir()  # a clean tree: no stale build/ for setuptools to reuse
+    for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy2(root / name, src / name)
     for folder in ("core", "proto", "registry", "trainer", "server", "client"):
         shutil.copytree(root / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))

@@ -114,21 +114,20 @@ def _call(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor
     return y if rc == 0 else None
 
 
-def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear` takes these: bf16 CPU tensors, ``x`` [1..MAX_ROWS, k] and ``weight``
-    [n, k] with unit column stride, ``k`` a multiple of 16."""
+    [n, k] with unit column stride, ``k`` a multiple of 16, ``bias`` None or contiguous [n]."""
     return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16
             and x.device.type == weight.device.type == "cpu" and weight.dim() == 2
             and x.shape[1] == weight.shape[1] and x.shape[1] % K_MULTIPLE == 0
-            and x.stride(1) == 1 and weight.stride(1) == 1)
+            and x.stride(1) == 1 and weight.stride(1) == 1
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.is_contiguous())))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """``x @ weight.T + bias`` in bf16, [rows, n] (bias [n] added in fp32 before rounding), or
     None where the kernel does not apply (see :func:`supports`; no kernel here; out of memory)."""
     lib = library()
-    if lib is None or not supports(x, weight):
-        return None
-    if bias is not None and not (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.is_contiguous()):
+    if lib is None or not supports(x, weight, bias):
         return None
     return _call(lib, x, weight, bias)

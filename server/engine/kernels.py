@@ -47,12 +47,10 @@ def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     ``UPCAST_MIN_ROWS`` rows use ATen's bf16 GEMV."""
     if x.dim() != 2:
         return upcast_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
-    rows = x.shape[0]
-    if rows <= cpu_gemv.MAX_ROWS:
-        y = cpu_gemv.linear(x, weight, bias)
-        if y is not None:
-            return y
-    if rows < UPCAST_MIN_ROWS:
+    y = cpu_gemv.linear(x, weight, bias)  # None beyond cpu_gemv.MAX_ROWS, or without the kernel
+    if y is not None:
+        return y
+    if x.shape[0] < UPCAST_MIN_ROWS:
         return F.linear(x, weight, bias)
     return upcast_blocks(x, weight, bias)
 

@@ -4,6 +4,7 @@ what it does not handle so callers fall back to ATen."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,14 @@ def test_inf_and_nan_propagate():
     w[1, 3], w[2, 5] = float("inf"), float("nan")
     y = cpu_gemv.linear(torch.ones(1, 16, dtype=torch.bfloat16), w)
     assert y[0, 0].item() == 16 and y[0, 1].item() == float("inf") and y[0, 2].isnan() and y[0, 3].item() == 16
+
+
+def test_it_runs_on_torchs_openmp_runtime():
+    """Loading the kernel adds no second OpenMP runtime (two pools would fight for the cores):
+    its ``libgomp.so.1`` resolves to the one torch loaded."""
+    _lib()
+    gomp = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines() if "libgomp" in line}
+    assert len(gomp) == 1, gomp
 
 
 def test_what_it_does_not_handle_is_refused():
