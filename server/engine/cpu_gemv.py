@@ -7,27 +7,20 @@ bf16 GEMM (only the order of the sum differs, so results may differ from ATen's 
 Up to 32 rows it also beats upcasting weight blocks to fp32 for oneDNN (kernels.upcast_blocks),
 which pays for the fp32 copies; beyond, oneDNN's blocking wins (measured crossover 32-64 rows).
 
-It is compiled once per machine with the system C compiler (``$CC``, else ``cc``) into
-``$ADAPTERCTL_KERNEL_CACHE`` (default ``~/.cache/adapterctl/kernels``), named by the digest of
-its source and flags; the file appears by an atomic rename, so concurrent servers never load a
-half-written one. It runs on torch's own OpenMP pool (the ``libgomp.so.1`` torch has loaded).
-A probe against fp32 arithmetic gates it. Where there is no compiler, no AVX2/FMA, or the probe
-fails, :func:`library` is None and callers keep ATen's path.
+It is compiled once per machine (:mod:`cpu_build`) and runs on torch's own OpenMP pool (the
+``libgomp.so.1`` torch has loaded). A probe against fp32 arithmetic gates it. Where there is no
+compiler, no AVX2/FMA, or the probe fails, :func:`library` is None and callers keep ATen's path.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from adapterctl.server.engine import cpu_build
 
 log = logging.getLogger(__name__)
 
@@ -37,49 +30,16 @@ MAX_ROWS = 32  # rows beyond it use the upcast GEMM (kernels.upcast_blocks)
 K_MULTIPLE = 16  # the kernel reads 16 weights at a time
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ADAPTERCTL_KERNEL_CACHE") or Path.home() / ".cache" / "adapterctl" / "kernels")
-
-
-def _cpu_supported() -> bool:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
 def _build() -> Path:
-    """The shared library's path, compiling it first when this source and flags have none yet."""
-    source = SOURCE.read_bytes()
-    cc = os.environ.get("CC") or "cc"
-    digest = hashlib.sha256(source + " ".join((cc, *FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"gemv_bf16-{digest}.so"
-    if target.exists():
-        return target
-    if shutil.which(cc) is None:
-        raise RuntimeError(f"no C compiler {cc!r} on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    """The shared library's path (see :func:`cpu_build.build`)."""
+    return cpu_build.build(SOURCE, FLAGS)
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel after a passing probe, or None (logged once, with why)."""
-    if not _cpu_supported():
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("bf16 GEMV kernel unavailable, using ATen's: %s", exc)
+    lib = cpu_build.load(SOURCE, FLAGS, "bf16 GEMV kernel")
+    if lib is None:
         return None
     long = ctypes.c_long
     ptr = ctypes.c_void_p

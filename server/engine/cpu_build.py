@@ -1,0 +1,70 @@
+"""Compile a C kernel of this package once per machine and hand back the shared library's path.
+
+A library is built with the system C compiler (``$CC``, else ``cc``) into
+``$ADAPTERCTL_KERNEL_CACHE`` (default ``~/.cache/adapterctl/kernels``), named by the digest of
+its source, compiler and flags; it appears by an atomic rename, so concurrent servers never load
+a half-written one. The CPU image builds its kernels at image build time (``deploy/Dockerfile``).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ADAPTERCTL_KERNEL_CACHE") or Path.home() / ".cache" / "adapterctl" / "kernels")
+
+
+def avx2_host() -> bool:
+    """Linux on x86-64 with AVX2 and FMA (what torch's own CPU dispatch found)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def build(source: Path, flags: tuple[str, ...]) -> Path:
+    """The shared library of ``source`` built with ``flags``, compiling it first when this
+    source, compiler and flags have none yet. Raises RuntimeError (no compiler, it failed)."""
+    text = source.read_bytes()
+    cc = os.environ.get("CC") or "cc"
+    digest = hashlib.sha256(text + " ".join((cc, *flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler {cc!r} on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(source: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:
+    """``source`` built (:func:`build`) and loaded, or None, with a warning naming ``what``, where
+    this is no AVX2 x86-64 Linux host, there is no working compiler, or the library does not load."""
+    if not avx2_host():
+        return None
+    try:
+        return ctypes.CDLL(str(build(source, flags)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("%s unavailable, using ATen's: %s", what, exc)
+        return None
