@@ -23,6 +23,6 @@ for pkg, folder in ROOTS.items():
         packages.append(f"{pkg}.{sub}")
         package_dir[f"{pkg}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
-# The chat template, and the C source of the bf16 GEMV (compiled on first use, server/engine/cpu_gemv.py).
+# The chat template, and the C sources of the CPU kernels (compiled on first use, server/engine/cpu_build.py).
 DATA = {"adapterctl": ["templates/*.jinja"], "adapterctl.server.engine": ["*.c"]}
 setup(packages=packages, package_dir=package_dir, package_data=DATA)

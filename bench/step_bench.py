@@ -7,10 +7,13 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 * ``unfused``: HF norm modules, seven GEMMs per layer, the LM head in vocab slices;
 * ``unpacked``: the same step with the weights in their plain layout (``prepack=False``);
 * ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
-  MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV.
+  MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV;
+* ``aten_ops``: the same step with norms and RoPE in ATen ops (``fused_ops=False``), against one
+  C call each (``cpu_fused``).
 
 Prints per row count the median step time of each, ``step_fused_speedup_b<rows>``,
-``step_prepack_speedup_b<rows>`` or ``step_gemm_speedup_b<rows>`` (baseline ÷ engine), whether
+``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>`` or ``step_ops_speedup_b<rows>``
+(baseline ÷ engine), whether
 the logits of every step were bit-identical and their largest difference; the LAST line is one JSON object of those.
 """
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any
 import torch
 
 
-def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm: str = "auto"):
+def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm: str = "auto",
+            fused_ops: bool = True):
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
     runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=4, max_rank=16,
-                         lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack, gemm=gemm)
+                         lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack, gemm=gemm,
+                         fused_ops=fused_ops)
     with torch.inference_mode():
         for i in range(rows):
             runner.kv.alloc_row(256)
@@ -52,13 +57,14 @@ def _step(runner, rows: int, pos: int, whole_head: bool) -> tuple[float, torch.T
 
 
 def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") -> dict[str, Any]:
-    unpacked, torch_gemm = baseline == "unpacked", baseline == "torch"
-    unfused = _runner(base, dtype, rows, unpacked or torch_gemm, prepack=not unpacked,
-                      gemm="torch" if torch_gemm else "auto")
+    unpacked, torch_gemm, aten_ops = baseline == "unpacked", baseline == "torch", baseline == "aten_ops"
+    same_layers = unpacked or torch_gemm or aten_ops  # baselines that keep the engine's fused layers
+    unfused = _runner(base, dtype, rows, same_layers, prepack=not unpacked, gemm="torch" if torch_gemm else "auto",
+                      fused_ops=not aten_ops)
     fused = _runner(base, dtype, rows, True)
     t_old, t_new, identical, diff = [], [], True, 0.0
     for k in range(steps + 3):
-        a, la = _step(unfused, rows, 20 + k, whole_head=unpacked or torch_gemm)
+        a, la = _step(unfused, rows, 20 + k, whole_head=same_layers)
         b, lb = _step(fused, rows, 20 + k, whole_head=True)
         identical &= torch.equal(la, lb)
         diff = max(diff, (la.float() - lb.float()).abs().max().item())
@@ -66,7 +72,7 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
             t_old.append(a)
             t_new.append(b)
     old, new = statistics.median(t_old), statistics.median(t_new)
-    name = {"unpacked": "prepack", "torch": "gemm"}.get(baseline, "fused")
+    name = {"unpacked": "prepack", "torch": "gemm", "aten_ops": "ops"}.get(baseline, "fused")
     return {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
             f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
             f"logits_max_diff_b{rows}": diff}
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
-    parser.add_argument("--baseline", default="unfused", choices=("unfused", "unpacked", "torch"))
+    parser.add_argument("--baseline", default="unfused", choices=("unfused", "unpacked", "torch", "aten_ops"))
     args = parser.parse_args(argv)
     base = base_model()
     out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline}

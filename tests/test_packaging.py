@@ -30,7 +30,7 @@ def test_console_script_runs(tmp_path):
 
 def test_wheel_ships_the_chat_template_and_the_kernel_source(tmp_path):
     """A non-editable install (the Docker image's ``pip install /src``) keeps the package data:
-    Gemma's chat template and the C source that cpu_gemv compiles."""
+    Gemma's chat template and the C sources that cpu_gemv and cpu_fused compile."""
     import shutil
     import zipfile
     from pathlib import Path
@@ -46,5 +46,5 @@ def test_wheel_ships_the_chat_template_and_the_kernel_source(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("adapterctl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "adapterctl/server/engine/gemv_bf16.c" in names
+    assert {"adapterctl/server/engine/gemv_bf16.c", "adapterctl/server/engine/cpu_fused.c"} <= set(names)
     assert any(n.startswith("adapterctl/templates/") and n.endswith(".jinja") for n in names)

@@ -11,6 +11,10 @@ cast; Llama/Qwen: cast ``x_hat`` first, then ``* w``), so the effective weight i
 guessed: :func:`fuse_norms` tries candidates and keeps a module only when the fused call
 reproduces its output **bitwise** on probes of the model's dtype and width. Otherwise the
 module is left as it is, so a family this does not know costs speed, never accuracy.
+
+On bf16 CPU rows, a Gemma-order norm runs as one C call (:mod:`cpu_fused`, where it loads;
+``c_kernel=False`` keeps ATen's): ATen's ``F.rms_norm`` is itself ~8 ops there. That kernel
+sums the squares exactly, so it may differ from the module by one bf16 ulp, rarely.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adapterctl.server.engine import cpu_fused
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +40,15 @@ class FusedRMSNorm(nn.Module):
         self.shape = (weight.shape[0],)
         self.eps = eps
         self.cast_first = cast_first
+        self.c_kernel = False  # bf16 rows through cpu_fused.rms_norm (set by fuse_norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cast_first:  # Llama order: normalise, cast, then scale in x's dtype
             return F.rms_norm(x, self.shape, None, self.eps) * self.scale
+        if self.c_kernel:
+            y = cpu_fused.rms_norm(x, self.scale, self.eps)  # None: not bf16 CPU rows it takes
+            if y is not None:
+                return y
         # Gemma order: everything in fp32, cast at the end (fp32 in and weight: the fused kernel)
         return F.rms_norm(x.float(), self.shape, self.scale, self.eps).to(x.dtype)
 
@@ -71,9 +82,11 @@ def fused_equivalent(norm: nn.Module) -> FusedRMSNorm | None:
     return None
 
 
-def fuse_norms(model: nn.Module) -> tuple[int, int]:
+def fuse_norms(model: nn.Module, c_kernel: bool = True) -> tuple[int, int]:
     """Replace, in place, every ``*RMSNorm`` submodule of ``model`` that has a bitwise fused
-    equivalent; returns ``(fused, left as they are)``."""
+    equivalent (bf16 Gemma-order ones then through the C kernel, if ``c_kernel`` and it loads);
+    returns ``(fused, left as they are)``."""
+    c_kernel = c_kernel and cpu_fused.library() is not None
     fused = kept = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -83,6 +96,7 @@ def fuse_norms(model: nn.Module) -> tuple[int, int]:
             if replacement is None:
                 kept += 1
                 continue
+            replacement.c_kernel = c_kernel and not replacement.cast_first and child.weight.dtype == torch.bfloat16
             setattr(parent, name, replacement)
             fused += 1
     if kept:

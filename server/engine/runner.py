@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterctl.errors import FailedPrecondition
-from adapterctl.server.engine import kernels, pages
+from adapterctl.server.engine import cpu_fused, kernels, pages
 from adapterctl.server.engine.batch import LoraBatch, use_batch
 from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.kernels import pick_gemm
@@ -44,18 +44,13 @@ class Chunk:
     sample: bool  # return logits for the last token
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class ModelRunner:
     """Wraps ``model`` (an HF ``*ForCausalLM``) in place: its target linears become
     :class:`LoraLinear` backed by ``self.bank``; ``forward`` reads and writes ``self.kv``."""
 
     def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
                  lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto", fuse: bool = True,
-                 prepack: bool = True) -> None:
+                 prepack: bool = True, fused_ops: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", "?")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -69,7 +64,9 @@ class ModelRunner:
         self.layers = list(self.inner.layers)
         # (fused, kept): one op per norm where that is bitwise the same; ``fuse=False`` keeps the
         # HF modules and unpacked projections (the baseline of bench/step_bench.py)
-        self.fused_norms = fuse_norms(model) if fuse else (0, 0)
+        self.fused_norms = fuse_norms(model, c_kernel=fused_ops) if fuse else (0, 0)
+        # norms (above) and RoPE as one C call each on CPU (cpu_fused); False: ATen's ops
+        self.fused_ops = fused_ops and fuse
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -179,9 +176,7 @@ class ModelRunner:
         v = v.view(n_tok, self.kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = rope
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = self._rotate(q, *rope), self._rotate(k, *rope)
         kc, vc = self.kv.k[i], self.kv.v[i]
         kc[rows, :, pos] = k
         vc[rows, :, pos] = v
@@ -192,6 +187,15 @@ class ModelRunner:
             return h + layer.post_feedforward_layernorm(self.mlp(i, layer.pre_feedforward_layernorm(h)))
         h = h + a
         return h + self.mlp(i, layer.post_attention_layernorm(h))
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE of ``x`` [N, heads, D] with ``cos``/``sin`` [N, 1, D]: the C kernel where it
+        applies (bitwise the same), else HF's formula in ATen ops."""
+        if self.fused_ops:
+            y = cpu_fused.rope(x, cos, sin)
+            if y is not None:
+                return y
+        return cpu_fused.reference_rope(x, cos, sin)
 
     def mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Layer ``i``'s gated MLP, ``down(act(gate(x)) * up(x))``, on ``x`` [N, hidden]."""

@@ -58,14 +58,14 @@ def test_entrypoint_is_serve_with_real_flags(path, serve_settings):
     assert env["ADAPTERCTL_HOME"] == "/var/lib/adapterctl"
 
 
-def test_cpu_image_ships_the_bf16_gemv_prebuilt():
-    """The runtime image has no compiler: the kernel is built into the cache the server reads."""
+def test_cpu_image_ships_the_c_kernels_prebuilt():
+    """The runtime image has no compiler: the kernels are built into the cache the server reads."""
     parsed = instructions("deploy/Dockerfile")
     env = dict(zip(*[iter(next(i for i in parsed if i.cmd == "ENV").value)] * 2))
     run = " ".join(" ".join(i.value) for i in parsed if i.cmd == "RUN")
     assert env["ADAPTERCTL_KERNEL_CACHE"].startswith("/opt/")  # not the volume, not writable at run time
-    assert "cpu_gemv._build()" in run and run.index("pip install /src") < run.index("cpu_gemv._build()")
-    assert run.index("cpu_gemv._build()") < run.index("apt-get purge")
+    for build in ("cpu_gemv._build()", "cpu_fused._build()"):
+        assert build in run and run.index("pip install /src") < run.index(build) < run.index("apt-get purge")
 
 
 def test_gpu_image_starts_from_a_cuda_pytorch_base():

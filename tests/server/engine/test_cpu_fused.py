@@ -1,0 +1,121 @@
+"""The C norm and RoPE kernels (server/engine/cpu_fused.c through cpu_fused.py): RoPE bitwise
+HF's formula in bf16 and fp32, the bf16 Gemma norm within one bf16 ulp of the model's module,
+refused (None) for what they do not take, and used by the runner only where they apply: an
+fp32 step is bit-identical with and without them."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from adapterctl.server.engine import cpu_build, cpu_fused
+from adapterctl.server.engine.norms import FusedRMSNorm, fuse_norms
+
+BUILDS_HERE = cpu_build.avx2_host() and shutil.which("cc") is not None
+needs_kernel = pytest.mark.skipif(not BUILDS_HERE, reason="needs a C compiler and an AVX2 x86-64 CPU")
+
+
+def test_kernels_load_where_they_can_be_built():
+    assert (cpu_fused.library() is not None) == BUILDS_HERE
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rope_is_bitwise_hf_formula(dtype):
+    g = torch.Generator().manual_seed(3)
+    for n, heads, kv_heads, d in [(1, 4, 1, 256), (3, 8, 2, 64), (16, 4, 0, 128)]:
+        qkv = (torch.randn(n, (heads + 2 * kv_heads) * d, generator=g) * 5).to(dtype)
+        q = qkv[:, : heads * d].view(n, heads, d)  # strided, as the engine slices a packed q/k/v
+        ang = torch.randn(n, 1, d, generator=g) * 100
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        got = cpu_fused.rope(q, cos, sin)
+        assert got is not None and got.is_contiguous()
+        want = q * cos + torch.cat((-q[..., d // 2:], q[..., : d // 2]), dim=-1) * sin  # HF's rotate_half
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _gemma_norm(dim: int, dtype: torch.dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    norm = Gemma3RMSNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(5)) * 0.5)
+    return norm.to(dtype)
+
+
+@needs_kernel
+def test_bf16_norm_is_the_gemma_module_to_one_ulp():
+    norm = _gemma_norm(640, torch.bfloat16)
+    scale = 1.0 + norm.weight.float()
+    g = torch.Generator().manual_seed(9)
+    differ = total = 0
+    for shape, magnitude in [((1, 640), 1.0), ((7, 640), 40.0), ((2, 3, 640), 1e-2), ((64, 640), 3.0)]:
+        x = (torch.randn(shape, generator=g) * magnitude).bfloat16()
+        got, want = cpu_fused.rms_norm(x, scale, 1e-6), norm(x)
+        assert got is not None and got.dtype == torch.bfloat16 and got.shape == x.shape
+        assert torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=0.0)  # one bf16 ulp
+        differ += int((got != want).sum())
+        total += want.numel()
+    print(f"bf16 norm elements differing from the module by one ulp: {differ} of {total}")
+    assert differ <= total // 1000
+
+
+@needs_kernel
+def test_what_the_kernels_do_not_take_is_refused():
+    scale = torch.ones(64)
+    assert cpu_fused.rms_norm(torch.randn(2, 64), scale, 1e-6) is None  # fp32 rows keep ATen's norm
+    assert cpu_fused.rms_norm(torch.randn(2, 64).bfloat16(), scale.bfloat16(), 1e-6) is None  # bf16 scale
+    assert cpu_fused.rms_norm(torch.randn(cpu_fused.MAX_ROWS + 1, 64).bfloat16(), scale, 1e-6) is None
+    assert cpu_fused.rms_norm(torch.randn(64, 2).bfloat16().T, scale, 1e-6) is None  # column-strided
+    x = torch.randn(2, 4, 64)
+    cos = torch.randn(2, 1, 64)
+    assert cpu_fused.rope(x, cos.bfloat16(), cos.bfloat16()) is None  # dtypes differ
+    assert cpu_fused.rope(x, cos[:1], cos[:1]) is None  # cos for another token count
+    assert cpu_fused.rope(torch.randn(cpu_fused.MAX_ROWS + 1, 1, 64), cos[:1].expand(65, 1, 64), cos[:1]) is None
+    assert cpu_fused.rope(x.double(), cos.double(), cos.double()) is None
+
+
+@needs_kernel
+def test_fuse_norms_routes_only_bf16_gemma_norms_to_the_kernel():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    for dtype, want in [(torch.bfloat16, True), (torch.float32, False)]:
+        llama = LlamaRMSNorm(64)
+        with torch.no_grad():
+            llama.weight.copy_(torch.randn(64) * 0.5)  # unit weights would make both orders one
+        model = torch.nn.Sequential(_gemma_norm(64, dtype), llama.to(dtype))
+        assert fuse_norms(model) == (2, 0)
+        assert isinstance(model[0], FusedRMSNorm) and model[0].c_kernel is want
+        assert model[1].c_kernel is False  # Llama order: cast before the scale
+        model = torch.nn.Sequential(_gemma_norm(64, dtype))
+        fuse_norms(model, c_kernel=False)
+        assert model[0].c_kernel is False
+
+
+@needs_kernel
+def test_fp32_step_is_bit_identical_with_and_without_the_kernels(tiny_base):
+    """A tiny Gemma 3's decode step: the kernels change no bit in fp32 (RoPE bitwise, norms
+    left to ATen), and in bf16 the logits stay within bf16 rounding of ATen's ops."""
+    from adapterctl.basemodel import load_model
+    from adapterctl.server.engine.runner import Chunk, ModelRunner
+
+    def logits(dtype: str, fused_ops: bool) -> torch.Tensor:
+        runner = ModelRunner(load_model(tiny_base, "cpu", dtype), max_rows=2, max_positions=64, num_slots=2, max_rank=4,
+                             lora_modules=("q_proj", "v_proj"), fused_ops=fused_ops)
+        out = []
+        with torch.inference_mode():
+            rows = [runner.kv.alloc_row(32) for _ in range(2)]
+            chunks = [Chunk(rows[0], 0, [2, 5, 9, 11, 4], 0, True), Chunk(rows[1], 0, [2, 7], 0, True)]
+            for step in range(3):
+                fwd = runner.start(chunks)
+                while fwd.step():
+                    pass
+                out.append(fwd.logits.float())
+                chunks = [Chunk(c.row, c.start_pos + len(c.tokens), [int(fwd.logits[j].argmax())], 0, True)
+                          for j, c in enumerate(chunks)]
+        return torch.cat(out)
+
+    assert torch.equal(logits("float32", True), logits("float32", False))
+    fast, aten = logits("bfloat16", True), logits("bfloat16", False)
+    assert torch.allclose(fast, aten, rtol=0.05, atol=0.05)
