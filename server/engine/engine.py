@@ -109,7 +109,8 @@ class BatchingEngine:
         max_len = cfg.max_prompt_tokens + cfg.max_new_tokens_limit
         self.runner = ModelRunner(model, max_rows=cfg.max_running_requests, max_positions=max_len,
                                   num_slots=cfg.max_adapters, max_rank=cfg.max_lora_rank, lora_modules=cfg.lora_modules,
-                                  backend=cfg.lora_backend, gemm=cfg.cpu_gemm, prepack=cfg.cpu_prepack)
+                                  backend=cfg.lora_backend, gemm=cfg.cpu_gemm, prepack=cfg.cpu_prepack,
+                                  greedy_head=cfg.cpu_greedy_head)
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
         self.slots = DeviceSlots(self.runner.bank, self.observer)
         self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)
@@ -266,7 +267,8 @@ class BatchingEngine:
         prefill policy says (:mod:`.prefill`); returns (the plan it ended with, logits).
         At most ``budget`` prompt tokens go to newcomers. Rows of a paused forward never
         move: sequences finishing meanwhile go to ``held`` instead of being released."""
-        fwd = self.runner.start([c for _, c in plan])
+        full = self.logits_hook is not None  # the hook sees every logit
+        fwd = self.runner.start([c for _, c in plan], full_logits=full)
         policy = self.scheduler.policy
         decoding = all(len(c.tokens) == 1 for _, c in plan)
         outside = bool(self._prefill_outside(plan))  # recomputed only after serving newcomers
@@ -285,7 +287,7 @@ class BatchingEngine:
             else:  # JOIN
                 extra = self._admit_prefills(plan, budget)
                 if extra:
-                    joining = self.runner.start([c for _, c in extra])
+                    joining = self.runner.start([c for _, c in extra], full_logits=full)
                     joining.run_layers()
                     fwd.join(joining)
                     plan = plan + extra

@@ -21,6 +21,7 @@ from adapterctl.errors import FailedPrecondition
 from adapterctl.server.engine import cpu_fused, kernels, pages
 from adapterctl.server.engine.batch import LoraBatch, use_batch
 from adapterctl.server.engine.config import LORA_MODULE_TYPES
+from adapterctl.server.engine.greedy_head import GreedyHead
 from adapterctl.server.engine.kernels import pick_gemm
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.lora import LoraLinear, make_backend
@@ -42,6 +43,7 @@ class Chunk:
     tokens: list[int]  # [n] token ids
     slot: int  # LoRA slot, 0 = base model
     sample: bool  # return logits for the last token
+    greedy: bool = False  # only the argmax of those logits is read (greedy, no logprobs, no grammar)
 
 
 class ModelRunner:
@@ -50,7 +52,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
                  lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto", fuse: bool = True,
-                 prepack: bool = True, fused_ops: bool = True) -> None:
+                 prepack: bool = True, fused_ops: bool = True, greedy_head: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", "?")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -97,6 +99,10 @@ class ModelRunner:
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
                           self.dtype, self.device)
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        # greedy rows' tokens from an int8 copy of the LM head, or None (greedy_head.GreedyHead.build)
+        head = self.model.lm_head
+        self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) \
+            if greedy_head and self.head_parts is None else None
 
     @staticmethod
     def _window(attn: nn.Module, model_type: str) -> int | None:
@@ -146,10 +152,11 @@ class ModelRunner:
         return PackedLinear(parts, self.gemm, prepack) if PackedLinear.can_pack(parts) else None
 
     # ---- forward (the public seams Forward drives) ----------------------------------------
-    def start(self, chunks: list[Chunk]) -> "Forward":
+    def start(self, chunks: list[Chunk], full_logits: bool = False) -> "Forward":
         """A forward over ``chunks`` (ordered so equal slots are adjacent) to advance piece
-        by piece (see :class:`Forward`); it writes the chunks' K/V at their positions."""
-        return Forward(self, chunks)
+        by piece (see :class:`Forward`); it writes the chunks' K/V at their positions.
+        ``full_logits``: every logit of every sampled row, even of greedy chunks."""
+        return Forward(self, chunks, full_logits)
 
     def rope(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Layer type -> (cos, sin) ``[N, 1, head_dim]`` for the token positions ``pos`` [N]."""
@@ -216,8 +223,10 @@ class Forward:
     head_chunk = 32768  # LM-head rows per piece, while newcomers may be waiting
 
     @torch.inference_mode()
-    def __init__(self, runner: ModelRunner, chunks: list[Chunk]) -> None:
+    def __init__(self, runner: ModelRunner, chunks: list[Chunk], full_logits: bool = False) -> None:
         self.r, self.chunks = runner, chunks
+        # every sampled row is argmax-only: the greedy head may fill logits (-inf but candidates)
+        self.greedy = not full_logits and all(c.greedy for c in chunks if c.sample)
         dev = runner.device
         ids: list[int] = []
         positions: list[int] = []
@@ -268,6 +277,11 @@ class Forward:
             return self.hs.shape[0] > 0
         head = r.model.lm_head
         vocab = head.weight.shape[0]
+        if self.head_at == 0 and self.greedy and r.greedy_head is not None and r.greedy_head.takes(len(self.hs)):
+            sparse = r.greedy_head.logits(self.hs)  # None: a row it cannot bound, so the full head
+            if sparse is not None:
+                self.logits, self.head_at = sparse, vocab
+                return False
         lo = self.head_at
         hi = vocab if whole_head else min(lo + self.head_chunk, vocab)
         bias = None if head.bias is None else head.bias[lo:hi]
@@ -299,6 +313,7 @@ class Forward:
         if not self.in_layers or other.hs is None:
             raise RuntimeError("join needs this forward before its final norm and the other after it")
         self.joined.append(other)
+        self.greedy = self.greedy and other.greedy
 
     @torch.inference_mode()
     def _final_norm(self) -> None:

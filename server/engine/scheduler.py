@@ -73,8 +73,14 @@ class Sequence:
         """The next tokens to feed (prompt chunk of at most ``budget``, or the last output)."""
         if self.in_prefill:
             end = min(len(self.prompt), self.computed + budget)
-            return Chunk(self.row, self.computed, self.prompt[self.computed: end], self.slot, end == len(self.prompt))
-        return Chunk(self.row, self.computed, [self.output[-1]], self.slot, True)
+            last = end == len(self.prompt)
+            return Chunk(self.row, self.computed, self.prompt[self.computed: end], self.slot, last, self.argmax_only)
+        return Chunk(self.row, self.computed, [self.output[-1]], self.slot, True, self.argmax_only)
+
+    @property
+    def argmax_only(self) -> bool:
+        """Only the argmax of this sequence's logits is read: greedy, no logprobs, no grammar."""
+        return self.params.temperature == 0 and not self.params.logprobs and self.constraint is None
 
 
 class Scheduler:
