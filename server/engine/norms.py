@@ -12,9 +12,9 @@ guessed: :func:`fuse_norms` tries candidates and keeps a module only when the fu
 reproduces its output **bitwise** on probes of the model's dtype and width. Otherwise the
 module is left as it is, so a family this does not know costs speed, never accuracy.
 
-On bf16 CPU rows, a Gemma-order norm runs as one C call (:mod:`cpu_fused`, where it loads;
-``c_kernel=False`` keeps ATen's): ATen's ``F.rms_norm`` is itself ~8 ops there. That kernel
-sums the squares exactly, so it may differ from the module by one bf16 ulp, rarely.
+On CPU, a Gemma-order norm (bf16 or fp32) then runs as one C call (:mod:`cpu_fused`, where it
+loads; ``c_kernel=False`` keeps ATen's): ATen's ``F.rms_norm`` is itself ~8 ops there. The
+kernel is bitwise ATen's (it adds the squares in the order of ATen's sum kernel).
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ from adapterctl.server.engine import cpu_fused
 
 log = logging.getLogger(__name__)
 
+CPU_DTYPES = (torch.bfloat16, torch.float32)  # what cpu_fused.rms_norm takes
+
 
 class FusedRMSNorm(nn.Module):
     """``F.rms_norm(x, [dim], weight, eps)`` cast to ``x``'s dtype; ``x`` is ``[..., dim]``.
@@ -40,13 +42,13 @@ class FusedRMSNorm(nn.Module):
         self.shape = (weight.shape[0],)
         self.eps = eps
         self.cast_first = cast_first
-        self.c_kernel = False  # bf16 rows through cpu_fused.rms_norm (set by fuse_norms)
+        self.c_kernel = False  # CPU rows through cpu_fused.rms_norm (set by fuse_norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cast_first:  # Llama order: normalise, cast, then scale in x's dtype
             return F.rms_norm(x, self.shape, None, self.eps) * self.scale
         if self.c_kernel:
-            y = cpu_fused.rms_norm(x, self.scale, self.eps)  # None: not bf16 CPU rows it takes
+            y = cpu_fused.rms_norm(x, self.scale, self.eps)  # None: not CPU rows it takes
             if y is not None:
                 return y
         # Gemma order: everything in fp32, cast at the end (fp32 in and weight: the fused kernel)
@@ -84,7 +86,7 @@ def fused_equivalent(norm: nn.Module) -> FusedRMSNorm | None:
 
 def fuse_norms(model: nn.Module, c_kernel: bool = True) -> tuple[int, int]:
     """Replace, in place, every ``*RMSNorm`` submodule of ``model`` that has a bitwise fused
-    equivalent (bf16 Gemma-order ones then through the C kernel, if ``c_kernel`` and it loads);
+    equivalent (Gemma-order ones then through the C kernel, if ``c_kernel`` and it loads);
     returns ``(fused, left as they are)``."""
     c_kernel = c_kernel and cpu_fused.library() is not None
     fused = kept = 0
@@ -96,7 +98,7 @@ def fuse_norms(model: nn.Module, c_kernel: bool = True) -> tuple[int, int]:
             if replacement is None:
                 kept += 1
                 continue
-            replacement.c_kernel = c_kernel and not replacement.cast_first and child.weight.dtype == torch.bfloat16
+            replacement.c_kernel = c_kernel and not replacement.cast_first and child.weight.dtype in CPU_DTYPES
             setattr(parent, name, replacement)
             fused += 1
     if kept:

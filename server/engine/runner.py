@@ -67,7 +67,7 @@ class ModelRunner:
         # (fused, kept): one op per norm where that is bitwise the same; ``fuse=False`` keeps the
         # HF modules and unpacked projections (the baseline of bench/step_bench.py)
         self.fused_norms = fuse_norms(model, c_kernel=fused_ops) if fuse else (0, 0)
-        # norms (above) and RoPE as one C call each on CPU (cpu_fused); False: ATen's ops
+        # norms (above) and RoPE as one bitwise C call each on CPU (cpu_fused); False: ATen's ops
         self.fused_ops = fused_ops and fuse
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
