@@ -13,7 +13,7 @@ rounding of the weights to int8 (measured per row at load), both fp32 sums and t
 rounding. The true maximum ``t`` has ``A_t + d_t >= L_t >= L_u >= A_u - d_u`` for every ``u``,
 so it is among the candidates ``{v : A_v + d_v >= max_u (A_u - d_u)}``, and so is every row tied
 with it; the candidates get their exact logits and every other entry -inf, so ``argmax`` (first
-maximum) picks what it picks on the full row. On Gemma 3 270M a row keeps 3-40 candidates.
+maximum) picks what it picks on the full row. On Gemma 3 270M a row keeps 3-45 candidates.
 
 Only for rows whose sole consumer is ``argmax`` (greedy, no logprobs, no grammar mask): their
 logits row is not a distribution.
