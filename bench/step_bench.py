@@ -9,10 +9,14 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 * ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
   MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV;
 * ``aten_ops``: the same step with norms and RoPE in ATen ops (``fused_ops=False``), against one
-  C call each (``cpu_fused``).
+  C call each (``cpu_fused``);
+* ``full_head``: greedy rows through the whole LM head, against the int8 greedy head
+  (``greedy_head``, bf16 on CPU); checks the same argmax and bitwise logits at the candidates,
+  and prints the most candidates a row kept.
 
 Prints per row count the median step time of each, ``step_fused_speedup_b<rows>``,
-``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>`` or ``step_ops_speedup_b<rows>``
+``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>``, ``step_ops_speedup_b<rows>`` or
+``step_head_speedup_b<rows>``
 (baseline ÷ engine), whether
 the logits of every step were bit-identical and their largest difference; the LAST line is one JSON object of those.
 """
@@ -45,12 +49,12 @@ def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm:
     return runner
 
 
-def _step(runner, rows: int, pos: int, whole_head: bool) -> tuple[float, torch.Tensor]:
+def _step(runner, rows: int, pos: int, whole_head: bool, argmax_only: bool = False) -> tuple[float, torch.Tensor]:
     from adapterctl.server.engine.runner import Chunk
 
     began = time.perf_counter()
     with torch.inference_mode():
-        fwd = runner.start([Chunk(i, pos, [3000 + pos + i], 0, True) for i in range(rows)])
+        fwd = runner.start([Chunk(i, pos, [3000 + pos + i], 0, True, argmax_only) for i in range(rows)])
         while fwd.step(whole_head=whole_head):
             pass
     return time.perf_counter() - began, fwd.logits
@@ -58,24 +62,35 @@ def _step(runner, rows: int, pos: int, whole_head: bool) -> tuple[float, torch.T
 
 def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") -> dict[str, Any]:
     unpacked, torch_gemm, aten_ops = baseline == "unpacked", baseline == "torch", baseline == "aten_ops"
-    same_layers = unpacked or torch_gemm or aten_ops  # baselines that keep the engine's fused layers
+    full_head = baseline == "full_head"
+    same_layers = unpacked or torch_gemm or aten_ops or full_head  # baselines that keep the engine's fused layers
     unfused = _runner(base, dtype, rows, same_layers, prepack=not unpacked, gemm="torch" if torch_gemm else "auto",
                       fused_ops=not aten_ops)
     fused = _runner(base, dtype, rows, True)
-    t_old, t_new, identical, diff = [], [], True, 0.0
+    if full_head and fused.greedy_head is None:
+        raise SystemExit("--baseline full_head needs the greedy head: bf16 on an AVX2 CPU with a C compiler")
+    t_old, t_new, identical, diff, kept = [], [], True, 0.0, 0
     for k in range(steps + 3):
         a, la = _step(unfused, rows, 20 + k, whole_head=same_layers)
-        b, lb = _step(fused, rows, 20 + k, whole_head=True)
-        identical &= torch.equal(la, lb)
-        diff = max(diff, (la.float() - lb.float()).abs().max().item())
+        b, lb = _step(fused, rows, 20 + k, whole_head=True, argmax_only=full_head)
+        if full_head:  # lb is -inf outside each row's candidates
+            at = torch.isfinite(lb)
+            identical &= torch.equal(la.argmax(-1), lb.argmax(-1)) and torch.equal(la[at], lb[at])
+            kept = max(kept, int(at.sum(-1).max()))
+        else:
+            identical &= torch.equal(la, lb)
+            diff = max(diff, (la.float() - lb.float()).abs().max().item())
         if k >= 3:  # warm-up steps not counted
             t_old.append(a)
             t_new.append(b)
     old, new = statistics.median(t_old), statistics.median(t_new)
-    name = {"unpacked": "prepack", "torch": "gemm", "aten_ops": "ops"}.get(baseline, "fused")
-    return {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
-            f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
-            f"logits_max_diff_b{rows}": diff}
+    name = {"unpacked": "prepack", "torch": "gemm", "aten_ops": "ops", "full_head": "head"}.get(baseline, "fused")
+    out = {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
+           f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
+           f"logits_max_diff_b{rows}": diff}
+    if full_head:
+        out[f"greedy_candidates_max_b{rows}"] = kept
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
-    parser.add_argument("--baseline", default="unfused", choices=("unfused", "unpacked", "torch", "aten_ops"))
+    parser.add_argument("--baseline", default="unfused",
+                        choices=("unfused", "unpacked", "torch", "aten_ops", "full_head"))
     args = parser.parse_args(argv)
     base = base_model()
     out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline}

@@ -107,47 +107,26 @@ NORM(rms_norm_bf16, uint16_t, from_bf16, to_bf16, ssq_bf16)
 NORM(rms_norm_f32, float, from_f32, to_f32, ssq_f32)
 
 /* Rotary embedding, y = x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) over
-   the last dimension's halves; each product and the sum round as ATen's elementwise ops do (in
-   bf16: computed in fp32, rounded to bf16 after every op), so results are bitwise ATen's.
-   x: [n, heads, d] with strides (sn, sh, 1); cos, sin: [n, d] with row stride sc (shared by the
-   heads); y: contiguous [n, heads, d]. d is even. */
-void rope_bf16(const uint16_t *x, long sn, long sh, const uint16_t *cos, const uint16_t *sin, long sc,
-               long n, long heads, long d, uint16_t *y) {
-    long half = d / 2;
-    for (long t = 0; t < n; t++)
-        for (long h = 0; h < heads; h++) {
-            const uint16_t *xr = x + t * sn + h * sh;
-            const uint16_t *c = cos + t * sc, *s = sin + t * sc;
-            uint16_t *yr = y + (t * heads + h) * d;
-            for (long i = 0; i < half; i++) {
-                float a = from_bf16(to_bf16(from_bf16(xr[i]) * from_bf16(c[i])));
-                float b = from_bf16(to_bf16(-from_bf16(xr[i + half]) * from_bf16(s[i])));
-                yr[i] = to_bf16(a + b);
-            }
-            for (long i = half; i < d; i++) {
-                float a = from_bf16(to_bf16(from_bf16(xr[i]) * from_bf16(c[i])));
-                float b = from_bf16(to_bf16(from_bf16(xr[i - half]) * from_bf16(s[i])));
-                yr[i] = to_bf16(a + b);
-            }
-        }
+   the last dimension's halves; each product and the sum round to T as ATen's elementwise ops do
+   (bf16: computed in fp32, rounded to bf16 after every op; fp32: IEEE fp32 ops), so results are
+   bitwise ATen's. x: [n, heads, d] with strides (sn, sh, 1); cos, sin: [n, d] with row stride
+   sc (shared by the heads); y: contiguous [n, heads, d]. d is even. */
+#define ROUND(LOAD, STORE, v) LOAD(STORE(v))
+#define ROPE(NAME, T, LOAD, STORE)                                                                 \
+void NAME(const T *x, long sn, long sh, const T *cos, const T *sin, long sc, long n, long heads, long d, \
+          T *y) {                                                                                  \
+    long half = d / 2;                                                                             \
+    for (long t = 0; t < n; t++)                                                                   \
+        for (long h = 0; h < heads; h++) {                                                         \
+            const T *xr = x + t * sn + h * sh, *c = cos + t * sc, *s = sin + t * sc;               \
+            T *yr = y + (t * heads + h) * d;                                                       \
+            for (long i = 0; i < d; i++) {                                                         \
+                float rot = i < half ? -LOAD(xr[i + half]) : LOAD(xr[i - half]);                   \
+                float a = ROUND(LOAD, STORE, LOAD(xr[i]) * LOAD(c[i]));                            \
+                float b = ROUND(LOAD, STORE, rot * LOAD(s[i]));                                    \
+                yr[i] = STORE(a + b);                                                              \
+            }                                                                                      \
+        }                                                                                          \
 }
-
-/* rope_bf16 in fp32 (every op rounds in fp32, as ATen's fp32 ops do). */
-void rope_f32(const float *x, long sn, long sh, const float *cos, const float *sin, long sc,
-              long n, long heads, long d, float *y) {
-    long half = d / 2;
-    for (long t = 0; t < n; t++)
-        for (long h = 0; h < heads; h++) {
-            const float *xr = x + t * sn + h * sh;
-            const float *c = cos + t * sc, *s = sin + t * sc;
-            float *yr = y + (t * heads + h) * d;
-            for (long i = 0; i < half; i++) {
-                float a = xr[i] * c[i], b = -xr[i + half] * s[i];
-                yr[i] = a + b;
-            }
-            for (long i = half; i < d; i++) {
-                float a = xr[i] * c[i], b = xr[i - half] * s[i];
-                yr[i] = a + b;
-            }
-        }
-}
+ROPE(rope_bf16, uint16_t, from_bf16, to_bf16)
+ROPE(rope_f32, float, from_f32, to_f32)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_fused.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC")
 MAX_ROWS = 64  # rows (tokens x heads) per call; beyond, ATen's threaded ops
+DTYPES = (torch.bfloat16, torch.float32)  # what the norm and the rotation take
 
 
 def _build() -> Path:
@@ -114,8 +115,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor |
     """:func:`reference_norm`, bitwise, for CPU ``x`` [n, d] or [n, heads, d] (bf16 or fp32, unit
     last stride, n * heads <= MAX_ROWS) and a contiguous fp32 ``scale`` [d]; else None."""
     lib = library()
-    if lib is None or x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu" \
-            or scale.dtype != torch.float32:
+    if lib is None or x.dtype not in DTYPES or x.device.type != "cpu" or scale.dtype != torch.float32:
         return None
     shape = _rows(x)
     if shape is None or shape[0] * shape[1] > MAX_ROWS or not scale.is_contiguous():
@@ -127,7 +127,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     """:func:`reference_rope`, bitwise, for CPU ``x`` [n, heads, d] (bf16 or fp32, unit last
     stride, n * heads <= MAX_ROWS) and ``cos``/``sin`` [n, 1, d] of its dtype; else None."""
     lib = library()
-    if lib is None or x.dim() != 3 or x.dtype not in (torch.bfloat16, torch.float32) or x.device.type != "cpu":
+    if lib is None or x.dim() != 3 or x.dtype not in DTYPES or x.device.type != "cpu":
         return None
     shape = _rows(x)
     if shape is None or shape[0] * shape[1] > MAX_ROWS or cos.dtype != x.dtype or sin.dtype != x.dtype:

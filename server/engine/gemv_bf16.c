@@ -1,8 +1,8 @@
 /* bf16 GEMV for x86 CPUs with AVX2 + FMA but no bf16 arithmetic (built and loaded by cpu_gemv.py).
 
    y[r, n] = bf16(sum_k x[r, k] * w[n, k]) for a few rows of x (1-32 in cpu_gemv.py): every
-   product of two bf16 values is exact in fp32 and the sum accumulates in fp32, then rounds to nearest even, as a native bf16
-   GEMM does; only the order of the sum differs. Each weight row is read once per group of up to
+   product of two bf16 values is exact in fp32 and the sum accumulates in fp32, then rounds to
+   nearest even, as a native bf16 GEMM does; only the order of the sum differs. Each weight row is read once per group of up to
    four x rows, so a step streams the weights near the memory bandwidth instead of ATen's ~4 GB/s
    per core (its bf16 GEMV converts element by element).
 

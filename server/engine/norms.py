@@ -28,8 +28,6 @@ from adapterctl.server.engine import cpu_fused
 
 log = logging.getLogger(__name__)
 
-CPU_DTYPES = (torch.bfloat16, torch.float32)  # what cpu_fused.rms_norm takes
-
 
 class FusedRMSNorm(nn.Module):
     """``F.rms_norm(x, [dim], weight, eps)`` cast to ``x``'s dtype; ``x`` is ``[..., dim]``.
@@ -98,7 +96,7 @@ def fuse_norms(model: nn.Module, c_kernel: bool = True) -> tuple[int, int]:
             if replacement is None:
                 kept += 1
                 continue
-            replacement.c_kernel = c_kernel and not replacement.cast_first and child.weight.dtype in CPU_DTYPES
+            replacement.c_kernel = c_kernel and not replacement.cast_first and child.weight.dtype in cpu_fused.DTYPES
             setattr(parent, name, replacement)
             fused += 1
     if kept:

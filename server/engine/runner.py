@@ -43,7 +43,7 @@ class Chunk:
     tokens: list[int]  # [n] token ids
     slot: int  # LoRA slot, 0 = base model
     sample: bool  # return logits for the last token
-    greedy: bool = False  # only the argmax of those logits is read (greedy, no logprobs, no grammar)
+    argmax_only: bool = False  # only the argmax of those logits is read (greedy, no logprobs, no grammar)
 
 
 class ModelRunner:
@@ -101,8 +101,7 @@ class ModelRunner:
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
         # greedy rows' tokens from an int8 copy of the LM head, or None (greedy_head.GreedyHead.build)
         head = self.model.lm_head
-        self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) \
-            if greedy_head and self.head_parts is None else None
+        self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) if greedy_head else None
 
     @staticmethod
     def _window(attn: nn.Module, model_type: str) -> int | None:
@@ -226,7 +225,7 @@ class Forward:
     def __init__(self, runner: ModelRunner, chunks: list[Chunk], full_logits: bool = False) -> None:
         self.r, self.chunks = runner, chunks
         # every sampled row is argmax-only: the greedy head may fill logits (-inf but candidates)
-        self.greedy = not full_logits and all(c.greedy for c in chunks if c.sample)
+        self.argmax_only = not full_logits and all(c.argmax_only for c in chunks if c.sample)
         dev = runner.device
         ids: list[int] = []
         positions: list[int] = []
@@ -277,7 +276,7 @@ class Forward:
             return self.hs.shape[0] > 0
         head = r.model.lm_head
         vocab = head.weight.shape[0]
-        if self.head_at == 0 and self.greedy and r.greedy_head is not None and r.greedy_head.takes(len(self.hs)):
+        if self.head_at == 0 and self.argmax_only and r.greedy_head is not None and r.greedy_head.takes(len(self.hs)):
             sparse = r.greedy_head.logits(self.hs)  # None: a row it cannot bound, so the full head
             if sparse is not None:
                 self.logits, self.head_at = sparse, vocab
@@ -313,7 +312,7 @@ class Forward:
         if not self.in_layers or other.hs is None:
             raise RuntimeError("join needs this forward before its final norm and the other after it")
         self.joined.append(other)
-        self.greedy = self.greedy and other.greedy
+        self.argmax_only = self.argmax_only and other.argmax_only
 
     @torch.inference_mode()
     def _final_norm(self) -> None:

@@ -70,7 +70,10 @@ def test_what_the_kernels_do_not_take_is_refused():
     cos = torch.randn(2, 1, 64)
     assert cpu_fused.rope(x, cos.bfloat16(), cos.bfloat16()) is None  # dtypes differ
     assert cpu_fused.rope(x, cos[:1], cos[:1]) is None  # cos for another token count
-    assert cpu_fused.rope(torch.randn(cpu_fused.MAX_ROWS + 1, 1, 64), cos[:1].expand(65, 1, 64), cos[:1]) is None
+    limit = cpu_fused.MAX_ROWS
+    many, angles = torch.randn(limit + 1, 1, 64), torch.randn(limit + 1, 1, 64)
+    assert cpu_fused.rope(many[:limit], angles[:limit], angles[:limit]) is not None  # the limit itself is taken
+    assert cpu_fused.rope(many, angles, angles) is None
     assert cpu_fused.rope(x.double(), cos.double(), cos.double()) is None
 
 
