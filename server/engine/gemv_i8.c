@@ -1,108 +1,130 @@
-/* int8 x fp32 GEMV for x86 CPUs with AVX2 + FMA (built and loaded by greedy_head.py).
+/* int8 x int16 GEMV for x86 CPUs with AVX2 (built and loaded by greedy_head.py).
 
-   y[r, n] = scale[n] * sum_k q[n, k] * x[r, k] in fp32, for a few rows of x. q is an int8 copy
-   of a weight matrix with one scale per output row; greedy_head.py uses it to bound every
-   logit of the LM head while streaming a quarter of the fp32 bytes (half of bf16's). Each
-   product of an int8 and a bf16-valued x is exact in fp32; the sum accumulates in fp32 (its
-   error is part of greedy_head's bound). Each weight row is read once per group of up to four
-   x rows. */
+   y[r, n] ~ scale[n] * sum_k q[n, k] * x[r, k] for a few rows of x: greedy_head.py bounds every
+   logit of the LM head with it while streaming half of bf16's bytes. x is rounded to int16 with
+   one scale per row (its error is written to ex[r] and is part of greedy_head's bound); the
+   products and their sums are exact in int32/int64, so the only other rounding is the final
+   one to fp32. Integer arithmetic is ~2x fewer instructions per weight than converting int8 to
+   fp32, which on this class of host (AVX2 at half width) was the limit, not the memory.
+
+   q is packed so that one pass reads memory in order: [n_pad / 4][k / 16][4][16] int8, i.e.
+   for each group of four vocabulary rows, their first 16 weights (one 64-byte line), then their
+   next 16, ... (greedy_head.pack). A row-major layout streamed four rows at a time reads four
+   streams and ran ~25 % below the bandwidth a single stream reaches. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+#define PREFETCH 2048 /* bytes ahead in the packed stream */
+#define XMAX 32767.0  /* |int16 x| */
+
+static inline int64_t hsum64(__m256i v) { /* the 8 int32 lanes summed without overflow */
+    __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                 _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+    __m128i t = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
 }
 
-#define WEIGHT_ROWS(R) ((R) == 1 ? 4 : (R) == 2 ? 2 : 1) /* keeps 8 accumulators in registers */
-#define PREFETCH 8192                                     /* bytes ahead */
-
+/* R rows of x (int16, scale sx[r]) against every group of four packed weight rows. Each int32
+   lane adds k / 16 products pairs of at most 2 * 127 * 32767, so k <= 4096 cannot overflow. */
 #define KERNEL(R)                                                                                  \
-static void gemv_i8_r##R(const int8_t *q, const float *scale, long n_out, long k, const float *x,   \
-                         float *y, long ldy, int threads) {                                        \
-    enum { NW = WEIGHT_ROWS(R) };                                                                  \
+static void gemv_i8_r##R(const int8_t *q, const float *scale, long n_out, long k, const int16_t *x, \
+                         const double *sx, float *y, long ldy, int threads) {                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
-    for (long n = 0; n < n_out; n += NW) {                                                         \
-        const int8_t *wr[NW];                                                                      \
-        for (int j = 0; j < NW; j++) wr[j] = q + (n + j < n_out ? n + j : n) * k;                  \
-        __m256 lo[R][NW], hi[R][NW];                                                               \
+    for (long n = 0; n < n_out; n += 4) {                                                          \
+        const int8_t *g = q + n * k;                                                               \
+        __m256i acc[R][4];                                                                         \
         for (int r = 0; r < R; r++)                                                                \
-            for (int j = 0; j < NW; j++) lo[r][j] = hi[r][j] = _mm256_setzero_ps();                \
-        for (long i = 0; i < k; i += 16) {                                                         \
-            __m256 wl[NW], wh[NW];                                                                 \
-            for (int j = 0; j < NW; j++) {                                                         \
-                _mm_prefetch((const char *)(wr[j] + i + PREFETCH), _MM_HINT_NTA);                  \
-                __m128i v = _mm_loadu_si128((const __m128i *)(wr[j] + i));                         \
-                wl[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));                               \
-                wh[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(v, v)));        \
-            }                                                                                      \
-            for (int r = 0; r < R; r++) {                                                          \
-                __m256 xl = _mm256_loadu_ps(x + r * k + i), xh = _mm256_loadu_ps(x + r * k + i + 8); \
-                for (int j = 0; j < NW; j++) {                                                     \
-                    lo[r][j] = _mm256_fmadd_ps(wl[j], xl, lo[r][j]);                               \
-                    hi[r][j] = _mm256_fmadd_ps(wh[j], xh, hi[r][j]);                               \
-                }                                                                                  \
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm256_setzero_si256();                       \
+        for (long i = 0; i < k; i += 16, g += 64) {                                                \
+            _mm_prefetch((const char *)(g + PREFETCH), _MM_HINT_NTA);                              \
+            for (int j = 0; j < 4; j++) {                                                          \
+                __m256i w = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i *)(g + 16 * j)));   \
+                for (int r = 0; r < R; r++)                                                        \
+                    acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(                     \
+                        w, _mm256_loadu_si256((const __m256i *)(x + r * k + i))));                 \
             }                                                                                      \
         }                                                                                          \
         for (int r = 0; r < R; r++)                                                                \
-            for (int j = 0; j < NW && n + j < n_out; j++)                                          \
-                y[r * ldy + n + j] = scale[n + j] * hsum(_mm256_add_ps(lo[r][j], hi[r][j]));       \
+            for (int j = 0; j < 4 && n + j < n_out; j++)                                           \
+                y[r * ldy + n + j] = (float)((double)hsum64(acc[r][j]) * (sx[r] * (double)scale[n + j])); \
     }                                                                                              \
 }
 KERNEL(1)
 KERNEL(2)
-KERNEL(3)
-KERNEL(4)
+KERNEL(3) /* three rows keep 12 accumulators in the 16 registers */
 
-/* q: int8 [n_out, k] contiguous; scale: fp32 [n_out]; x: fp32 [rows, k] contiguous; y: fp32
-   [rows, n_out], row stride ldy. 1 <= rows, k % 16 == 0. */
-void gemv_i8(const int8_t *q, const float *scale, long n_out, long k, const float *x, long rows, float *y,
-             long ldy, int threads) {
-    for (long r = 0; r < rows; r += 4) {
+/* q: packed int8 (above), 64-byte aligned, for n_out rows padded to a multiple of 4; scale:
+   fp32 [n_out]; x: fp32 [rows, k] contiguous, finite; y: fp32 [rows, n_out], row stride ldy;
+   ex: fp32 [rows], each >= max_k |x[r, k] - sx[r] * xq[r, k]| (x's rounding to int16).
+   1 <= rows, k % 16 == 0, k <= 4096. Returns 0, or -1 when out of memory (y untouched). */
+int gemv_i8(const int8_t *q, const float *scale, long n_out, long k, const float *x, long rows, float *y,
+            long ldy, float *ex, int threads) {
+    int16_t *xq = aligned_alloc(32, (sizeof(int16_t) * (size_t)(rows * k) + 31) / 32 * 32);
+    double *sx = malloc(sizeof(double) * (size_t)rows);
+    if (xq == NULL || sx == NULL) {
+        free(xq);
+        free(sx);
+        return -1;
+    }
+    for (long r = 0; r < rows; r++) {
         const float *xr = x + r * k;
-        float *yr = y + r * ldy;
-        switch (rows - r < 4 ? rows - r : 4) {
-        case 1: gemv_i8_r1(q, scale, n_out, k, xr, yr, ldy, threads); break;
-        case 2: gemv_i8_r2(q, scale, n_out, k, xr, yr, ldy, threads); break;
-        case 3: gemv_i8_r3(q, scale, n_out, k, xr, yr, ldy, threads); break;
-        default: gemv_i8_r4(q, scale, n_out, k, xr, yr, ldy, threads); break;
+        double top = 0, err = 0;
+        for (long i = 0; i < k; i++) top = fmax(top, fabs((double)xr[i]));
+        sx[r] = top / XMAX;
+        for (long i = 0; i < k; i++) {
+            double v = top > 0 ? nearbyint((double)xr[i] / sx[r]) : 0;
+            v = fmin(fmax(v, -XMAX), XMAX);
+            xq[r * k + i] = (int16_t)v;
+            err = fmax(err, fabs((double)xr[i] - sx[r] * v));
+        }
+        ex[r] = (float)((err + top * 0x1p-50) * (1 + 1e-6)); /* the double rounding of err, then float's */
+    }
+    for (long r = 0; r < rows; r += 3) {
+        switch (rows - r < 3 ? rows - r : 3) {
+        case 1: gemv_i8_r1(q, scale, n_out, k, xq + r * k, sx + r, y + r * ldy, ldy, threads); break;
+        case 2: gemv_i8_r2(q, scale, n_out, k, xq + r * k, sx + r, y + r * ldy, ldy, threads); break;
+        default: gemv_i8_r3(q, scale, n_out, k, xq + r * k, sx + r, y + r * ldy, ldy, threads); break;
         }
     }
+    free(xq);
+    free(sx);
+    return 0;
 }
 
 /* The candidates of each row r of est [rows, n_out] (row stride ld): the v with
-   est + d >= max_u (est_u - d_u), d_v = coef[v] * x1[r] + 2^-8 |est_v| (greedy_head.py's bound).
-   Writes row r's indices, ascending, to idx[r * cap ...] and their count to count[r]; returns 0,
-   or -1 when a row has more than cap (idx and count then partly written). */
-int select_candidates(const float *est, long ld, const float *coef, const float *x1, long rows, long n_out,
-                      long cap, int64_t *idx, int64_t *count) {
-    const __m256 rel = _mm256_set1_ps(1.0f / 256.0f), sign = _mm256_set1_ps(-0.0f);
+   est + d >= max_u (est_u - d_u), d_v = coef[v] * x1[r] + qa[v] * ex[r] + rel * |est_v|
+   (greedy_head.py's bound). Writes row r's indices, ascending, to idx[r * cap ...] and their
+   count to count[r]; returns 0, or -1 when a row has more than cap (idx and count then partly
+   written). */
+int select_candidates(const float *est, long ld, const float *coef, const float *qa, const float *x1,
+                      const float *ex, float rel, long rows, long n_out, long cap, int64_t *idx, int64_t *count) {
+    const __m256 relv = _mm256_set1_ps(rel), sign = _mm256_set1_ps(-0.0f);
+#define BOUND(v) _mm256_fmadd_ps(_mm256_loadu_ps(coef + (v)), xr,                                  \
+                                 _mm256_fmadd_ps(_mm256_loadu_ps(qa + (v)), er, _mm256_mul_ps(relv, _mm256_andnot_ps(sign, ev))))
+#define BOUND1(t) fmaf(coef[t], x1[r], fmaf(qa[t], ex[r], rel * fabsf(e[t])))
     for (long r = 0; r < rows; r++) {
         const float *e = est + r * ld;
-        const __m256 xr = _mm256_set1_ps(x1[r]);
+        const __m256 xr = _mm256_set1_ps(x1[r]), er = _mm256_set1_ps(ex[r]);
         __m256 lows = _mm256_set1_ps(-INFINITY);
         long v = 0;
         for (; v + 8 <= n_out; v += 8) {
             __m256 ev = _mm256_loadu_ps(e + v);
-            __m256 d = _mm256_fmadd_ps(_mm256_loadu_ps(coef + v), xr, _mm256_mul_ps(rel, _mm256_andnot_ps(sign, ev)));
-            lows = _mm256_max_ps(lows, _mm256_sub_ps(ev, d));
+            lows = _mm256_max_ps(lows, _mm256_sub_ps(ev, BOUND(v)));
         }
         float lane[8], floor = -INFINITY;
         _mm256_storeu_ps(lane, lows);
         for (int j = 0; j < 8; j++) floor = lane[j] > floor ? lane[j] : floor;
         for (long t = v; t < n_out; t++) {
-            float low = e[t] - fmaf(coef[t], x1[r], fabsf(e[t]) / 256.0f);
+            float low = e[t] - BOUND1(t);
             floor = low > floor ? low : floor;
         }
         const __m256 floorv = _mm256_set1_ps(floor);
         long c = 0;
         for (v = 0; v + 8 <= n_out; v += 8) {
             __m256 ev = _mm256_loadu_ps(e + v);
-            __m256 d = _mm256_fmadd_ps(_mm256_loadu_ps(coef + v), xr, _mm256_mul_ps(rel, _mm256_andnot_ps(sign, ev)));
-            int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(ev, d), floorv, _CMP_GE_OQ));
+            int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(ev, BOUND(v)), floorv, _CMP_GE_OQ));
             while (hit) {
                 if (c == cap) return -1;
                 idx[r * cap + c++] = v + __builtin_ctz(hit);
@@ -110,7 +132,7 @@ int select_candidates(const float *est, long ld, const float *coef, const float 
             }
         }
         for (long t = v; t < n_out; t++)
-            if (e[t] + fmaf(coef[t], x1[r], fabsf(e[t]) / 256.0f) >= floor) {
+            if (e[t] + BOUND1(t) >= floor) {
                 if (c == cap) return -1;
                 idx[r * cap + c++] = t;
             }
