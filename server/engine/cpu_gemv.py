@@ -68,19 +68,22 @@ def _probe(lib: ctypes.CDLL) -> bool:
 
 def _call(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     rows, k = x.shape
-    y = torch.empty(rows, w.shape[0], dtype=torch.bfloat16)
+    n = w.shape[0]
+    y = torch.empty((rows, n), dtype=torch.bfloat16)  # contiguous: row stride n
     rc = lib.gemv_bf16(w.data_ptr(), w.stride(0), x.data_ptr(), x.stride(0), None if bias is None else bias.data_ptr(),
-                       rows, w.shape[0], k, y.data_ptr(), y.stride(0), torch.get_num_threads())
+                       rows, n, k, y.data_ptr(), n, torch.get_num_threads())
     return y if rc == 0 else None
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether :func:`linear` takes these: bf16 CPU tensors, ``x`` [1..MAX_ROWS, k] and ``weight``
     [n, k] with unit column stride, ``k`` a multiple of 16, ``bias`` None or contiguous [n]."""
-    return (x.dim() == 2 and 1 <= x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype == torch.bfloat16
-            and x.device.type == weight.device.type == "cpu" and weight.dim() == 2
+    # few tensor attribute reads: this runs before every decode GEMV (~0.7 us per stride() call)
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not (x.is_cpu and weight.is_cpu):
+        return False
+    xs, ws = x.stride(), weight.stride()
+    return (len(xs) == len(ws) == 2 and xs[1] == ws[1] == 1 and 1 <= x.shape[0] <= MAX_ROWS
             and x.shape[1] == weight.shape[1] and x.shape[1] % K_MULTIPLE == 0
-            and x.stride(1) == 1 and weight.stride(1) == 1
             and (bias is None or (bias.dtype == torch.bfloat16 and bias.dim() == 1 and bias.is_contiguous())))
 
 
