@@ -91,20 +91,23 @@ SSQ(ssq_f32, float, from_f32)
    y = T((x * (1 / sqrt(sum(x^2) / dim + eps))) * scale) for each of the n * heads rows of
    x [n, heads, dim] (bf16 or fp32) with strides (sn, sh, 1); scale: fp32 [dim] (Gemma's 1 + w);
    y: contiguous [n, heads, dim] of x's type. */
-#define NORM(NAME, T, LOAD, STORE, SSQ_FN)                                                         \
+#define NORM_ROW(NAME, T, LOAD, STORE, SSQ_FN)                                                     \
+static inline void NAME(const T *xr, const float *scale, long dim, float eps, T *yr) {             \
+    float inv = 1.0f / sqrtf(SSQ_FN(xr, dim) / (float)dim + eps);                                  \
+    _Pragma("omp simd")                                                                            \
+    for (long i = 0; i < dim; i++) yr[i] = STORE(LOAD(xr[i]) * inv * scale[i]);                    \
+}
+NORM_ROW(norm_row_bf16, uint16_t, from_bf16, to_bf16, ssq_bf16)
+NORM_ROW(norm_row_f32, float, from_f32, to_f32, ssq_f32)
+
+#define NORM(NAME, T, ROW)                                                                         \
 void NAME(const T *x, long sn, long sh, const float *scale, long n, long heads, long dim, float eps, \
           T *y) {                                                                                  \
     for (long t = 0; t < n; t++)                                                                   \
-        for (long h = 0; h < heads; h++) {                                                         \
-            const T *xr = x + t * sn + h * sh;                                                     \
-            T *yr = y + (t * heads + h) * dim;                                                     \
-            float inv = 1.0f / sqrtf(SSQ_FN(xr, dim) / (float)dim + eps);                          \
-            _Pragma("omp simd")                                                                    \
-            for (long i = 0; i < dim; i++) yr[i] = STORE(LOAD(xr[i]) * inv * scale[i]);            \
-        }                                                                                          \
+        for (long h = 0; h < heads; h++) ROW(x + t * sn + h * sh, scale, dim, eps, y + (t * heads + h) * dim); \
 }
-NORM(rms_norm_bf16, uint16_t, from_bf16, to_bf16, ssq_bf16)
-NORM(rms_norm_f32, float, from_f32, to_f32, ssq_f32)
+NORM(rms_norm_bf16, uint16_t, norm_row_bf16)
+NORM(rms_norm_f32, float, norm_row_f32)
 
 /* Rotary embedding, y = x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) over
    the last dimension's halves; each product and the sum round to T as ATen's elementwise ops do
@@ -112,21 +115,61 @@ NORM(rms_norm_f32, float, from_f32, to_f32, ssq_f32)
    bitwise ATen's. x: [n, heads, d] with strides (sn, sh, 1); cos, sin: [n, d] with row stride
    sc (shared by the heads); y: contiguous [n, heads, d]. d is even. */
 #define ROUND(LOAD, STORE, v) LOAD(STORE(v))
-#define ROPE(NAME, T, LOAD, STORE)                                                                 \
+#define ROPE_ROW(NAME, T, LOAD, STORE)                                                             \
+static inline void NAME(const T *xr, const T *c, const T *s, long d, T *yr) {                      \
+    long half = d / 2;                                                                             \
+    for (long i = 0; i < d; i++) {                                                                 \
+        float rot = i < half ? -LOAD(xr[i + half]) : LOAD(xr[i - half]);                           \
+        float a = ROUND(LOAD, STORE, LOAD(xr[i]) * LOAD(c[i]));                                    \
+        float b = ROUND(LOAD, STORE, rot * LOAD(s[i]));                                            \
+        yr[i] = STORE(a + b);                                                                      \
+    }                                                                                              \
+}
+ROPE_ROW(rope_row_bf16, uint16_t, from_bf16, to_bf16)
+ROPE_ROW(rope_row_f32, float, from_f32, to_f32)
+
+#define ROPE(NAME, T, ROW)                                                                         \
 void NAME(const T *x, long sn, long sh, const T *cos, const T *sin, long sc, long n, long heads, long d, \
           T *y) {                                                                                  \
-    long half = d / 2;                                                                             \
     for (long t = 0; t < n; t++)                                                                   \
-        for (long h = 0; h < heads; h++) {                                                         \
-            const T *xr = x + t * sn + h * sh, *c = cos + t * sc, *s = sin + t * sc;               \
-            T *yr = y + (t * heads + h) * d;                                                       \
-            for (long i = 0; i < d; i++) {                                                         \
-                float rot = i < half ? -LOAD(xr[i + half]) : LOAD(xr[i - half]);                   \
-                float a = ROUND(LOAD, STORE, LOAD(xr[i]) * LOAD(c[i]));                            \
-                float b = ROUND(LOAD, STORE, rot * LOAD(s[i]));                                    \
-                yr[i] = STORE(a + b);                                                              \
-            }                                                                                      \
-        }                                                                                          \
+        for (long h = 0; h < heads; h++)                                                           \
+            ROW(x + t * sn + h * sh, cos + t * sc, sin + t * sc, d, y + (t * heads + h) * d);      \
 }
-ROPE(rope_bf16, uint16_t, from_bf16, to_bf16)
-ROPE(rope_f32, float, from_f32, to_f32)
+ROPE(rope_bf16, uint16_t, rope_row_bf16)
+ROPE(rope_f32, float, rope_row_f32)
+
+/* Attention's per-token work before the scores, in one call: for token t, cache row rows[t]
+   and position pos[t], qout[t, h] = rope(norm_q(q[t, h])), kc[rows[t], g, pos[t]] =
+   rope(norm_k(k[t, g])) and vc[rows[t], g, pos[t]] = v[t, g]; each step rounds as the kernels
+   above (so as ATen) do, and no norm is applied where its scale is NULL. q, k, v: [n, heads or
+   kvh, d] with strides (sn, sh, 1); cos, sin: [n, d], row stride sc; qout: contiguous [n, heads,
+   d]; kc, vc: [row_cap, kvh, pos_cap, d] with strides (c_row, c_head, c_pos, 1). d <= MAX_D.
+   Returns 0, or -1 (nothing written) when a row or position is out of the caches' range. */
+#define MAX_D 1024
+#define PREP(NAME, T, NORM_FN, ROPE_FN)                                                            \
+int NAME(const T *q, long qn, long qh, const T *k, long kn, long kh, const T *v, long vn, long vh,  \
+         const float *qscale, float qeps, const float *kscale, float keps, const T *cos, const T *sin, \
+         long sc, long n, long heads, long kvh, long d, T *qout, T *kc, T *vc, long row_cap, long pos_cap, \
+         long c_row, long c_head, long c_pos, const int64_t *rows, const int64_t *pos) {             \
+    T tmp[MAX_D];                                                                                  \
+    for (long t = 0; t < n; t++)                                                                   \
+        if (rows[t] < 0 || rows[t] >= row_cap || pos[t] < 0 || pos[t] >= pos_cap || d > MAX_D) return -1; \
+    for (long t = 0; t < n; t++) {                                                                 \
+        const T *c = cos + t * sc, *s = sin + t * sc;                                              \
+        for (long h = 0; h < heads; h++) {                                                         \
+            const T *x = q + t * qn + h * qh;                                                      \
+            if (qscale) { NORM_FN(x, qscale, d, qeps, tmp); x = tmp; }                             \
+            ROPE_FN(x, c, s, d, qout + (t * heads + h) * d);                                       \
+        }                                                                                          \
+        for (long g = 0; g < kvh; g++) {                                                           \
+            long at = rows[t] * c_row + g * c_head + pos[t] * c_pos;                               \
+            const T *x = k + t * kn + g * kh;                                                      \
+            if (kscale) { NORM_FN(x, kscale, d, keps, tmp); x = tmp; }                             \
+            ROPE_FN(x, c, s, d, kc + at);                                                          \
+            memcpy(vc + at, v + t * vn + g * vh, sizeof(T) * (size_t)d);                           \
+        }                                                                                          \
+    }                                                                                              \
+    return 0;                                                                                      \
+}
+PREP(attention_prep_bf16, uint16_t, norm_row_bf16, rope_row_bf16)
+PREP(attention_prep_f32, float, norm_row_f32, rope_row_f32)

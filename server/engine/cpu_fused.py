@@ -1,5 +1,6 @@
 """One C call (``cpu_fused.c``) instead of ~7-10 ATen ops for a decode step's small row-wise ops
-on x86 CPUs: Gemma's RMSNorm and the rotary embedding, on bf16 or fp32 rows.
+on x86 CPUs: Gemma's RMSNorm and the rotary embedding, on bf16 or fp32 rows, and attention's
+per-token work before the scores (q/k norms, RoPE, the K/V cache writes) as one call a layer.
 
 At one row these ops cost their dispatch, not their arithmetic: 109 norms and 36 rotations a
 Gemma 3 270M bf16 step were ~1,000 of its ~1,130 ATen calls. Both are bitwise ATen's: every op
@@ -48,6 +49,12 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes = [ptr, long, long, ptr, ptr, long, long, long, long, ptr]
     for fn in (lib.rms_norm_bf16, lib.rms_norm_f32, lib.rope_bf16, lib.rope_f32):
         fn.restype = None
+    for fn in (lib.attention_prep_bf16, lib.attention_prep_f32):
+        fn.argtypes = [ptr, long, long, ptr, long, long, ptr, long, long,  # q, k, v and their strides
+                       ptr, ctypes.c_float, ptr, ctypes.c_float, ptr, ptr,  # norms, cos, sin
+                       long, long, long, long, long, ptr, ptr, ptr,  # sc, n, heads, kvh, d, qout, kc, vc
+                       long, long, long, long, long, ptr, ptr]  # cache extents and strides, rows, pos
+        fn.restype = ctypes.c_int
     if not _probe(lib):
         log.warning("fused norm/RoPE kernels failed their probe against ATen; using ATen's ops")
         return None
@@ -76,6 +83,8 @@ def _probe(lib: ctypes.CDLL) -> bool:
         cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
         if not torch.equal(_rope(lib, x, cos, sin), reference_rope(x, cos, sin)):
             return False
+        if not _prep_matches(lib, qkv, cos, sin, gen):
+            return False
         for dim, scale_of_x in ((640, 1.0), (1100, 30.0), (37, 1e-3)):
             x = (torch.randn(5, 2, dim, generator=gen) * scale_of_x).to(dtype)
             scale = 1.0 + torch.randn(dim, generator=gen)
@@ -86,29 +95,103 @@ def _probe(lib: ctypes.CDLL) -> bool:
 
 def _rows(x: torch.Tensor) -> tuple[int, int, int, int] | None:
     """(n, heads, token stride, head stride) of ``x`` [n, d] or [n, heads, d] with unit last stride."""
-    if x.stride(-1) != 1:
+    st = x.stride()  # once: each stride() call costs ~0.7 us, and this runs ~145 times a step
+    if st[-1] != 1:
         return None
-    if x.dim() == 2:
-        return x.shape[0], 1, x.stride(0), 0
-    if x.dim() == 3:
-        return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+    if len(st) == 2:
+        return x.shape[0], 1, st[0], 0
+    if len(st) == 3:
+        return x.shape[0], x.shape[1], st[0], st[1]
     return None
 
 
-def _norm(lib: ctypes.CDLL, x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    n, heads, sn, sh = _rows(x)  # type: ignore[misc]
+def _norm(lib: ctypes.CDLL, x: torch.Tensor, scale: torch.Tensor, eps: float,
+          shape: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    n, heads, sn, sh = shape or _rows(x)  # type: ignore[misc]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     fn = lib.rms_norm_bf16 if x.dtype == torch.bfloat16 else lib.rms_norm_f32
     fn(x.data_ptr(), sn, sh, scale.data_ptr(), n, heads, x.shape[-1], eps, y.data_ptr())
     return y
 
 
-def _rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    n, heads, sn, sh = _rows(x)  # type: ignore[misc]
+def _rope(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          shape: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    n, heads, sn, sh = shape or _rows(x)  # type: ignore[misc]
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     fn = lib.rope_bf16 if x.dtype == torch.bfloat16 else lib.rope_f32
     fn(x.data_ptr(), sn, sh, cos.data_ptr(), sin.data_ptr(), cos.stride(0), n, heads, x.shape[-1], y.data_ptr())
     return y
+
+
+def _prep_matches(lib: ctypes.CDLL, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  gen: torch.Generator) -> bool:
+    """:func:`attention_prep` on ``qkv`` [3, 6 * 32] (q: 4 heads, k and v: 1) is bitwise the
+    separate norms, rotations and cache writes, with and without the norms."""
+    q, k, v = (qkv[:, a * 32: b * 32].view(3, b - a, 32) for a, b in ((0, 4), (4, 5), (5, 6)))
+    rows, pos = torch.tensor([1, 0, 2]), torch.tensor([5, 9, 0])
+    scale = 1 + torch.randn(32, generator=gen)
+    for norms in (None, ((scale, 1e-6), (scale.flip(0), 1e-5))):
+        kc, vc = (torch.zeros(3, 1, 10, 32, dtype=qkv.dtype) for _ in range(2))
+        got = _prep(lib, q, k, v, norms, cos, sin, kc, vc, rows, pos)
+        qn, kn = (q, k) if norms is None else (reference_norm(q, *norms[0]), reference_norm(k, *norms[1]))
+        want_k, want_v = torch.zeros_like(kc), torch.zeros_like(vc)
+        want_k[rows, :, pos], want_v[rows, :, pos] = reference_rope(kn, cos, sin), v
+        if got is None or not (torch.equal(got, reference_rope(qn, cos, sin)) and torch.equal(kc, want_k)
+                               and torch.equal(vc, want_v)):
+            return False
+    return True
+
+
+Norms = tuple[tuple[torch.Tensor, float], tuple[torch.Tensor, float]] | None  # ((q scale, eps), (k scale, eps))
+
+
+def _prep(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: Norms, cos: torch.Tensor,
+          sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
+          pos: torch.Tensor) -> torch.Tensor | None:
+    (n, heads, qn, qh), (_, kvh, kn, kh), (_, _, vn, vh) = _rows(q), _rows(k), _rows(v)  # type: ignore[misc]
+    out = torch.empty((n, heads, q.shape[2]), dtype=q.dtype)
+    (qs, qe), (ks, ke) = norms if norms is not None else ((None, 0.0), (None, 0.0))
+    fn = lib.attention_prep_bf16 if q.dtype == torch.bfloat16 else lib.attention_prep_f32
+    st = kc.stride()
+    rc = fn(q.data_ptr(), qn, qh, k.data_ptr(), kn, kh, v.data_ptr(), vn, vh,
+            None if qs is None else qs.data_ptr(), qe, None if ks is None else ks.data_ptr(), ke,
+            cos.data_ptr(), sin.data_ptr(), cos.stride(0), n, heads, kvh, q.shape[2], out.data_ptr(),
+            kc.data_ptr(), vc.data_ptr(), kc.shape[0], kc.shape[2], st[0], st[1], st[2],
+            rows.data_ptr(), pos.data_ptr())
+    return out if rc == 0 else None
+
+
+def attention_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: Norms, cos: torch.Tensor,
+                   sin: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: torch.Tensor,
+                   pos: torch.Tensor) -> torch.Tensor | None:
+    """``reference_rope(norm(q))`` [n, heads, d] (contiguous), having written ``rope(norm(k))``
+    and ``v`` into ``kc``/``vc`` [row_cap, kvh, pos_cap, d] at (``rows``, ``pos``) [n] (int64),
+    bitwise as :func:`rms_norm`, :func:`rope` and an indexed write do; ``norms``: the q and k
+    norms' (fp32 scale [d], eps), or None for a model without them. ``q``, ``k``, ``v``: [n,
+    heads or kvh, d] with unit last stride; ``cos``/``sin`` [n, 1, d]. None (nothing written)
+    where it does not apply: no kernel, dtypes, shapes or strides it does not take, more than
+    ``MAX_ROWS`` rows, or a row or position outside the caches."""
+    lib = library()
+    if lib is None or q.dtype not in DTYPES or not q.is_cpu:
+        return None
+    shapes = [_rows(t) if t.dim() == 3 else None for t in (q, k, v)]
+    if None in shapes or shapes[0][0] * shapes[0][1] > MAX_ROWS:  # type: ignore[index]
+        return None
+    n, d = q.shape[0], q.shape[2]
+    same = all(t.dtype == q.dtype and t.is_cpu for t in (k, v, cos, sin, kc, vc))
+    if not same or k.shape != v.shape or k.shape[0] != n or k.shape[2] != d or kc.dim() != 4:
+        return None
+    if cos.shape != (n, 1, d) or cos.stride() != sin.stride() or cos.stride(-1) != 1 or d % 2:
+        return None
+    if kc.shape != vc.shape or kc.stride() != vc.stride() or kc.stride(-1) != 1 or kc.shape[1:4:2] != (k.shape[1], d):
+        return None
+    if rows.dtype != torch.int64 or pos.dtype != torch.int64 or rows.shape != (n,) or pos.shape != (n,) \
+            or not (rows.is_contiguous() and pos.is_contiguous()):
+        return None
+    if norms is not None and not all(sc.dtype == torch.float32 and sc.shape == (d,) and sc.is_contiguous()
+                                     for sc, _ in norms):
+        return None
+    return _prep(lib, q, k, v, norms, cos, sin, kc, vc, rows, pos)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -120,7 +203,7 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor |
     shape = _rows(x)
     if shape is None or shape[0] * shape[1] > MAX_ROWS or not scale.is_contiguous():
         return None
-    return _norm(lib, x, scale, eps)
+    return _norm(lib, x, scale, eps, shape)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
@@ -134,4 +217,4 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
         return None
     if cos.shape != (x.shape[0], 1, x.shape[2]) or cos.stride() != sin.stride() or cos.stride(-1) != 1:
         return None
-    return _rope(lib, x, cos, sin)
+    return _rope(lib, x, cos, sin, shape)

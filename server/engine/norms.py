@@ -42,6 +42,11 @@ class FusedRMSNorm(nn.Module):
         self.cast_first = cast_first
         self.c_kernel = False  # CPU rows through cpu_fused.rms_norm (set by fuse_norms)
 
+    def c_params(self) -> tuple[torch.Tensor, float] | None:
+        """(scale, eps) for a C kernel that replays this norm (cpu_fused), or None where it
+        does not run through one."""
+        return (self.scale, self.eps) if self.c_kernel and not self.cast_first else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cast_first:  # Llama order: normalise, cast, then scale in x's dtype
             return F.rms_norm(x, self.shape, None, self.eps) * self.scale

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from adapterctl.server.engine.greedy_head import GreedyHead
 from adapterctl.server.engine.kernels import pick_gemm
 from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.lora import LoraLinear, make_backend
-from adapterctl.server.engine.norms import fuse_norms
+from adapterctl.server.engine.norms import FusedRMSNorm, fuse_norms
 from adapterctl.server.engine.packed import PackedLinear
 from adapterctl.server.engine.slots import SlotBank
 
@@ -69,6 +70,9 @@ class ModelRunner:
         self.fused_norms = fuse_norms(model, c_kernel=fused_ops) if fuse else (0, 0)
         # norms (above) and RoPE as one bitwise C call each on CPU (cpu_fused); False: ATen's ops
         self.fused_ops = fused_ops and fuse
+        # per layer, the q/k norms for cpu_fused.attention_prep (None: the model has none), or
+        # False where they do not run through the C kernel (then the separate ops)
+        self.qk_norms = [self._qk_norms(layer.self_attn) for layer in self.layers]
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -102,6 +106,15 @@ class ModelRunner:
         # greedy rows' tokens from an int8 copy of the LM head, or None (greedy_head.GreedyHead.build)
         head = self.model.lm_head
         self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) if greedy_head else None
+
+    def _qk_norms(self, attn: nn.Module) -> cpu_fused.Norms | Literal[False]:
+        if not self.fused_ops:
+            return False
+        if not hasattr(attn, "q_norm"):
+            return None
+        q, k = (getattr(attn, n) for n in ("q_norm", "k_norm"))
+        qp, kp = (m.c_params() if isinstance(m, FusedRMSNorm) else None for m in (q, k))
+        return (qp, kp) if qp is not None and kp is not None else False
 
     @staticmethod
     def _window(attn: nn.Module, model_type: str) -> int | None:
@@ -180,12 +193,17 @@ class ModelRunner:
         q = q.view(n_tok, self.num_heads, self.head_dim)
         k = k.view(n_tok, self.kv_heads, self.head_dim)
         v = v.view(n_tok, self.kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self._rotate(q, *rope), self._rotate(k, *rope)
         kc, vc = self.kv.k[i], self.kv.v[i]
-        kc[rows, :, pos] = k
-        vc[rows, :, pos] = v
+        norms = self.qk_norms[i]
+        prepped = None if norms is False else cpu_fused.attention_prep(q, k, v, norms, *rope, kc, vc, rows, pos)
+        if prepped is not None:  # one C call: q/k norms, RoPE and the K/V writes, bitwise the ops below
+            q = prepped
+        else:
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self._rotate(q, *rope), self._rotate(k, *rope)
+            kc[rows, :, pos] = k
+            vc[rows, :, pos] = v
         o = plan.attend(q, kc, vc, self.windows[i], attn.scaling)  # [N, H, D]
         a = attn.o_proj(o.reshape(n_tok, self.num_heads * self.head_dim))
         if self.sandwich:

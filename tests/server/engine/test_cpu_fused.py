@@ -1,6 +1,7 @@
 """The C norm and RoPE kernels (server/engine/cpu_fused.c through cpu_fused.py): RoPE bitwise
-HF's formula and the Gemma norm bitwise the model's module, in bf16 and fp32; refused (None) for
-what they do not take; and a runner's step is bit-identical with and without them."""
+HF's formula and the Gemma norm bitwise the model's module, in bf16 and fp32; attention's q/k
+norms, RoPE and K/V writes in one call bitwise the separate ops; refused (None) for what they do
+not take; and a runner's step is bit-identical with and without them."""
 from __future__ import annotations
 
 import shutil
@@ -78,6 +79,37 @@ def test_what_the_kernels_do_not_take_is_refused():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_prep_is_the_separate_norms_rotations_and_cache_writes(dtype):
+    g = torch.Generator().manual_seed(11)
+    for n, heads, kvh, d, normed in [(1, 4, 1, 256, True), (3, 8, 2, 64, False), (5, 2, 2, 128, True)]:
+        qkv = (torch.randn(n, (heads + 2 * kvh) * d, generator=g) * 4).to(dtype)
+        q = qkv[:, : heads * d].view(n, heads, d)  # strided views of one packed projection
+        k = qkv[:, heads * d: (heads + kvh) * d].view(n, kvh, d)
+        v = qkv[:, (heads + kvh) * d:].view(n, kvh, d)
+        ang = torch.randn(n, 1, d, generator=g) * 50
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        norms = ((1 + torch.randn(d, generator=g), 1e-6), (1 + torch.randn(d, generator=g), 1e-5)) if normed else None
+        rows, pos = torch.randperm(6, generator=g)[:n], torch.randperm(40, generator=g)[:n]
+        kc, vc = (torch.randn(6, kvh, 40, d, generator=g).to(dtype) for _ in range(2))
+        want_k, want_v = kc.clone(), vc.clone()
+        ref_norm = cpu_fused.reference_norm
+        qn, kn = (q, k) if norms is None else (ref_norm(q, *norms[0]), ref_norm(k, *norms[1]))
+        want_k[rows, :, pos] = cpu_fused.reference_rope(kn, cos, sin)
+        want_v[rows, :, pos] = v
+        got = cpu_fused.attention_prep(q, k, v, norms, cos, sin, kc, vc, rows, pos)
+        assert got is not None and got.is_contiguous()
+        assert torch.equal(got, cpu_fused.reference_rope(qn, cos, sin))
+        assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # every other cache entry untouched
+        before = kc.clone()
+        assert cpu_fused.attention_prep(q, k, v, norms, cos, sin, kc, vc, rows, pos + 40) is None  # past the cache
+        assert cpu_fused.attention_prep(q, k, v, norms, cos, sin, kc, vc, rows - 10, pos) is None
+        assert torch.equal(kc, before)  # refused before anything was written
+        assert cpu_fused.attention_prep(q, k, v, norms, cos, sin, kc, vc, rows.int(), pos) is None  # int32 index
+        assert cpu_fused.attention_prep(q, k, v, norms, cos.float().double(), sin.double(), kc, vc, rows, pos) is None
+
+
+@needs_kernel
 def test_fuse_norms_routes_only_gemma_order_norms_to_the_kernel():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -105,6 +137,7 @@ def test_step_is_bit_identical_with_and_without_the_kernels(tiny_base):
     def logits(dtype: str, fused_ops: bool) -> torch.Tensor:
         runner = ModelRunner(load_model(tiny_base, "cpu", dtype), max_rows=2, max_positions=64, num_slots=2, max_rank=4,
                              lora_modules=("q_proj", "v_proj"), fused_ops=fused_ops)
+        assert all(isinstance(nq, tuple) for nq in runner.qk_norms) is fused_ops  # attention_prep's path, or not
         out = []
         with torch.inference_mode():
             rows = [runner.kv.alloc_row(32) for _ in range(2)]
