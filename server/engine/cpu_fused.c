@@ -109,6 +109,23 @@ void NAME(const T *x, long sn, long sh, const float *scale, long n, long heads, 
 NORM(rms_norm_bf16, uint16_t, norm_row_bf16)
 NORM(rms_norm_f32, float, norm_row_f32)
 
+/* A sandwich-norm residual step: h_out = T(h + norm1(a)) (the sum in fp32, rounded once, as
+   ATen's add rounds), then x_out = norm2(h_out) unless scale2 is NULL. a, h, h_out, x_out:
+   contiguous [n, dim]; dim <= MAX_DIM. */
+#define MAX_DIM 8192
+#define RESIDUAL(NAME, T, LOAD, STORE, ROW)                                                        \
+void NAME(const T *a, const T *h, const float *scale1, float eps1, const float *scale2, float eps2, \
+          long n, long dim, T *h_out, T *x_out) {                                                  \
+    T tmp[MAX_DIM];                                                                                \
+    for (long t = 0; t < n; t++) {                                                                 \
+        ROW(a + t * dim, scale1, dim, eps1, tmp);                                                  \
+        for (long i = 0; i < dim; i++) h_out[t * dim + i] = STORE(LOAD(h[t * dim + i]) + LOAD(tmp[i])); \
+        if (scale2) ROW(h_out + t * dim, scale2, dim, eps2, x_out + t * dim);                      \
+    }                                                                                              \
+}
+RESIDUAL(residual_norm_bf16, uint16_t, from_bf16, to_bf16, norm_row_bf16)
+RESIDUAL(residual_norm_f32, float, from_f32, to_f32, norm_row_f32)
+
 /* Rotary embedding, y = x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1) over
    the last dimension's halves; each product and the sum round to T as ATen's elementwise ops do
    (bf16: computed in fp32, rounded to bf16 after every op; fp32: IEEE fp32 ops), so results are

@@ -49,6 +49,9 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes = [ptr, long, long, ptr, ptr, long, long, long, long, ptr]
     for fn in (lib.rms_norm_bf16, lib.rms_norm_f32, lib.rope_bf16, lib.rope_f32):
         fn.restype = None
+    for fn in (lib.residual_norm_bf16, lib.residual_norm_f32):
+        fn.argtypes = [ptr, ptr, ptr, ctypes.c_float, ptr, ctypes.c_float, long, long, ptr, ptr]
+        fn.restype = None
     for fn in (lib.attention_prep_bf16, lib.attention_prep_f32):
         fn.argtypes = [ptr, long, long, ptr, long, long, ptr, long, long,  # q, k, v and their strides
                        ptr, ctypes.c_float, ptr, ctypes.c_float, ptr, ptr,  # norms, cos, sin
@@ -84,6 +87,12 @@ def _probe(lib: ctypes.CDLL) -> bool:
         if not torch.equal(_rope(lib, x, cos, sin), reference_rope(x, cos, sin)):
             return False
         if not _prep_matches(lib, qkv, cos, sin, gen):
+            return False
+        a, h = (torch.randn(2, 640, generator=gen) * 9).to(dtype), torch.randn(2, 640, generator=gen).to(dtype)
+        s1, s2 = 1 + torch.randn(640, generator=gen), 1 + torch.randn(640, generator=gen)
+        h_out, x_out = _residual(lib, a, h, (s1, 1e-6), (s2, 1e-6))
+        if not (torch.equal(h_out, h + reference_norm(a, s1, 1e-6))
+                and torch.equal(x_out, reference_norm(h_out, s2, 1e-6))):  # type: ignore[arg-type]
             return False
         for dim, scale_of_x in ((640, 1.0), (1100, 30.0), (37, 1e-3)):
             x = (torch.randn(5, 2, dim, generator=gen) * scale_of_x).to(dtype)
@@ -192,6 +201,40 @@ def attention_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: Nor
                                      for sc, _ in norms):
         return None
     return _prep(lib, q, k, v, norms, cos, sin, kc, vc, rows, pos)
+
+
+MAX_DIM = 8192  # residual_norm's width limit (cpu_fused.c)
+NormParams = tuple[torch.Tensor, float]  # (fp32 scale [dim], eps) of a Gemma-order norm
+
+
+def _residual(lib: ctypes.CDLL, a: torch.Tensor, h: torch.Tensor, norm1: NormParams,
+              norm2: NormParams | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n, dim = a.shape
+    h_out = torch.empty((n, dim), dtype=a.dtype)
+    x_out = None if norm2 is None else torch.empty((n, dim), dtype=a.dtype)
+    fn = lib.residual_norm_bf16 if a.dtype == torch.bfloat16 else lib.residual_norm_f32
+    fn(a.data_ptr(), h.data_ptr(), norm1[0].data_ptr(), norm1[1], None if norm2 is None else norm2[0].data_ptr(),
+       0.0 if norm2 is None else norm2[1], n, dim, h_out.data_ptr(), None if x_out is None else x_out.data_ptr())
+    return h_out, x_out
+
+
+def residual_norm(a: torch.Tensor, h: torch.Tensor, norm1: NormParams,
+                  norm2: NormParams | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(h + norm1(a), norm2(h + norm1(a)))`` (the second None when ``norm2`` is), bitwise as
+    :func:`rms_norm` and ATen's add, for contiguous CPU ``a`` and ``h`` [n, dim] of one dtype
+    (n <= MAX_ROWS, dim <= MAX_DIM); else None."""
+    lib = library()
+    if lib is None or a.dtype not in DTYPES or a.dtype != h.dtype or not (a.is_cpu and h.is_cpu) or a.dim() != 2:
+        return None
+    if a.shape != h.shape or a.shape[0] > MAX_ROWS or a.shape[1] > MAX_DIM:
+        return None
+    if not (a.is_contiguous() and h.is_contiguous()):
+        return None
+    for norm in (norm1, norm2):
+        if norm is not None and (norm[0].dtype != torch.float32 or norm[0].shape != (a.shape[1],)
+                                 or not norm[0].is_contiguous()):
+            return None
+    return _residual(lib, a, h, norm1, norm2)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:

@@ -73,10 +73,13 @@ class ModelRunner:
         # per layer, the q/k norms for cpu_fused.attention_prep (None: the model has none), or
         # False where they do not run through the C kernel (then the separate ops)
         self.qk_norms = [self._qk_norms(layer.self_attn) for layer in self.layers]
+        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
+        # per sandwich layer, (post-attention, pre-feedforward, post-feedforward) norms for
+        # cpu_fused.residual_norm, or None where they do not run through the C kernel
+        self.residual_norms = [self._residual_norms(layer) for layer in self.layers]
         self.num_heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.sandwich = hasattr(self.layers[0], "pre_feedforward_layernorm")
         self.layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * len(self.layers))
         self.windows = [self._window(layer.self_attn, model_type) for layer in self.layers]
         self._rope_by_type = "layer_type" in inspect.signature(self.inner.rotary_emb.forward).parameters
@@ -115,6 +118,14 @@ class ModelRunner:
         q, k = (getattr(attn, n) for n in ("q_norm", "k_norm"))
         qp, kp = (m.c_params() if isinstance(m, FusedRMSNorm) else None for m in (q, k))
         return (qp, kp) if qp is not None and kp is not None else False
+
+    def _residual_norms(self, layer: nn.Module) -> tuple[cpu_fused.NormParams, ...] | None:
+        if not (self.fused_ops and self.sandwich):
+            return None
+        norms = [getattr(layer, n) for n in ("post_attention_layernorm", "pre_feedforward_layernorm",
+                                             "post_feedforward_layernorm")]
+        params = [m.c_params() if isinstance(m, FusedRMSNorm) else None for m in norms]
+        return tuple(p for p in params if p is not None) if None not in params else None
 
     @staticmethod
     def _window(attn: nn.Module, model_type: str) -> int | None:
@@ -207,10 +218,23 @@ class ModelRunner:
         o = plan.attend(q, kc, vc, self.windows[i], attn.scaling)  # [N, H, D]
         a = attn.o_proj(o.reshape(n_tok, self.num_heads * self.head_dim))
         if self.sandwich:
-            h = h + layer.post_attention_layernorm(a)
-            return h + layer.post_feedforward_layernorm(self.mlp(i, layer.pre_feedforward_layernorm(h)))
+            return self._sandwich_tail(i, layer, h, a)
         h = h + a
         return h + self.mlp(i, layer.post_attention_layernorm(h))
+
+    def _sandwich_tail(self, i: int, layer: nn.Module, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``h + post_ff(mlp(pre_ff(h + post_attn(a))))`` for layer ``i`` (Gemma 2/3): each
+        residual add with its norms in one C call where it applies (bitwise the same)."""
+        norms = self.residual_norms[i]
+        got = None if norms is None else cpu_fused.residual_norm(a, h, norms[0], norms[1])
+        if got is None:
+            h = h + layer.post_attention_layernorm(a)
+            x = layer.pre_feedforward_layernorm(h)
+        else:
+            h, x = got  # type: ignore[assignment]
+        m = self.mlp(i, x)
+        out = None if norms is None else cpu_fused.residual_norm(m, h, norms[2], None)
+        return h + layer.post_feedforward_layernorm(m) if out is None else out[0]
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE of ``x`` [N, heads, D] with ``cos``/``sin`` [N, 1, D]: the C kernel where it

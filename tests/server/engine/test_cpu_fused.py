@@ -1,7 +1,8 @@
 """The C norm and RoPE kernels (server/engine/cpu_fused.c through cpu_fused.py): RoPE bitwise
 HF's formula and the Gemma norm bitwise the model's module, in bf16 and fp32; attention's q/k
-norms, RoPE and K/V writes in one call bitwise the separate ops; refused (None) for what they do
-not take; and a runner's step is bit-identical with and without them."""
+norms, RoPE and K/V writes in one call, and a residual add with its norms in one call, bitwise
+the separate ops; refused (None) for what they do not take; and a runner's step is bit-identical
+with and without them."""
 from __future__ import annotations
 
 import shutil
@@ -110,6 +111,28 @@ def test_attention_prep_is_the_separate_norms_rotations_and_cache_writes(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_residual_norm_is_the_norm_the_add_and_the_next_norm(dtype):
+    g = torch.Generator().manual_seed(12)
+    for n, dim in [(1, 640), (5, 1152), (64, 100)]:
+        a, h = (torch.randn(n, dim, generator=g) * 30).to(dtype), torch.randn(n, dim, generator=g).to(dtype)
+        n1, n2 = (1 + torch.randn(dim, generator=g), 1e-6), (1 + torch.randn(dim, generator=g), 1e-5)
+        got = cpu_fused.residual_norm(a, h, n1, n2)
+        assert got is not None
+        want_h = h + cpu_fused.reference_norm(a, *n1)
+        assert torch.equal(got[0], want_h) and torch.equal(got[1], cpu_fused.reference_norm(want_h, *n2))
+        only = cpu_fused.residual_norm(a, h, n1, None)
+        assert only is not None and only[1] is None and torch.equal(only[0], want_h)
+    a = torch.randn(4, 64).to(dtype)
+    n1 = (torch.ones(64), 1e-6)
+    assert cpu_fused.residual_norm(a.T.contiguous().T, a, n1, None) is None  # not contiguous
+    assert cpu_fused.residual_norm(a, a[:2], n1, None) is None  # shapes differ
+    assert cpu_fused.residual_norm(a, a, (torch.ones(64).bfloat16(), 1e-6), None) is None  # bf16 scale
+    assert cpu_fused.residual_norm(torch.randn(cpu_fused.MAX_ROWS + 1, 64).to(dtype),
+                                   torch.randn(cpu_fused.MAX_ROWS + 1, 64).to(dtype), n1, None) is None
+
+
+@needs_kernel
 def test_fuse_norms_routes_only_gemma_order_norms_to_the_kernel():
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -138,6 +161,7 @@ def test_step_is_bit_identical_with_and_without_the_kernels(tiny_base):
         runner = ModelRunner(load_model(tiny_base, "cpu", dtype), max_rows=2, max_positions=64, num_slots=2, max_rank=4,
                              lora_modules=("q_proj", "v_proj"), fused_ops=fused_ops)
         assert all(isinstance(nq, tuple) for nq in runner.qk_norms) is fused_ops  # attention_prep's path, or not
+        assert all(r is not None for r in runner.residual_norms) is fused_ops  # residual_norm's, or not
         out = []
         with torch.inference_mode():
             rows = [runner.kv.alloc_row(32) for _ in range(2)]
