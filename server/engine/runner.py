@@ -125,7 +125,7 @@ class ModelRunner:
         norms = [getattr(layer, n) for n in ("post_attention_layernorm", "pre_feedforward_layernorm",
                                              "post_feedforward_layernorm")]
         params = [m.c_params() if isinstance(m, FusedRMSNorm) else None for m in norms]
-        return tuple(p for p in params if p is not None) if None not in params else None
+        return None if any(p is None for p in params) else tuple(p for p in params if p is not None)
 
     @staticmethod
     def _window(attn: nn.Module, model_type: str) -> int | None:

@@ -67,6 +67,40 @@ def test_bound_holds_on_every_logit():
     assert float(ex[2]) > 10 * float(ex[0]) > 0  # x's rounding is measured per row
 
 
+def _exact_int8_head(vocab: int, k: int, seed: int) -> torch.Tensor:
+    """Weights q / 64 with integer q, |q| <= 127 and 127 in column 0 of every row: the int8 copy
+    is exact (scale 1/64), so only x's rounding, the sums and bf16's rounding remain."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (vocab, k), generator=g).float()
+    q[:, 0], q[:, 1] = 127, 0
+    return (q / 64).bfloat16()
+
+
+def test_each_term_of_the_bound_is_needed():
+    """Two heads on which one term of d is most of the error: without it the bound fails on some
+    logit, with it the bound holds on all (so a term made too small fails this test)."""
+    w = _exact_int8_head(64, 64, 5)
+    head = GreedyHead.build(w, None, None, upcast_linear)
+    x1_term = lambda hs: head.coef[None, :] * hs.float().abs().sum(-1, keepdim=True)  # noqa: E731
+    # x's int16 rounding: an outlier where w is 0 makes the int16 step ~2^-4, and every other
+    # element is 2^-5 with w's sign, so each rounds to 0 with the error aligned to w
+    hs = (torch.sign(w[:8].float()) * 2.0 ** -5).bfloat16()
+    hs[:, 1] = 2048
+    est, ex = head.estimate(hs)
+    err = (est - cpu_gemv.linear(hs, w).float()).abs()
+    rel = est.abs() * greedy_head.REL
+    assert bool((err <= x1_term(hs) + head.qa[None, :] * ex[:, None] + rel).all())
+    assert bool((err > x1_term(hs) + rel).any())
+    # bf16's rounding of large logits: x = w's signs, exact in int16, so only the sums and the
+    # final bf16 rounding are left
+    hs = torch.sign(w[8:16].float()).bfloat16()
+    est, ex = head.estimate(hs)
+    err = (est - cpu_gemv.linear(hs, w).float()).abs()
+    rest = x1_term(hs) + head.qa[None, :] * ex[:, None]
+    assert bool((err <= rest + est.abs() * greedy_head.REL).all())
+    assert bool((err > rest).any())
+
+
 def test_declines_what_it_cannot_bound():
     w = _head(256, 64, 4)
     assert GreedyHead.build(w.float(), None, None, upcast_linear) is None  # fp32 head
