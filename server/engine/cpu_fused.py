@@ -151,7 +151,8 @@ def _prep_matches(lib: ctypes.CDLL, qkv: torch.Tensor, cos: torch.Tensor, sin: t
     return True
 
 
-Norms = tuple[tuple[torch.Tensor, float], tuple[torch.Tensor, float]] | None  # ((q scale, eps), (k scale, eps))
+NormParams = tuple[torch.Tensor, float]  # (fp32 scale [dim], eps) of a Gemma-order norm
+Norms = tuple[NormParams, NormParams] | None  # the q and k norms of attention_prep
 
 
 def _prep(lib: ctypes.CDLL, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: Norms, cos: torch.Tensor,
@@ -204,7 +205,6 @@ def attention_prep(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, norms: Nor
 
 
 MAX_DIM = 8192  # residual_norm's width limit (cpu_fused.c)
-NormParams = tuple[torch.Tensor, float]  # (fp32 scale [dim], eps) of a Gemma-order norm
 
 
 def _residual(lib: ctypes.CDLL, a: torch.Tensor, h: torch.Tensor, norm1: NormParams,

@@ -57,17 +57,16 @@ static void gemv_r##R##ORDER(const uint16_t *w, long ldw, const float *xs, const
     for (long n = 0; n < n_out; n += NW) {                                                         \
         const uint16_t *wr[NW];                                                                    \
         for (int j = 0; j < NW; j++) wr[j] = w + (n + j < n_out ? n + j : n) * ldw;                \
-        const char *ahead = (const char *)(w + (n + NW) * ldw) + AHEAD;                            \
-        const int in_order = ORDER == 1;                                                           \
+        const char *ahead = (const char *)(w + (n + NW) * ldw) + AHEAD; /* ORDER 1 only */        \
         __m256 even[R][NW], odd[R][NW];                                                            \
         for (int r = 0; r < R; r++)                                                                \
             for (int j = 0; j < NW; j++) even[r][j] = odd[r][j] = _mm256_setzero_ps();             \
         for (long i = 0; i < k; i += 16) {                                                         \
             __m256 we[NW], wo[NW];                                                                 \
-            if (in_order)                                                                          \
+            if (ORDER)                                                                             \
                 for (int p = 0; p < NW * 32; p += 64) _mm_prefetch(ahead + 2 * NW * i + p, _MM_HINT_NTA); \
             for (int j = 0; j < NW; j++) {                                                         \
-                if (!in_order) _mm_prefetch((const char *)(wr[j] + i + PREFETCH), _MM_HINT_NTA);   \
+                if (!ORDER) _mm_prefetch((const char *)(wr[j] + i + PREFETCH), _MM_HINT_NTA);   \
                 __m256i v = _mm256_loadu_si256((const __m256i *)(wr[j] + i));                      \
                 we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));                             \
                 wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, high));                            \
@@ -108,10 +107,10 @@ int gemv_bf16(const uint16_t *w, long ldw, const uint16_t *x, long ldx, const ui
     for (long r = 0; r < rows; r += 4) {
         const float *xr = xs + r * k;
         uint16_t *yr = y + r * ldy;
-        const long nw = rows - r >= 3 ? 1 : 4 / (rows - r); /* WEIGHT_ROWS of that kernel */
-        const int seq = ldw == k && nw * k * 2 <= IN_ORDER;
+        const long left = rows - r < 4 ? rows - r : 4;
+        const int seq = ldw == k && WEIGHT_ROWS(left) * k * 2 <= IN_ORDER;
 #define CALL(R) (seq ? gemv_r##R##1 : gemv_r##R##0)(w, ldw, xr, bias, n_out, k, yr, ldy, threads)
-        switch (rows - r < 4 ? rows - r : 4) {
+        switch (left) {
         case 1: CALL(1); break;
         case 2: CALL(2); break;
         case 3: CALL(3); break;
