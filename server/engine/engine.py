@@ -27,7 +27,7 @@ from adapterctl.server.engine.grammar import Grammars
 from adapterctl.server.engine.heap import IdleTrimmer
 from adapterctl.server.engine.prefill import Action, Piece, PrefillPolicy
 from adapterctl.server.engine.prefix import PrefixCache
-from adapterctl.server.engine.runner import ModelRunner
+from adapterctl.server.engine.runner import Forward, ModelRunner
 from adapterctl.server.engine.sampling import make_generator, select
 from adapterctl.server.engine.scheduler import Scheduler, Sequence
 from adapterctl.server.engine.slots import DeviceSlots
@@ -45,6 +45,7 @@ from adapterctl.server.types import (
     HostAdapter,
     ServedAdapter,
     TokenEvent,
+    TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -255,16 +256,17 @@ class BatchingEngine:
     def _step(self, plan: list) -> None:
         held: list[Sequence] = []  # finished while a forward was paused: released once it is done
         try:
-            plan, logits = self._forward(plan, self.config.max_batch_tokens, held)
-            self._sample_and_emit(plan, logits, None)
+            plan, fwd = self._forward(plan, self.config.max_batch_tokens, held)
+            self._sample_and_emit(plan, fwd, None)
         finally:
             for seq in held:
                 if seq in self.scheduler.running:
                     self.scheduler.release(seq)
 
-    def _forward(self, plan: list, budget: int, held: list[Sequence], top: bool = True) -> tuple[list, torch.Tensor]:
+    def _forward(self, plan: list, budget: int, held: list[Sequence], top: bool = True) -> tuple[list, Forward]:
         """Run ``plan``'s forward piece by piece, serving newcomers between pieces as the
-        prefill policy says (:mod:`.prefill`); returns (the plan it ended with, logits).
+        prefill policy says (:mod:`.prefill`); returns (the plan it ended with, the finished
+        forward: its logits, or the greedy head's tokens).
         At most ``budget`` prompt tokens go to newcomers. Rows of a paused forward never
         move: sequences finishing meanwhile go to ``held`` instead of being released."""
         full = self.logits_hook is not None  # the hook sees every logit
@@ -296,7 +298,7 @@ class BatchingEngine:
             newcomers = outside or self.scheduler.has_arrivals
         while fwd.step(whole_head=True):  # only when stopping: finish without serving newcomers
             pass
-        return plan, fwd.logits
+        return plan, fwd
 
     def _admit(self) -> None:
         sched = self.scheduler
@@ -331,13 +333,14 @@ class BatchingEngine:
         if not sub:
             return 0
         used = sum(len(c.tokens) for _, c in sub)
-        sub, logits = self._forward(sub, budget - used, held, top=False)
-        self._sample_and_emit(sub, logits, held)
+        sub, fwd = self._forward(sub, budget - used, held, top=False)
+        self._sample_and_emit(sub, fwd, held)
         return sum(len(c.tokens) for _, c in sub)
 
-    def _sample_and_emit(self, plan: list, logits: torch.Tensor, held: list[Sequence] | None) -> None:
-        """Sample every sampling chunk's token and stream it; a finished sequence is released
-        now, or put in ``held`` while a paused forward still uses its row."""
+    def _sample_and_emit(self, plan: list, fwd: Forward, held: list[Sequence] | None) -> None:
+        """Sample every sampling chunk's token (or take the greedy head's) and stream it; a
+        finished sequence is released now, or put in ``held`` while a paused forward still uses
+        its row."""
         sampled = []
         for seq, chunk in plan:
             seq.computed += len(chunk.tokens)
@@ -345,12 +348,17 @@ class BatchingEngine:
                 self.prefix.store(seq.served, seq.prompt, self.runner.kv, seq.row)  # prefill just completed
             if chunk.sample:
                 sampled.append(seq)
-        if self.logits_hook is not None:
-            self.logits_hook(sampled, logits)
-        masks = None
-        if any(s.constraint is not None for s in sampled):
-            masks = [s.constraint.mask() if s.constraint is not None else None for s in sampled]
-        tokens, logprobs = select(logits, [s.params for s in sampled], [s.generator for s in sampled], masks)
+        logprobs: list[TokenLogprob | None]
+        if fwd.tokens is not None:  # argmax-only rows (no hook, logprobs or grammar): the greedy head's
+            tokens, logprobs = fwd.tokens, [None] * len(sampled)
+        else:
+            logits = fwd.logits
+            if self.logits_hook is not None:
+                self.logits_hook(sampled, logits)
+            masks = None
+            if any(s.constraint is not None for s in sampled):
+                masks = [s.constraint.mask() if s.constraint is not None else None for s in sampled]
+            tokens, logprobs = select(logits, [s.params for s in sampled], [s.generator for s in sampled], masks)
         self._report(len(plan), sum(len(c.tokens) for _, c in plan))
         now = time.monotonic()
         for seq, token, logprob in zip(sampled, tokens, logprobs):

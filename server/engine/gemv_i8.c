@@ -1,4 +1,4 @@
-/* int8 x int16 GEMV for x86 CPUs with AVX2 (built and loaded by greedy_head.py).
+/* int8 x int16 GEMV for x86 CPUs with AVX2 (built and loaded by int8_gemv.py).
 
    y[r, n] ~ scale[n] * sum_k q[n, k] * x[r, k] for a few rows of x: greedy_head.py bounds every
    logit of the LM head with it while streaming half of bf16's bytes. x is rounded to int16 with
@@ -9,7 +9,7 @@
 
    q is packed so that one pass reads memory in order: [n_pad / 4][k / 16][4][16] int8, i.e.
    for each group of four vocabulary rows, their first 16 weights (one 64-byte line), then their
-   next 16, ... (greedy_head.pack). A row-major layout streamed four rows at a time reads four
+   next 16, ... (int8_gemv.Avx2Estimator.pack). A row-major layout streamed four rows at a time reads four
    streams and ran ~25 % below the bandwidth a single stream reaches. */
 #include <immintrin.h>
 #include <math.h>
@@ -55,6 +55,24 @@ KERNEL(1)
 KERNEL(2)
 KERNEL(3) /* three rows keep 12 accumulators in the 16 registers */
 
+/* x fp32 [rows, k] (finite) rounded to int16 per row: xq[r, i] = round(x[r, i] / sx[r]), |xq| <= xmax
+   (the largest |x| maps to xmax), and ex[r] >= max_i |x[r, i] - sx[r] * xq[r, i]|. */
+void quantize_rows(const float *x, long rows, long k, double xmax, int16_t *xq, double *sx, float *ex) {
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * k;
+        double top = 0, err = 0;
+        for (long i = 0; i < k; i++) top = fmax(top, fabs((double)xr[i]));
+        sx[r] = top / xmax;
+        for (long i = 0; i < k; i++) {
+            double v = top > 0 ? nearbyint((double)xr[i] / sx[r]) : 0;
+            v = fmin(fmax(v, -xmax), xmax);
+            xq[r * k + i] = (int16_t)v;
+            err = fmax(err, fabs((double)xr[i] - sx[r] * v));
+        }
+        ex[r] = (float)((err + top * 0x1p-50) * (1 + 1e-6)); /* the double rounding of err, then float's */
+    }
+}
+
 /* q: packed int8 (above), 64-byte aligned, for n_out rows padded to a multiple of 4; scale:
    fp32 [n_out]; x: fp32 [rows, k] contiguous, finite; y: fp32 [rows, n_out], row stride ldy;
    ex: fp32 [rows], each >= max_k |x[r, k] - sx[r] * xq[r, k]| (x's rounding to int16).
@@ -68,19 +86,7 @@ int gemv_i8(const int8_t *q, const float *scale, long n_out, long k, const float
         free(sx);
         return -1;
     }
-    for (long r = 0; r < rows; r++) {
-        const float *xr = x + r * k;
-        double top = 0, err = 0;
-        for (long i = 0; i < k; i++) top = fmax(top, fabs((double)xr[i]));
-        sx[r] = top / XMAX;
-        for (long i = 0; i < k; i++) {
-            double v = top > 0 ? nearbyint((double)xr[i] / sx[r]) : 0;
-            v = fmin(fmax(v, -XMAX), XMAX);
-            xq[r * k + i] = (int16_t)v;
-            err = fmax(err, fabs((double)xr[i] - sx[r] * v));
-        }
-        ex[r] = (float)((err + top * 0x1p-50) * (1 + 1e-6)); /* the double rounding of err, then float's */
-    }
+    quantize_rows(x, rows, k, XMAX, xq, sx, ex);
     for (long r = 0; r < rows; r += 3) {
         switch (rows - r < 3 ? rows - r : 3) {
         case 1: gemv_i8_r1(q, scale, n_out, k, xq + r * k, sx + r, y + r * ldy, ldy, threads); break;

@@ -28,6 +28,7 @@ from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.lora import LoraLinear, make_backend
 from adapterctl.server.engine.norms import FusedRMSNorm, fuse_norms
 from adapterctl.server.engine.packed import PackedLinear
+from adapterctl.server.engine.sampling import first_max
 from adapterctl.server.engine.slots import SlotBank
 
 log = logging.getLogger(__name__)
@@ -101,14 +102,15 @@ class ModelRunner:
             log.info("packed %d projection groups into one GEMM each (%d MiB of mmapped originals released)",
                      len(packs), sum(p.released for p in packs) >> 20)
         # (lo, hi, operand) vocab slices of the LM head in the GEMM's own layout, or None: plain weight
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        # greedy rows' tokens from an int8 copy of the LM head, or None (greedy_head.GreedyHead.build);
+        # built before _prepare, which gives back the head pages its quantisation read
+        head = self.model.lm_head
+        self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) if greedy_head else None
         self.head_parts = self._prepare(wrapped, packs) if prepack else None
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
                           self.dtype, self.device)
-        self.softcap = getattr(cfg, "final_logit_softcapping", None)
-        # greedy rows' tokens from an int8 copy of the LM head, or None (greedy_head.GreedyHead.build)
-        head = self.model.lm_head
-        self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) if greedy_head else None
 
     def _qk_norms(self, attn: nn.Module) -> cpu_fused.Norms | Literal[False]:
         if not self.fused_ops:
@@ -292,6 +294,10 @@ class Forward:
         self.joined: list[Forward] = []
         self.hs: torch.Tensor | None = None  # [num_sampling, hidden] final-normed rows (own, then joined)
         self.logits: torch.Tensor | None = None  # [num_sampling, vocab], filled a vocab slice per piece
+        # [num_sampling] token ids of argmax-only rows (the greedy head's, or the full head's first
+        # maxima, reduced slice by slice into _best: (value, index) [num_sampling]); logits stay None
+        self.tokens: list[int] | None = None
+        self._best: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_layers(self) -> bool:
@@ -300,9 +306,9 @@ class Forward:
 
     @torch.inference_mode()
     def step(self, whole_head: bool = False) -> bool:
-        """Advance one piece; False once ``logits`` is ready. ``whole_head``: the rest of
-        the LM head in one GEMM (no newcomer waits; one 262k-row GEMV measured ~25 %
-        faster at one row than eight slices copied into place)."""
+        """Advance one piece; False once ``logits`` (or, for argmax-only rows, ``tokens``) is
+        ready. ``whole_head``: the rest of the LM head in one GEMM (no newcomer waits; one 262k-row
+        GEMV measured ~25 % faster at one row than eight slices copied into place)."""
         r = self.r
         if self.layer < len(r.layers):
             i = self.layer
@@ -314,33 +320,59 @@ class Forward:
         if self.hs is None:
             self._final_norm()
             self.hs = torch.cat([self.hs, *(f.hs for f in self.joined)]) if self.joined else self.hs
-            self.logits = self.hs.new_empty(self.hs.shape[0], r.config.vocab_size)  # filled piece by piece
+            if self.hs.shape[0] == 0:
+                self.logits = self.hs.new_empty(0, r.config.vocab_size)
             return self.hs.shape[0] > 0
+        return self._head_piece(whole_head)
+
+    def _head_piece(self, whole_head: bool) -> bool:
+        """One piece of the LM head (the rest of it with ``whole_head``); False once done. Rows
+        that only need their argmax take the greedy head's tokens where it applies, else each
+        slice is reduced to its first maximum as it is computed (the full [rows, vocab] logits are
+        never stored: at 64 x 262k their allocation alone cost ~7 ms of page faults)."""
+        r = self.r
         head = r.model.lm_head
         vocab = head.weight.shape[0]
-        if self.head_at == 0 and self.argmax_only and r.greedy_head is not None and r.greedy_head.takes(len(self.hs)):
-            sparse = r.greedy_head.logits(self.hs)  # None: a row it cannot bound, so the full head
-            if sparse is not None:
-                self.logits, self.head_at = sparse, vocab
-                return False
+        if self.head_at >= vocab:  # done: a further step changes nothing (softcap is not applied twice)
+            return False
+        hs = self.hs
+        assert hs is not None  # after the final norm
+        if self.head_at == 0:  # the head's first piece
+            if self.argmax_only and r.greedy_head is not None and r.greedy_head.takes(len(hs)):
+                got = r.greedy_head.tokens(hs)  # None: a row it cannot bound, so the full head
+                if got is not None:
+                    self.tokens, self.head_at = got[0].tolist(), vocab
+                    return False
+            if not self.argmax_only:
+                self.logits = hs.new_empty(hs.shape[0], vocab)  # filled piece by piece
         lo = self.head_at
         hi = vocab if whole_head else min(lo + self.head_chunk, vocab)
-        bias = None if head.bias is None else head.bias[lo:hi]
         if r.head_parts is not None:  # prepared slices (each head_chunk rows, as head_at advances)
             for plo, phi, operand in r.head_parts:
                 if lo <= plo < hi:
-                    part_bias = None if head.bias is None else head.bias[plo:phi]
-                    self.logits[:, plo:phi] = r.gemm(self.hs, operand, part_bias)
-        elif lo == 0 and hi == vocab:
-            self.logits = r.gemm(self.hs, head.weight, bias)
+                    self._take(plo, r.gemm(hs, operand, None if head.bias is None else head.bias[plo:phi]))
         else:
-            self.logits[:, lo:hi] = r.gemm(self.hs, head.weight[lo:hi], bias)
+            self._take(lo, r.gemm(hs, head.weight[lo:hi], None if head.bias is None else head.bias[lo:hi]))
         self.head_at = hi
-        if hi < head.weight.shape[0]:
+        if hi < vocab:
             return True
-        if r.softcap:
-            self.logits = torch.tanh(self.logits / r.softcap) * r.softcap
+        if self.argmax_only:
+            self.tokens = self._best[1].tolist()  # type: ignore[index]
         return False
+
+    def _take(self, lo: int, block: torch.Tensor) -> None:
+        """Logits ``block`` [rows, n] of vocabulary ids ``lo .. lo + n - 1`` (softcapped here, as
+        the whole row would be): into ``logits``, or for argmax-only rows into the running first
+        maximum (:func:`~.sampling.first_max`)."""
+        if self.r.softcap:
+            block = torch.tanh(block / self.r.softcap) * self.r.softcap
+        if not self.argmax_only:
+            if lo == 0 and block.shape[1] == self.logits.shape[1]:  # type: ignore[union-attr]
+                self.logits = block
+            else:
+                self.logits[:, lo: lo + block.shape[1]] = block  # type: ignore[index]
+            return
+        self._best = first_max(block, lo, self._best)
 
     def run_layers(self) -> None:
         """Run every decoder layer and the final norm (no LM head): ready to :meth:`join`."""

@@ -42,6 +42,21 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return first * _BLOCK + inside
 
 
+def first_max(block: torch.Tensor, lo: int,
+              best: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running first maximum over column blocks: ``block`` [rows, n] holds columns
+    ``lo .. lo + n - 1``, ``best`` (values, indices) [rows] those of the blocks before it (lower
+    columns). A later block wins only when strictly greater, or NaN over a number, so after the
+    last block the indices are ``argmax`` of the whole rows (first maximum, NaN the maximum)."""
+    idx = argmax_rows(block)
+    val = block.gather(1, idx[:, None])[:, 0]
+    if best is None:
+        return val, idx + lo
+    top, at = best
+    better = (val > top) | (val.isnan() & ~top.isnan())
+    return torch.where(better, val, top), torch.where(better, idx + lo, at)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of ``logits`` ``[rows, vocab]``; row i uses ``params[i]``."""
     out = [0] * len(params)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapterctl.errors import InvalidArgument
-from adapterctl.server.engine.sampling import argmax_rows, make_generator, sample, select
+from adapterctl.server.engine.sampling import argmax_rows, first_max, make_generator, sample, select
 from adapterctl.server.types import ResponseFormat, SamplingParams
 
 
@@ -61,3 +61,27 @@ def test_argmax_rows_is_torch_argmax_with_ties_and_nan(rows):
     if rows > 3:
         x[3] = float("-inf")  # all equal: index 0
     assert torch.equal(argmax_rows(x), x.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_max_over_blocks_is_argmax_of_the_whole_row(dtype):
+    """The running first maximum the engine keeps over LM-head slices: ties across blocks keep the
+    earlier block, NaN wins over numbers and the first NaN stays, a row of -inf gives index 0."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(6, 5 * 2048, generator=g).to(dtype)
+    x[0, 100] = x[0, 9000] = 50  # tie across blocks
+    x[1, 4096] = x[1, 4097] = 50  # tie inside a block
+    x[2, 7000] = float("nan")
+    x[2, 9500] = float("nan")  # a later NaN does not replace the first
+    x[2, 10] = float("inf")
+    x[3] = float("-inf")
+    x[4, 2047], x[4, 2048] = 40, 40  # tie on a block edge
+    x[5, -1] = 60  # the maximum in the last block
+    for widths in ([2048] * 5, [1024, 3072, 2048, 4096], [5 * 2048]):
+        best, lo = None, 0
+        for n in widths:
+            best = first_max(x[:, lo: lo + n], lo, best)
+            lo += n
+        assert torch.equal(best[1], x.argmax(-1)), widths
+        same = (best[0] == x.amax(-1)) | (best[0].isnan() & x.isnan().any(-1))
+        assert bool(same.all())

@@ -119,8 +119,9 @@ def test_a_weight_written_in_place_is_not_released(tiny_base):
     assert torch.equal(w, doubled)
 
 
-def _step_logits(tiny_base, rows: int, whole_head: bool, **runner_args):
-    """(runner, logits of a 4-token prefill and three decode steps of ``rows`` base rows)."""
+def _step_logits(tiny_base, rows: int, whole_head: bool, argmax_only: bool = False, **runner_args):
+    """(runner, logits of a 4-token prefill and three decode steps of ``rows`` base rows; with
+    ``argmax_only`` the forwards' tokens instead)."""
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
@@ -130,14 +131,30 @@ def _step_logits(tiny_base, rows: int, whole_head: bool, **runner_args):
     with torch.inference_mode():
         for i in range(rows):
             r.kv.alloc_row(32)
-        plans = [[Chunk(i, 0, [2, 40 + i, 7, 300 + i], 0, True) for i in range(rows)]]
-        plans += [[Chunk(i, 4 + k, [50 + k + i], 0, True) for i in range(rows)] for k in range(3)]
+        plans = [[Chunk(i, 0, [2, 40 + i, 7, 300 + i], 0, True, argmax_only) for i in range(rows)]]
+        plans += [[Chunk(i, 4 + k, [50 + k + i], 0, True, argmax_only) for i in range(rows)] for k in range(3)]
         for chunks in plans:
             fwd = r.start(chunks)
             while fwd.step(whole_head=whole_head):
                 pass
-            out.append(fwd.logits.clone())
+            assert (fwd.logits is None) == argmax_only and (fwd.tokens is None) != argmax_only
+            out.append(fwd.tokens if argmax_only else fwd.logits.clone())
     return r, out
+
+
+@pytest.mark.parametrize("prepack", [True, False])
+def test_argmax_only_rows_get_the_argmax_of_the_full_logits(tiny_base, prepack, monkeypatch):
+    """Without the greedy head, argmax-only rows reduce each LM-head slice as it is computed: the
+    tokens are the argmax of the logits the same forward stores for other rows, whole or sliced."""
+    from adapterctl.server.engine.runner import Forward
+
+    monkeypatch.setattr(Forward, "head_chunk", 1000)  # several head slices on the tiny vocab
+    for rows in (1, 9):
+        _, full = _step_logits(tiny_base, rows, True, prepack=prepack, greedy_head=False)
+        for whole_head in (True, False):
+            _, tokens = _step_logits(tiny_base, rows, whole_head, argmax_only=True, prepack=prepack,
+                                     greedy_head=False)
+            assert tokens == [logits.argmax(-1).tolist() for logits in full]
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -158,8 +175,15 @@ def test_prepared_weights_are_exact_from_8_rows_and_keep_the_plain_fallback():
     w, b = torch.randn(96, 48), torch.randn(96)
     assert kernels.prepare(torch_linear, w) is w
     wb = w.bfloat16()
-    assert kernels.prepare(kernels.onednn_linear, wb) is wb  # bf16: no blocked layout, the weight itself
-    if not kernels._reorder_runs():
+    if kernels._reorder_runs(torch.bfloat16):  # oneDNN runs bf16 natively (AVX512-BF16 / AMX)
+        xb = torch.randn(5, 48).bfloat16()
+        packed = kernels.prepare(kernels.onednn_linear, wb)
+        assert packed is not wb and packed.is_mkldnn
+        torch.testing.assert_close(kernels.onednn_linear(xb, packed), kernels.onednn_linear(xb, wb))
+    else:
+        assert kernels.prepare(kernels.onednn_linear, wb) is wb  # bf16 emulated: the weight itself
+    assert kernels.prepare(kernels.upcast_linear, wb) is wb
+    if not kernels._reorder_runs(torch.float32):
         pytest.skip("this torch build cannot reorder oneDNN weights")
     packed = kernels.prepare(kernels.onednn_linear, w)
     assert packed is not w and packed.is_mkldnn
@@ -178,7 +202,7 @@ def test_prepacked_step_matches_the_plain_layout(tiny_base, rows, monkeypatch):
     from adapterctl.server.engine import kernels
     from adapterctl.server.engine.runner import Forward
 
-    if not kernels._reorder_runs():
+    if not kernels._reorder_runs(torch.float32):
         pytest.skip("this torch build cannot reorder oneDNN weights")
     monkeypatch.setattr(Forward, "head_chunk", 1000)  # several head slices on the tiny vocab
 

@@ -1,0 +1,197 @@
+"""The int8 x int16 estimators of an LM head's logits (:mod:`greedy_head`), one interface, two
+kernels: ``gemv_i8.c`` (AVX2: ``vpmaddwd`` on a copy packed four vocabulary rows per line) and
+``gemv_i8_amx.c`` (Intel AMX: int8 tiles, x split exactly into two int8 halves).
+
+Both compute ``A[r, v] = scale[v] * sx[r] * sum_k q[v, k] * xq[r, k]`` with ``xq`` x rounded to
+int16 per row (its largest error is returned as ``e[r]``), the products and sums exact in
+integers, one rounding to fp32 at the end; so the same bound holds for both. They differ in
+layout and speed: the AVX2 kernel is compute-bound beyond a few rows on an AVX2-only CPU, AMX
+streams the copy once per 24 rows (2-core Xeon VM, Gemma 3 270M head: 6.2 ms at 1 row, 8.3 at
+16, 18 at 32, 31 at 64, against 14 / 16 / 18 / 29 ms for oneDNN's bf16 head and 26 / - / 113 /
+103 ms for its fp32 head; scratch timings).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from adapterctl.server.engine import cpu_build
+
+log = logging.getLogger(__name__)
+
+MAX_K = 4096  # neither kernel's int32 sums can overflow up to this input width
+
+
+class Estimator(Protocol):
+    """An int8 estimate kernel: its weight layout, its run, and how many rows it pays off for."""
+
+    name: str
+    k_multiple: int  # the input width must be a multiple of this
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """``q`` int8 [n, k] in the kernel's layout (zero rows pad n)."""
+
+    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+            ex: torch.Tensor) -> bool:
+        """Write ``A`` into ``out`` fp32 [rows, n] (unit column stride) and ``e`` into ``ex`` fp32
+        [rows] for ``x`` fp32 [rows, k] contiguous and finite; False when out of memory."""
+
+    def max_rows(self, dtype: torch.dtype) -> int:
+        """Most rows for which the estimate beats the full head in ``dtype``."""
+
+
+def _ptrs(*tensors: torch.Tensor) -> list[int]:
+    return [t.data_ptr() for t in tensors]
+
+
+class Avx2Estimator:
+    """``gemv_i8.c``: 4 vocabulary rows x 16 inputs per 64-byte line, read in order."""
+
+    name, k_multiple = "avx2", 16
+    GROUP, CHUNK = 4, 16
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """[ceil(n / 4), k / 16, 4, 16]."""
+        n, k = q.shape
+        q = torch.cat([q, q.new_zeros(-n % self.GROUP, k)])
+        return q.view(-1, self.GROUP, k // self.CHUNK, self.CHUNK).transpose(1, 2).contiguous()
+
+    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+            ex: torch.Tensor) -> bool:
+        q, s, xp, o, e = _ptrs(packed, scale, x, out, ex)
+        return self.lib.gemv_i8(q, s, scale.shape[0], x.shape[1], xp, x.shape[0], o, out.stride(0), e,
+                                torch.get_num_threads()) == 0
+
+    def max_rows(self, dtype: torch.dtype) -> int:
+        # 1.16-1.55x on the bf16 step at 1-16 rows (step_bench, AVX2 host); C GEMV's limit
+        return 32
+
+
+class AmxEstimator:
+    """``gemv_i8_amx.c``: TDPBSSD's B operand, one 1 KiB tile per 16 vocabulary rows x 64 inputs;
+    x is rounded to int16 by ``gemv_i8.c``'s ``quantize_rows``."""
+
+    name, k_multiple = "amx", 64
+    ROWS_PER_PASS = 24  # gemv_i8_amx.c: x rows a pass over the copy serves
+    XMAX = 127 * 256 + 127  # |int16 x| whose high byte stays in [-127, 127]
+
+    def __init__(self, lib: ctypes.CDLL, amx: ctypes.CDLL) -> None:
+        self.lib, self.amx = lib, amx
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        """[ceil(n / 16), k / 64, 16, 16, 4]: tile row i holds inputs 4i..4i+3 of each of 16 rows."""
+        n, k = q.shape
+        q = torch.cat([q, q.new_zeros(-n % 16, k)])
+        return q.view(-1, 16, k // 64, 16, 4).permute(0, 2, 3, 1, 4).contiguous()
+
+    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
+            ex: torch.Tensor) -> bool:
+        rows, k = x.shape
+        xq, sx = torch.empty(rows, k, dtype=torch.int16), torch.empty(rows, dtype=torch.float64)
+        self.lib.quantize_rows(x.data_ptr(), rows, k, float(self.XMAX), xq.data_ptr(), sx.data_ptr(), ex.data_ptr())
+        q, s, xp, sp, o = _ptrs(packed, scale, xq, sx, out)
+        return self.amx.gemv_i8_amx(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0),
+                                    torch.get_num_threads()) == 0
+
+    def max_rows(self, dtype: torch.dtype) -> int:
+        # bf16: one pass (at 32 rows AMX's bf16 head costs the same as the estimate); fp32: the
+        # estimate stays under the fp32 head's time at any batch the engine runs (113 vs 18 ms at 32)
+        return self.ROWS_PER_PASS if dtype == torch.bfloat16 else 256
+
+
+SOURCE = Path(__file__).with_name("gemv_i8.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+AMX_SOURCE = Path(__file__).with_name("gemv_i8_amx.c")
+AMX_FLAGS = ("-O3", "-mavx512f", "-mavx512dq", "-mamx-tile", "-mamx-int8", "-fopenmp", "-shared", "-fPIC")
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The AVX2 kernels (the estimate and ``select_candidates``) after a passing probe, or None
+    (logged once, with why)."""
+    lib = cpu_build.load(SOURCE, FLAGS, "int8 greedy LM head")
+    if lib is None:
+        return None
+    long, ptr = ctypes.c_long, ctypes.c_void_p
+    lib.gemv_i8.argtypes = [ptr, ptr, long, long, ptr, long, ptr, long, ptr, ctypes.c_int]
+    lib.gemv_i8.restype = ctypes.c_int
+    lib.select_candidates.argtypes = [ptr, long, ptr, ptr, ptr, ptr, ctypes.c_float, long, long, long, ptr, ptr]
+    lib.select_candidates.restype = ctypes.c_int
+    lib.quantize_rows.argtypes = [ptr, long, long, ctypes.c_double, ptr, ptr, ptr]
+    lib.quantize_rows.restype = None
+    if not probe(Avx2Estimator(lib)):
+        log.warning("int8 greedy LM head failed its probe against exact arithmetic; using the full head")
+        return None
+    return lib
+
+
+@functools.cache
+def amx_library() -> ctypes.CDLL | None:
+    """The AMX estimate after the kernel granted the tile state and passed its probe, or None
+    (no AMX-INT8 here, no compiler that knows AMX, or the probe failed; logged when unexpected)."""
+    base = library()
+    if base is None or not amx_host():
+        return None
+    lib = cpu_build.load(AMX_SOURCE, AMX_FLAGS, "AMX int8 LM-head estimate")
+    if lib is None:
+        return None
+    long, ptr = ctypes.c_long, ctypes.c_void_p
+    lib.gemv_i8_amx.argtypes = [ptr, ptr, long, long, ptr, ptr, long, ptr, long, ctypes.c_int]
+    lib.gemv_i8_amx.restype = ctypes.c_int
+    lib.amx_init.restype = ctypes.c_int
+    if lib.amx_init() != 0:
+        log.warning("Linux did not grant the AMX tile state; using the AVX2 int8 estimate")
+        return None
+    if not probe(AmxEstimator(base, lib)):
+        log.warning("AMX int8 estimate failed its probe against exact arithmetic; using the AVX2 one")
+        return None
+    return lib
+
+
+def amx_host() -> bool:
+    """The CPU has AMX tiles with int8 (Linux's /proc/cpuinfo flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "amx_tile" in flags and "amx_int8" in flags
+
+
+def estimator(k: int) -> Estimator | None:
+    """The fastest estimator that runs here for input width ``k`` (AMX, else AVX2), or None. Both
+    need the AVX2 library (candidate selection lives there)."""
+    lib = library()
+    if lib is None or k % Avx2Estimator.k_multiple or k > MAX_K:
+        return None
+    amx = amx_library() if k % AmxEstimator.k_multiple == 0 else None
+    return AmxEstimator(lib, amx) if amx is not None else Avx2Estimator(lib)
+
+
+def probe(est: Estimator) -> bool:
+    """Every row count up to a pass and more, and a ragged vocabulary, stay within x's rounding of
+    exact arithmetic, as the bound assumes, and x's rounding is int16-fine."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (37, 128), generator=gen, dtype=torch.int8)
+    scale = torch.rand(37, generator=gen) + 0.5
+    x = torch.randn(30, 128, generator=gen).bfloat16().float()
+    x[3, 5] = 200.0  # one row whose int16 step is coarse
+    packed = est.pack(q)
+    want = (x.double() @ q.double().T) * scale.double()
+    for rows in (1, 2, 3, 7, 30):
+        out, ex = torch.empty(rows, 37), torch.empty(rows)
+        if not est.run(packed, scale, x[:rows].contiguous(), out, ex):
+            return False
+        slack = (scale.double() * q.double().abs().sum(1))[None] * ex.double()[:, None] + 2.0 ** -22 * want[:rows].abs()
+        if not (((out.double() - want[:rows]).abs() <= slack).all()
+                and (ex < x[:rows].abs().amax(1) * 2.0 ** -15).all()):
+            return False
+    return True
