@@ -68,3 +68,17 @@ def load(source: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("%s unavailable, using ATen's: %s", what, exc)
         return None
+
+
+def main() -> None:
+    """``python -m adapterctl.server.engine.cpu_build``: build every kernel of the package (the
+    images do this at build time, then drop the compiler) and print each library's path."""
+    from adapterctl.server.engine import cpu_fused, cpu_gemv, int8_gemv
+
+    for source, flags in ((cpu_gemv.SOURCE, cpu_gemv.FLAGS), (cpu_fused.SOURCE, cpu_fused.FLAGS),
+                          (int8_gemv.SOURCE, int8_gemv.FLAGS), (int8_gemv.AMX_SOURCE, int8_gemv.AMX_FLAGS)):
+        print(build(source, flags))
+
+
+if __name__ == "__main__":
+    main()

@@ -32,9 +32,6 @@ MAX_ROWS = 64  # rows (tokens x heads) per call; beyond, ATen's threaded ops
 DTYPES = (torch.bfloat16, torch.float32)  # what the norm and the rotation take
 
 
-def _build() -> Path:
-    return cpu_build.build(SOURCE, FLAGS)
-
 
 @functools.cache
 def library() -> ctypes.CDLL | None:

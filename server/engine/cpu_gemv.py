@@ -30,10 +30,6 @@ MAX_ROWS = 32  # rows beyond it use the upcast GEMM (kernels.upcast_blocks)
 K_MULTIPLE = 16  # the kernel reads 16 weights at a time
 
 
-def _build() -> Path:
-    """The shared library's path (see :func:`cpu_build.build`)."""
-    return cpu_build.build(SOURCE, FLAGS)
-
 
 @functools.cache
 def library() -> ctypes.CDLL | None:

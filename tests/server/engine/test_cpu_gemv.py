@@ -108,12 +108,24 @@ def test_build_is_cached_atomic_and_a_failing_compiler_leaves_nothing(tmp_path, 
     if not BUILDS_HERE:
         pytest.skip("needs a C compiler and an AVX2 x86-64 CPU")
     monkeypatch.setenv("ADAPTERCTL_KERNEL_CACHE", str(tmp_path / "k"))
-    built = cpu_gemv._build()
+    built = cpu_build.build(cpu_gemv.SOURCE, cpu_gemv.FLAGS)
     assert built.parent == tmp_path / "k" and built.name.startswith("gemv_bf16-") and built.stat().st_size > 0
     mtime = built.stat().st_mtime_ns
-    assert cpu_gemv._build() == built and built.stat().st_mtime_ns == mtime  # not rebuilt
+    assert cpu_build.build(cpu_gemv.SOURCE, cpu_gemv.FLAGS) == built and built.stat().st_mtime_ns == mtime
     assert [p.name for p in (tmp_path / "k").iterdir()] == [built.name]  # no temporary left
     monkeypatch.setenv("CC", "false")  # a compiler that fails: a different digest, so a fresh build
     with pytest.raises(RuntimeError, match="false failed"):
-        cpu_gemv._build()
+        cpu_build.build(cpu_gemv.SOURCE, cpu_gemv.FLAGS)
     assert [p.name for p in (tmp_path / "k").iterdir()] == [built.name]
+
+
+def test_every_kernel_builds_for_the_image(tmp_path, monkeypatch, capsys):
+    """``python -m adapterctl.server.engine.cpu_build`` (the images' build step) compiles each C
+    source of the package, the AMX one too (compiling needs no AMX CPU)."""
+    if not BUILDS_HERE:
+        pytest.skip("needs a C compiler and an AVX2 x86-64 CPU")
+    monkeypatch.setenv("ADAPTERCTL_KERNEL_CACHE", str(tmp_path / "k"))
+    cpu_build.main()
+    built = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "k").iterdir()}
+    assert built == {"gemv_bf16", "cpu_fused", "gemv_i8", "gemv_i8_amx"}
+    assert len(capsys.readouterr().out.split()) == 4
