@@ -89,8 +89,13 @@ class Timed:
 
 
 async def timed_generate(engine, request) -> Timed:
+    """One request's submit, first-token and done times. The calling thread first gives back its
+    OpenMP pool (a baseline run here since the engine started may have made one), so that the
+    engine's decode thread computes with the only pool, as when serving (server/omp.py)."""
+    from adapterctl.server import omp
     from adapterctl.server.types import GenerationResult
 
+    omp.release_pool()
     rec = Timed(time.monotonic())
     async for item in engine.generate(request):
         if rec.first is None and getattr(item, "token_ids", None):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 from adapterctl.basemodel import BaseModel
 from adapterctl.errors import NotFound
 from adapterctl.refs import parse_ref, validate_name
+from adapterctl.server import omp
 from adapterctl.server.cache.config import AdapterStoreConfig
 from adapterctl.server.cache.disk import DiskTier
 from adapterctl.server.cache.listing import RegistryListing
@@ -59,7 +60,9 @@ class AdapterStore:
         )
         assert config.cache_dir is not None  # AdapterStoreConfig defaults it
         self._disk = DiskTier(config.cache_dir, config.disk_max_bytes, self._observer, verify=config.verify_disk)
-        self._executor = concurrent.futures.ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-load")
+        # serial torch on the load threads: no OpenMP pool beside the decode thread's (server/omp.py)
+        self._executor = concurrent.futures.ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-load",
+                                                               initializer=omp.serial_thread)
         self._inflight: dict[str, concurrent.futures.Future[LoadedAdapter]] = {}
         self._inflight_lock = threading.RLock()
         self._report_host()

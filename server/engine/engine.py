@@ -20,6 +20,7 @@ import torch
 
 from adapterctl.basemodel import BaseModel
 from adapterctl.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from adapterctl.server import omp
 from adapterctl.server.engine.admin import AdapterAdmin
 from adapterctl.server.engine.config import EngineConfig
 from adapterctl.server.engine.dtypes import resolve_dtype
@@ -88,12 +89,31 @@ class BatchingEngine:
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        """Load tokenizer and model off the event loop, then start the decode thread."""
+        """Start the decode thread, which loads tokenizer and model and then serves; returns once
+        loaded (raising what loading raised). The calling thread gives back its OpenMP pool:
+        the decode thread's must be the only one (see :mod:`adapterctl.server.omp`)."""
         if self._thread is not None:
             return
-        await asyncio.to_thread(self._load)
-        self._thread = threading.Thread(target=self._loop, name="batching-engine", daemon=True)
+        omp.release_pool()
+        loaded: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(loaded,), name="batching-engine", daemon=True)
         self._thread.start()
+        try:
+            await asyncio.wrap_future(loaded)
+        except BaseException:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            raise
+
+    def _run(self, loaded: concurrent.futures.Future) -> None:
+        """The decode thread: load (all of the engine's compute runs on this thread), then serve."""
+        try:
+            self._load()
+        except BaseException as exc:
+            loaded.set_exception(exc)
+            return
+        loaded.set_result(None)
+        self._loop()
 
     def _load(self) -> None:
         from adapterctl.basemodel import load_model, load_tokenizer
