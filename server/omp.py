@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from pathlib import Path
 
 import torch
 
@@ -27,19 +28,21 @@ OMP_PAUSE_HARD = 2  # omp_pause_resource_t: free the calling thread's pool and i
 
 @functools.cache
 def libgomp() -> ctypes.CDLL | None:
-    """The libgomp torch loaded (found in ``/proc/self/maps``), or None (not Linux, or a torch
-    built without it)."""
+    """The libgomp torch loaded, or None (not Linux, a torch without it, or several copies mapped
+    and none of them torch's). Other wheels vendor their own under other names (sentencepiece's
+    ``libgomp-<hash>.so``): pausing that one would leave torch's pool alone."""
     torch.get_num_threads()  # torch loads its OpenMP runtime at first use
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libgomp" in line and line.split()[-1].startswith("/")}
     except OSError:
         return None
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)
-        if hasattr(lib, "omp_pause_resource_all") and hasattr(lib, "omp_set_num_threads"):
-            return lib
-    return None
+    own = [p for p in paths if Path(p).parent == Path(torch.__file__).parent / "lib"]
+    path = own[0] if own else next(iter(paths)) if len(paths) == 1 else None
+    if path is None:
+        return None
+    lib = ctypes.CDLL(path)
+    return lib if hasattr(lib, "omp_pause_resource_all") and hasattr(lib, "omp_set_num_threads") else None
 
 
 def release_pool() -> bool:
