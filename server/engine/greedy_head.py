@@ -48,7 +48,11 @@ REL = {torch.bfloat16: 2.0 ** -8 + 2.0 ** -22, torch.float32: 2.0 ** -21}
 class GreedyHead:
     """The int8 copy of ``weight`` [vocab, k] (the model's LM head, bf16 or fp32) and its bounds."""
 
+    @torch.no_grad()
     def __init__(self, weight: torch.Tensor, gemm: Gemm, est: int8_gemv.Estimator) -> None:
+        # detached: a model's head is a Parameter that requires grad, and copying its blocks' results
+        # into scale/coef/qa would keep every block's intermediates alive in a graph (~6 GB, Gemma)
+        weight = weight.detach()
         self.weight, self.gemm, self.est = weight, gemm, est
         self.rel = REL[weight.dtype]
         vocab, k = weight.shape
