@@ -32,11 +32,12 @@ def test_quick_bench_prints_every_key(gemma_base):
 def test_gemm_bench_times_the_engine_kernel_against_aten(gemma_base):
     """``bench.gemm_bench`` on the real model's shapes: every shape has a measured speedup,
     and the kernel it names is the one the engine picks for that dtype on this CPU (the C GEMV
-    for 8 bf16 rows where it loads, then also timed against the upcast)."""
+    for 8 bf16 rows where it loads, then also timed against the upcast; oneDNN on weights in its
+    own layout where the CPU has bf16 arithmetic)."""
     import torch
 
     from adapterctl.server.engine import cpu_gemv
-    from adapterctl.server.engine.kernels import pick_gemm, upcast_linear
+    from adapterctl.server.engine.kernels import pick_gemm, prepare, upcast_linear
 
     repo = Path(__file__).resolve().parents[2]
     done = subprocess.run([sys.executable, "-m", "bench.gemm_bench", "--rows", "8", "--dtypes", "bfloat16"], cwd=repo,
@@ -47,6 +48,7 @@ def test_gemm_bench_times_the_engine_kernel_against_aten(gemma_base):
     assert all(last[f"gemm_speedup_bf16_{s}_b8"] > 0 for s in shapes) and last["gemm_step_ms_bf16_b8"] > 0
     auto = pick_gemm("auto", torch.device("cpu"), torch.bfloat16)
     gemv = auto is upcast_linear and cpu_gemv.library() is not None
-    kernel = "cpu_gemv" if gemv else auto.__name__
+    probe = torch.ones(16, 16, dtype=torch.bfloat16)
+    kernel = "cpu_gemv" if gemv else auto.__name__ + ("" if prepare(auto, probe) is probe else "+prepacked")
     assert all(f" {kernel} " in line for line in done.stderr.splitlines() if line.startswith("bf16 rows"))
     assert all((f"gemm_gemv_over_upcast_bf16_{s}_b8" in last) == gemv for s in shapes)

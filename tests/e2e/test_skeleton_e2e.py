@@ -79,6 +79,8 @@ def test_train_publish_serve_generate(gemma_base, s3_registry_uri, moto_server, 
             "0",
             "--ready-file",
             str(ready),
+            "--dtype",  # the reference below is fp32 PEFT: auto picks bf16 on AVX512-BF16/AMX hosts
+            "float32",
         ],
         env=env,
         cwd=tmp_path,

@@ -98,7 +98,8 @@ def _engine_server(tmp_path_factory, published, tiny_base):
     bg = start_server(tmp_path_factory.mktemp("grpc-server"), uri=uri,
                       alias_refresh=3600,  # aliases move only through the RefreshAliases RPC here
                       base_model=str(tiny_base.path), max_lora_rank=8, max_waiting=1, max_running_requests=1,
-                      metrics_max_adapters=3, max_new_tokens_limit=2000, max_prompt_tokens=40)
+                      metrics_max_adapters=3, max_new_tokens_limit=2000, max_prompt_tokens=40,
+                      dtype="float32")  # tests compare with fp32 PEFT; auto picks bf16 on AMX hosts
     yield bg
     bg.stop()
 

@@ -22,7 +22,8 @@ def http_server(tmp_path_factory, published, tiny_base):
     uri, _ = published
     bg = start_server(tmp_path_factory.mktemp("http-server"), uri=uri, alias_refresh=3600,
                       base_model=str(tiny_base.path), max_lora_rank=8, max_running_requests=8,
-                      max_new_tokens_limit=256, max_prompt_tokens=200)
+                      max_new_tokens_limit=256, max_prompt_tokens=200,
+                      dtype="float32")  # tests compare with fp32 PEFT; auto picks bf16 on AMX hosts
     yield bg
     bg.stop()
 
