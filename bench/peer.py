@@ -32,7 +32,8 @@ DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 KEYS = ("vs_vllm_mixed_fp32", "vs_vllm_base_fp32", "vs_vllm_mixed_bf16", "vs_vllm_base_bf16", "vs_vllm_single_bf16")
 ROOT = Path(__file__).resolve().parents[1]
 # The ISA features that decide which kernels either system can use on a CPU.
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+             "amx_tile")
 
 
 def _log(msg: str) -> None:

@@ -8,9 +8,9 @@ Semantics every backend implements, for each token ``t`` with slot ``s = token_s
 ``A[s]`` is ``[max_rank, in]`` and ``Bt[s]`` is ``[max_rank, out]``, zero beyond the
 adapter's rank, so adapters of different ranks share one bank exactly; slicing a rank
 prefix ``[:, :r]`` keeps each slot's block contiguous. In fp32 the scale is applied to
-the rank-``r`` product and the delta fused into ``y`` (``addmm``); in bf16/fp16 the delta
-is rounded as PEFT rounds it (``B(A(x))``, times scale, then added), so greedy tokens
-agree with PEFT run in the same dtype.
+the rank-``r`` product (a segment's delta is fused into ``y`` by ``addmm``, gathered rows'
+delta added after one ``bmm``); in bf16/fp16 the delta is rounded as PEFT rounds it
+(``B(A(x))``, times scale, then added), so greedy tokens agree with PEFT run in the same dtype.
 """
 from __future__ import annotations
 
@@ -94,18 +94,16 @@ class GatherBackend(LoraBackend):
             bt = w.Bt[:, :rank].index_select(0, slots)  # [n, r, out]
             sc = w.scale.index_select(0, slots)
         h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
-        if y.dtype != torch.float32:  # half precision: PEFT's rounding order, (B(A(x)) * scale) then add
+        if y.dtype == torch.float32:
+            delta = torch.bmm(h.mul_(sc.view(-1, 1, 1)), bt).squeeze(1)  # [n, out]
+        else:  # half precision: PEFT's rounding order, (B(A(x)) * scale) then add
             delta = torch.bmm(h, bt).squeeze(1).mul_(sc.view(-1, 1))
-            if full:
-                y.add_(delta)
-            else:
-                y.index_add_(0, meta.lora_tokens, delta)
-            return
-        h.mul_(sc.view(-1, 1, 1))
+        # one batched GEMM, then one add: baddbmm_ into y (a column slice of a packed q/k/v output)
+        # ran one addmm per token on CPU, ~8 ms of a 32-row fp32 step with 32 adapters
         if full:
-            y.unsqueeze(1).baddbmm_(h, bt)
+            y.add_(delta)
         else:
-            y.index_add_(0, meta.lora_tokens, torch.bmm(h, bt).squeeze(1))
+            y.index_add_(0, meta.lora_tokens, delta)
 
 
 class AutoBackend(LoraBackend):
