@@ -6,9 +6,9 @@ Both compute ``A[r, v] = scale[v] * sx[r] * sum_k q[v, k] * xq[r, k]`` with ``xq
 int16 per row (its largest error is returned as ``e[r]``), the products and sums exact in
 integers, one rounding to fp32 at the end; so the same bound holds for both. They differ in
 layout and speed: the AVX2 kernel is compute-bound beyond a few rows on an AVX2-only CPU, AMX
-streams the copy once per 24 rows (2-core Xeon VM, Gemma 3 270M head: 6.2 ms at 1 row, 8.3 at
-16, 18 at 32, 31 at 64, against 14 / 16 / 18 / 29 ms for oneDNN's bf16 head and 26 / - / 113 /
-103 ms for its fp32 head; scratch timings).
+streams the copy once per 24 rows (2-core Xeon VM, Gemma 3 270M head, scratch timings: 6.2 ms at
+1 row, 8.3 at 16, 18 at 32, 31 at 64; oneDNN's prepacked bf16 head 14.2 at 1 row, 13.8 at 4, 18.1
+at 32, 28.8 at 64; its fp32 head 26.0 at 1 row, 112.9 at 32, 103.2 at 64).
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ class Avx2Estimator:
                                 torch.get_num_threads()) == 0
 
     def max_rows(self, dtype: torch.dtype) -> int:
-        # 1.16-1.55x on the bf16 step at 1-16 rows (step_bench, AVX2 host); C GEMV's limit
+        # bf16: 1.16-1.55x on the step at 1-16 rows (step_bench, AVX2 host), up to the C GEMV's 32;
+        # fp32 on an AVX2 host is unmeasured (its full head there is compute-bound too)
         return 32
 
 
