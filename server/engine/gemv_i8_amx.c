@@ -6,9 +6,9 @@
    and the hi and lo rows ride in the same A tiles against one B tile of weights. The int32 tile
    sums are exact (k <= 4096: 4096 * 127 * 128 < 2^31), 256 * hi + lo is exact in double, so as in
    gemv_i8.c the only rounding after x's is the final one to fp32. One weight tile load serves up
-   to 24 rows of x (ROWS_PER_PASS); more rows take one pass per 24. On a 2-core Xeon VM one tile
-   multiply took ~44 ns a core (oneDNN's bf16 head runs at the same rate), so a pass is a pass
-   over memory up to ~16 rows and bound by the multiplies beyond.
+   to 24 rows of x (ROWS_PER_PASS); more rows take one pass per 24. On a 2-core Xeon VM a bare
+   tile multiply took ~5 ns, so a pass is bound by streaming q (and loading x's A tiles beside
+   it), not by AMX: 6-7 ms for Gemma's 168 MB up to 8 rows, ~10 ms at 24.
 
    q is packed as TDPBSSD's B operand: [n_pad / 16][k / 64][16][16][4] int8, i.e. per block of
    16 vocabulary rows and 64 inputs one 1 KiB tile whose row i holds, for each of the 16
