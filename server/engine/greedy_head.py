@@ -119,19 +119,19 @@ class GreedyHead:
         ``count`` int64 [rows]) for ``hs`` [rows, k]; None when a row is not finite or has more
         than ``MAX_CANDIDATES``."""
         rows = hs.shape[0]
-        x1 = hs.float().abs().sum(-1)  # [rows]
+        x = hs.float().contiguous()
+        x1 = x.abs().sum(-1)  # [rows]
         if not bool(torch.isfinite(x1).all()):
             return None
-        got = self.estimate(hs)
-        lib = int8_gemv.library()
-        if got is None or lib is None:
+        got = self.estimate(x)
+        if got is None:
             return None
         est, ex = got
         idx = torch.empty(rows, MAX_CANDIDATES, dtype=torch.int64)
         count = torch.empty(rows, dtype=torch.int64)
-        if lib.select_candidates(est.data_ptr(), est.stride(0), self.coef.data_ptr(), self.qa.data_ptr(),
-                                 x1.data_ptr(), ex.data_ptr(), self.rel, rows, est.shape[1], MAX_CANDIDATES,
-                                 idx.data_ptr(), count.data_ptr()):
+        if self.est.lib.select_candidates(est.data_ptr(), est.stride(0), self.coef.data_ptr(), self.qa.data_ptr(),
+                                          x1.data_ptr(), ex.data_ptr(), self.rel, rows, est.shape[1],
+                                          MAX_CANDIDATES, idx.data_ptr(), count.data_ptr()):
             return None
         return idx, count
 

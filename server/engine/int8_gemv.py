@@ -32,6 +32,7 @@ class Estimator(Protocol):
 
     name: str
     k_multiple: int  # the input width must be a multiple of this
+    lib: ctypes.CDLL  # gemv_i8.c's library: x's quantisation and candidate selection serve both
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """``q`` int8 [n, k] in the kernel's layout (zero rows pad n)."""
@@ -114,20 +115,28 @@ AMX_SOURCE = Path(__file__).with_name("gemv_i8_amx.c")
 AMX_FLAGS = ("-O3", "-mavx512f", "-mavx512dq", "-mamx-tile", "-mamx-int8", "-fopenmp", "-shared", "-fPIC")
 
 
+def _bind(lib: ctypes.CDLL, **signatures: tuple[list, object]) -> ctypes.CDLL:
+    """Declare each function's (argtypes, restype) on ``lib``."""
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
+_LONG, _PTR, _INT = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The AVX2 kernels (the estimate and ``select_candidates``) after a passing probe, or None
-    (logged once, with why)."""
+    """The AVX2 kernels (the estimate, x's quantisation and ``select_candidates``) after a passing
+    probe, or None (logged once, with why)."""
     lib = cpu_build.load(SOURCE, FLAGS, "int8 greedy LM head")
     if lib is None:
         return None
-    long, ptr = ctypes.c_long, ctypes.c_void_p
-    lib.gemv_i8.argtypes = [ptr, ptr, long, long, ptr, long, ptr, long, ptr, ctypes.c_int]
-    lib.gemv_i8.restype = ctypes.c_int
-    lib.select_candidates.argtypes = [ptr, long, ptr, ptr, ptr, ptr, ctypes.c_float, long, long, long, ptr, ptr]
-    lib.select_candidates.restype = ctypes.c_int
-    lib.quantize_rows.argtypes = [ptr, long, long, ctypes.c_double, ptr, ptr, ptr]
-    lib.quantize_rows.restype = None
+    _bind(lib, gemv_i8=([_PTR, _PTR, _LONG, _LONG, _PTR, _LONG, _PTR, _LONG, _PTR, _INT], _INT),
+          select_candidates=([_PTR, _LONG, _PTR, _PTR, _PTR, _PTR, ctypes.c_float, _LONG, _LONG, _LONG, _PTR, _PTR],
+                             _INT),
+          quantize_rows=([_PTR, _LONG, _LONG, ctypes.c_double, _PTR, _PTR, _PTR], None))
     if not probe(Avx2Estimator(lib)):
         log.warning("int8 greedy LM head failed its probe against exact arithmetic; using the full head")
         return None
@@ -144,10 +153,8 @@ def amx_library() -> ctypes.CDLL | None:
     lib = cpu_build.load(AMX_SOURCE, AMX_FLAGS, "AMX int8 LM-head estimate")
     if lib is None:
         return None
-    long, ptr = ctypes.c_long, ctypes.c_void_p
-    lib.gemv_i8_amx.argtypes = [ptr, ptr, long, long, ptr, ptr, long, ptr, long, ctypes.c_int]
-    lib.gemv_i8_amx.restype = ctypes.c_int
-    lib.amx_init.restype = ctypes.c_int
+    _bind(lib, gemv_i8_amx=([_PTR, _PTR, _LONG, _LONG, _PTR, _PTR, _LONG, _PTR, _LONG, _INT], _INT),
+          amx_init=([], _INT))
     if lib.amx_init() != 0:
         log.warning("Linux did not grant the AMX tile state; using the AVX2 int8 estimate")
         return None
