@@ -5,7 +5,11 @@ kernels: ``gemv_i8.c`` (AVX2: ``vpmaddwd`` on a copy packed four vocabulary rows
 Both compute ``A[r, v] = scale[v] * sx[r] * sum_k q[v, k] * xq[r, k]`` with ``xq`` x rounded to
 int16 per row (its largest error is returned as ``e[r]``), the products and sums exact in
 integers, one rounding to fp32 at the end; so the same bound holds for both. They differ in
-layout and speed: the AVX2 kernel is compute-bound beyond a few rows on an AVX2-only CPU, AMX
+layout and speed: the AVX2 kernel streams the copy once for any number of rows (each group of
+four vocabulary rows widened to int16 once, then served from L1 to every block of three x rows)
+and is compute-bound beyond a few rows on an AVX2-only CPU (AMD EPYC, 2 cores, same head: 9-15 ms
+at 1 row, 25 at 8, 89 at 32, 161 at 64, against oneDNN's prepacked fp32 head at 61-73, 84-98, 146,
+222-255; streaming the copy once per three rows had taken 125 at 32 rows and 242 at 64), AMX
 streams the copy once per 24 rows (2-core Xeon VM, Gemma 3 270M head, scratch timings: 6.2 ms at
 1 row, 8.3 at 16, 18 at 32, 31 at 64; oneDNN's prepacked bf16 head 14.2 at 1 row, 13.8 at 4, 18.1
 at 32, 28.8 at 64; its fp32 head 26.0 at 1 row, 112.9 at 32, 103.2 at 64).
@@ -72,9 +76,10 @@ class Avx2Estimator:
                                 torch.get_num_threads()) == 0
 
     def max_rows(self, dtype: torch.dtype) -> int:
-        # bf16: 1.16-1.55x on the step at 1-16 rows (step_bench, AVX2 host), up to the C GEMV's 32;
-        # fp32 on an AVX2 host is unmeasured (its full head there is compute-bound too)
-        return 32
+        # step_bench --baseline full_head on the AVX2 host, tokens identical: fp32 1.75x at 1 row,
+        # 1.31x at 32, 1.17x at 64; bf16 (whose head beyond 32 rows is the upcast fp32 GEMM) 1.57x
+        # at 32, 1.24x at 64. Beyond 64 rows: unmeasured.
+        return 64
 
 
 class AmxEstimator:

@@ -99,6 +99,21 @@ def test_bound_holds_on_every_logit(est, dtype):
     assert float(ex[2]) > 10 * float(ex[0]) > 0  # x's rounding is measured per row
 
 
+@pytest.mark.parametrize("est", ESTIMATORS)
+def test_a_batch_estimates_each_row_as_it_would_alone(est):
+    """However the kernel blocks rows (the AVX2 one serves blocks of three from one widened
+    group; AMX passes of 24), each row's estimate is bitwise its estimate alone: partial blocks,
+    a vocabulary that is not a multiple of any group, and more rows than one AMX pass."""
+    w = _head(4096 + 3, 128, 9)
+    head = GreedyHead(w, FP32_GEMM, est)
+    hs = torch.randn(26, 128, generator=torch.Generator().manual_seed(10)) * 3
+    batch, ex = head.estimate(hs)
+    batch, ex = batch.clone(), ex.clone()
+    for r in (0, 4, 9, 24, 25):
+        alone, ex_alone = head.estimate(hs[r: r + 1])
+        assert torch.equal(batch[r], alone[0]) and torch.equal(ex[r], ex_alone[0])
+
+
 def _exact_int8_head(vocab: int, k: int, seed: int) -> torch.Tensor:
     """Weights q / 64 with integer q, |q| <= 127 and 127 in column 0 of every row: the int8 copy
     is exact (scale 1/64), so only x's rounding, the sums and bf16's rounding remain."""
