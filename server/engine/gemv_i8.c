@@ -158,50 +158,59 @@ int gemv_i8(const int8_t *q, const float *scale, long n_out, long k, const float
     return 0;
 }
 
-/* The candidates of each row r of est [rows, n_out] (row stride ld): the v with
+/* The candidates of row r of est (row stride ld): the v with
    est + d >= max_u (est_u - d_u), d_v = coef[v] * x1[r] + qa[v] * ex[r] + rel * |est_v|
-   (greedy_head.py's bound). Writes row r's indices, ascending, to idx[r * cap ...] and their
-   count to count[r]; returns 0, or -1 when a row has more than cap (idx and count then partly
-   written). */
-int select_candidates(const float *est, long ld, const float *coef, const float *qa, const float *x1,
-                      const float *ex, float rel, long rows, long n_out, long cap, int64_t *idx, int64_t *count) {
+   (greedy_head.py's bound). Writes them, ascending, to idx[r * cap ...] and their count to
+   count[r]; returns 0, or -1 when the row has more than cap (idx then partly written). */
+static int select_row(const float *est, long ld, const float *coef, const float *qa, const float *x1,
+                      const float *ex, float rel, long r, long n_out, long cap, int64_t *idx, int64_t *count) {
     const __m256 relv = _mm256_set1_ps(rel), sign = _mm256_set1_ps(-0.0f);
 #define BOUND(v) _mm256_fmadd_ps(_mm256_loadu_ps(coef + (v)), xr,                                  \
                                  _mm256_fmadd_ps(_mm256_loadu_ps(qa + (v)), er, _mm256_mul_ps(relv, _mm256_andnot_ps(sign, ev))))
 #define BOUND1(t) fmaf(coef[t], x1[r], fmaf(qa[t], ex[r], rel * fabsf(e[t])))
-    for (long r = 0; r < rows; r++) {
-        const float *e = est + r * ld;
-        const __m256 xr = _mm256_set1_ps(x1[r]), er = _mm256_set1_ps(ex[r]);
-        __m256 lows = _mm256_set1_ps(-INFINITY);
-        long v = 0;
-        for (; v + 8 <= n_out; v += 8) {
-            __m256 ev = _mm256_loadu_ps(e + v);
-            lows = _mm256_max_ps(lows, _mm256_sub_ps(ev, BOUND(v)));
-        }
-        float lane[8], floor = -INFINITY;
-        _mm256_storeu_ps(lane, lows);
-        for (int j = 0; j < 8; j++) floor = lane[j] > floor ? lane[j] : floor;
-        for (long t = v; t < n_out; t++) {
-            float low = e[t] - BOUND1(t);
-            floor = low > floor ? low : floor;
-        }
-        const __m256 floorv = _mm256_set1_ps(floor);
-        long c = 0;
-        for (v = 0; v + 8 <= n_out; v += 8) {
-            __m256 ev = _mm256_loadu_ps(e + v);
-            int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(ev, BOUND(v)), floorv, _CMP_GE_OQ));
-            while (hit) {
-                if (c == cap) return -1;
-                idx[r * cap + c++] = v + __builtin_ctz(hit);
-                hit &= hit - 1;
-            }
-        }
-        for (long t = v; t < n_out; t++)
-            if (e[t] + BOUND1(t) >= floor) {
-                if (c == cap) return -1;
-                idx[r * cap + c++] = t;
-            }
-        count[r] = c;
+    const float *e = est + r * ld;
+    const __m256 xr = _mm256_set1_ps(x1[r]), er = _mm256_set1_ps(ex[r]);
+    __m256 lows = _mm256_set1_ps(-INFINITY);
+    long v = 0;
+    for (; v + 8 <= n_out; v += 8) {
+        __m256 ev = _mm256_loadu_ps(e + v);
+        lows = _mm256_max_ps(lows, _mm256_sub_ps(ev, BOUND(v)));
     }
+    float lane[8], floor = -INFINITY;
+    _mm256_storeu_ps(lane, lows);
+    for (int j = 0; j < 8; j++) floor = lane[j] > floor ? lane[j] : floor;
+    for (long t = v; t < n_out; t++) {
+        float low = e[t] - BOUND1(t);
+        floor = low > floor ? low : floor;
+    }
+    const __m256 floorv = _mm256_set1_ps(floor);
+    long c = 0;
+    for (v = 0; v + 8 <= n_out; v += 8) {
+        __m256 ev = _mm256_loadu_ps(e + v);
+        int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_add_ps(ev, BOUND(v)), floorv, _CMP_GE_OQ));
+        while (hit) {
+            if (c == cap) return -1;
+            idx[r * cap + c++] = v + __builtin_ctz(hit);
+            hit &= hit - 1;
+        }
+    }
+    for (long t = v; t < n_out; t++)
+        if (e[t] + BOUND1(t) >= floor) {
+            if (c == cap) return -1;
+            idx[r * cap + c++] = t;
+        }
+    count[r] = c;
     return 0;
+}
+
+/* select_row for every row of est [rows, n_out], rows split between threads; returns 0, or -1
+   when some row has more than cap candidates (idx and count then partly written). */
+int select_candidates(const float *est, long ld, const float *coef, const float *qa, const float *x1,
+                      const float *ex, float rel, long rows, long n_out, long cap, int64_t *idx, int64_t *count,
+                      int threads) {
+    int failed = 0;
+    _Pragma("omp parallel for schedule(static) num_threads(threads) reduction(|: failed)")
+    for (long r = 0; r < rows; r++)
+        failed |= select_row(est, ld, coef, qa, x1, ex, rel, r, n_out, cap, idx, count) != 0;
+    return failed ? -1 : 0;
 }

@@ -131,7 +131,8 @@ class GreedyHead:
         count = torch.empty(rows, dtype=torch.int64)
         if self.est.lib.select_candidates(est.data_ptr(), est.stride(0), self.coef.data_ptr(), self.qa.data_ptr(),
                                           x1.data_ptr(), ex.data_ptr(), self.rel, rows, est.shape[1],
-                                          MAX_CANDIDATES, idx.data_ptr(), count.data_ptr()):
+                                          MAX_CANDIDATES, idx.data_ptr(), count.data_ptr(),
+                                          min(rows, torch.get_num_threads())):
             return None
         return idx, count
 

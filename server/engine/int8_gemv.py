@@ -139,8 +139,8 @@ def library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     _bind(lib, gemv_i8=([_PTR, _PTR, _LONG, _LONG, _PTR, _LONG, _PTR, _LONG, _PTR, _INT], _INT),
-          select_candidates=([_PTR, _LONG, _PTR, _PTR, _PTR, _PTR, ctypes.c_float, _LONG, _LONG, _LONG, _PTR, _PTR],
-                             _INT),
+          select_candidates=([_PTR, _LONG, _PTR, _PTR, _PTR, _PTR, ctypes.c_float, _LONG, _LONG, _LONG, _PTR, _PTR,
+                              _INT], _INT),
           quantize_rows=([_PTR, _LONG, _LONG, ctypes.c_double, _PTR, _PTR, _PTR], None))
     if not probe(Avx2Estimator(lib)):
         log.warning("int8 greedy LM head failed its probe against exact arithmetic; using the full head")
