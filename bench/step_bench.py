@@ -73,8 +73,8 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
         if fused.greedy_head is None or not fused.greedy_head.takes(rows):
             raise SystemExit(f"--baseline full_head needs the greedy head for {rows} rows (an x86-64 CPU with AVX2 "
                              "and a C compiler; see greedy_head.max_rows)")
-        real = fused.greedy_head.candidates
-        fused.greedy_head.candidates = lambda hs: _counted(real(hs), kept)
+        real = fused.greedy_head.select
+        fused.greedy_head.select = lambda *a: _counted(real(*a), kept)
     t_old, t_new, identical, diff = [], [], True, 0.0
     for k in range(steps + 3):
         a, la = _step(unfused, rows, 20 + k, whole_head=same_layers, argmax_only=full_head)
@@ -98,7 +98,7 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
 
 
 def _counted(got, kept: list[int]):
-    """``GreedyHead.candidates``' result, recording its largest per-row count in ``kept``."""
+    """``GreedyHead.select``'s result, recording its largest per-row count in ``kept``."""
     if got is not None:
         kept.append(int(got[1].max()))
     return got

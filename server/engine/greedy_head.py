@@ -30,6 +30,7 @@ Only for rows whose sole consumer is ``argmax`` (greedy, no logprobs, no grammar
 from __future__ import annotations
 
 import logging
+from typing import Iterator
 
 import torch
 
@@ -76,6 +77,7 @@ class GreedyHead:
             self.qa[lo: lo + QUANT_BLOCK] = (scale.double() * qf.double().abs().sum(1) * 1.01).float()
         self.q = est.pack(q)  # the kernel's layout
         self._est = torch.empty(0)  # [rows, vocab] estimate scratch, reused (it never leaves tokens())
+        self._spare: list[torch.Tensor] = []  # pieces()' estimate buffers, free for reuse
 
     @classmethod
     def build(cls, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
@@ -102,31 +104,72 @@ class GreedyHead:
     def takes(self, rows: int) -> bool:
         return 1 <= rows <= self.max_rows
 
-    def estimate(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def estimate(self, hs: torch.Tensor, lo: int = 0, hi: int | None = None, scratch: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(``A`` fp32 [rows, vocab], the int8 estimates of the logits of ``hs`` [rows, k], ``e``
-        fp32 [rows], the error of x's rounding in them); None when out of memory. ``A`` is this
-        head's scratch: valid until the next call."""
+        fp32 [rows], the error of x's rounding in them); None when out of memory. Only vocabulary
+        rows ``lo .. hi - 1`` of ``A`` are (re)computed (``lo`` a multiple of 64), each bitwise as
+        in a whole pass. ``A`` is ``scratch[:rows]`` ([>= rows, vocab] fp32), by default this
+        head's own scratch: valid until the next call."""
         rows, vocab = hs.shape[0], self.scale.shape[0]
-        if self._est.shape[0] < rows:
-            self._est = torch.empty(rows, vocab)  # grown once: a fresh [32, 262k] costs ~8 ms of page faults
-        out, ex = self._est[:rows], torch.empty(rows)
-        if not self.est.run(self.q, self.scale, hs.float().contiguous(), out, ex):
+        hi = vocab if hi is None else hi
+        if scratch is None:
+            if self._est.shape[0] < rows:
+                self._est = torch.empty(rows, vocab)  # grown once: a fresh [32, 262k] costs ~8 ms of page faults
+            scratch = self._est
+        out, ex = scratch[:rows], torch.empty(rows)
+        per = self.q[0].numel() // hs.shape[1]  # vocabulary rows per leading index of the packed copy
+        assert lo % per == 0, (lo, per)
+        if not self.est.run(self.q[lo // per: -(-hi // per)], self.scale[lo:hi], hs.float().contiguous(),
+                            out[:, lo:hi], ex):
             return None
         return out, ex
+
+    def pieces(self, hs: torch.Tensor, chunk: int) -> Iterator[bool | tuple[torch.Tensor, torch.Tensor] | None]:
+        """:meth:`tokens` in steps, so a caller can serve other work between them: yields False
+        after each ``chunk`` vocabulary rows of the estimate but the last (``chunk`` a multiple
+        of 64), then the result of :meth:`tokens` (None: the caller runs the full head). Between
+        steps the caller may run other forwards, greedy heads included: each unfinished run holds
+        its own estimate buffer (kept for reuse after it; one per run nested at a time)."""
+        x = hs.float().contiguous()
+        x1 = x.abs().sum(-1)  # [rows]
+        if not bool(torch.isfinite(x1).all()):
+            yield None
+            return
+        vocab = self.scale.shape[0]
+        buf = self._spare.pop() if self._spare else torch.empty(0, vocab)
+        try:
+            if buf.shape[0] < x.shape[0]:
+                buf = torch.empty(x.shape[0], vocab)
+            for lo in range(0, vocab, chunk):
+                got = self.estimate(x, lo, min(lo + chunk, vocab), buf)
+                if got is None:
+                    yield None
+                    return
+                if lo + chunk < vocab:
+                    yield False
+            est, ex = got
+            picked = self.select(est, ex, x1)
+        finally:
+            self._spare.append(buf)
+        yield self._tokens(hs, picked)
 
     def candidates(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(``idx`` int64 [rows, MAX_CANDIDATES], row r's candidates ascending in ``idx[r, :count[r]]``;
         ``count`` int64 [rows]) for ``hs`` [rows, k]; None when a row is not finite or has more
         than ``MAX_CANDIDATES``."""
-        rows = hs.shape[0]
         x = hs.float().contiguous()
         x1 = x.abs().sum(-1)  # [rows]
         if not bool(torch.isfinite(x1).all()):
             return None
         got = self.estimate(x)
-        if got is None:
-            return None
-        est, ex = got
+        return None if got is None else self.select(*got, x1)
+
+    def select(self, est: torch.Tensor, ex: torch.Tensor, x1: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`candidates` from the estimate ``est`` [rows, vocab], ``ex`` [rows] and ``x1``
+        (the rows' L1 norms)."""
+        rows = est.shape[0]
         idx = torch.empty(rows, MAX_CANDIDATES, dtype=torch.int64)
         count = torch.empty(rows, dtype=torch.int64)
         if self.est.lib.select_candidates(est.data_ptr(), est.stride(0), self.coef.data_ptr(), self.qa.data_ptr(),
@@ -140,7 +183,11 @@ class GreedyHead:
         """(token ids int64 [rows], their logits [rows] in ``hs``'s dtype): each row's first maximum
         of its logits, for ``hs`` [rows, k]; None where :meth:`candidates` is (the caller then runs
         the full head)."""
-        got = self.candidates(hs)
+        return self._tokens(hs, self.candidates(hs))
+
+    def _tokens(self, hs: torch.Tensor, got: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`tokens` from the rows' candidates ``got`` (:meth:`candidates`' result)."""
         if got is None:
             return None
         idx, count = got

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -298,6 +298,9 @@ class Forward:
         # maxima, reduced slice by slice into _best: (value, index) [num_sampling]); logits stay None
         self.tokens: list[int] | None = None
         self._best: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the greedy head's estimate in vocabulary slices (GreedyHead.pieces; a slice per piece unless
+        # whole_head), None before the head's first piece, False where it does not apply or is done
+        self._greedy: Iterator[bool | tuple[torch.Tensor, torch.Tensor] | None] | Literal[False] | None = None
 
     @property
     def in_layers(self) -> bool:
@@ -337,12 +340,20 @@ class Forward:
             return False
         hs = self.hs
         assert hs is not None  # after the final norm
-        if self.head_at == 0:  # the head's first piece
-            if self.argmax_only and r.greedy_head is not None and r.greedy_head.takes(len(hs)):
-                got = r.greedy_head.tokens(hs)  # None: a row it cannot bound, so the full head
-                if got is not None:
-                    self.tokens, self.head_at = got[0].tolist(), vocab
-                    return False
+        if self._greedy is None:  # the head's first piece: the greedy head's estimate, where it applies
+            takes = self.argmax_only and r.greedy_head is not None and r.greedy_head.takes(len(hs))
+            self._greedy = r.greedy_head.pieces(hs, self.head_chunk) if takes else False  # type: ignore[union-attr]
+        if self._greedy:
+            got = next(self._greedy)
+            while got is False and whole_head:  # a slice of the estimate done; nobody waits
+                got = next(self._greedy)
+            if got is False:
+                return True  # newcomers may be served before the next slice
+            self._greedy = False
+            if got is not None:  # else a row it cannot bound (or out of memory): the full head
+                self.tokens, self.head_at = got[0].tolist(), vocab
+                return False
+        if self.head_at == 0:
             if not self.argmax_only:
                 self.logits = hs.new_empty(hs.shape[0], vocab)  # filled piece by piece
         lo = self.head_at

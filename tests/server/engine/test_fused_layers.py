@@ -157,6 +157,36 @@ def test_argmax_only_rows_get_the_argmax_of_the_full_logits(tiny_base, prepack, 
             assert tokens == [logits.argmax(-1).tolist() for logits in full]
 
 
+def test_greedy_head_in_slices_gives_the_full_heads_tokens_with_another_forward_between(tiny_base):
+    """With newcomers waiting, the greedy head's estimate runs one vocabulary slice per piece; the
+    tokens are those of the whole head, also when another forward's greedy head runs between two
+    slices (as an interleaved prefill's does)."""
+    from adapterctl.server.engine.runner import Chunk, Forward
+
+    _, full = _step_logits(tiny_base, 3, True, greedy_head=False)
+    r, whole = _step_logits(tiny_base, 3, True, argmax_only=True)
+    _, sliced = _step_logits(tiny_base, 3, False, argmax_only=True)
+    assert r.greedy_head is not None
+    assert whole == sliced == [logits.argmax(-1).tolist() for logits in full]
+
+    def run(rows: list[int], whole_head: bool) -> Forward:
+        fwd = r.start([Chunk(i, 7, [60 + i], 0, True, True) for i in rows])
+        while fwd.step(whole_head=whole_head):
+            pass
+        return fwd
+
+    with torch.inference_mode():
+        alone, other = run([0, 1], True).tokens, run([2], True).tokens
+        paused = r.start([Chunk(i, 7, [60 + i], 0, True, True) for i in (0, 1)])
+        pieces = 0
+        while paused.step():
+            pieces += 1
+            if pieces == len(r.layers) + 2:  # the layers, the final norm, one slice of the estimate
+                assert paused.tokens is None and run([2], False).tokens == other
+        assert pieces > len(r.layers) + 2  # the estimate did run in slices
+        assert paused.tokens == alone
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 def test_fused_step_logits_are_bit_identical_to_the_unfused_step(tiny_base, rows):
     """What README and BENCHMARKS claim for the fused decode step (bench/step_bench.py measures its speed)."""

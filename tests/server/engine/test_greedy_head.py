@@ -114,6 +114,30 @@ def test_a_batch_estimates_each_row_as_it_would_alone(est):
         assert torch.equal(batch[r], alone[0]) and torch.equal(ex[r], ex_alone[0])
 
 
+@pytest.mark.parametrize("est", ESTIMATORS)
+def test_pieces_give_a_whole_pass_tokens_with_other_rows_estimated_between(est):
+    """``pieces`` (the estimate a vocabulary slice at a time, as a forward runs it when newcomers
+    wait) gives the tokens of a whole pass, also when other rows' estimates run between its
+    slices: rows with large logits early in the vocabulary would raise this run's floor above
+    its true maximum if they shared its estimate buffer."""
+    w = _head(8192 + 5, 64, 11)
+    head = GreedyHead(w, FP32_GEMM, est)
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(3, 64, generator=g) * 2
+    b = (w[3] * 40).repeat(2, 1)  # logits of ~400 at vocabulary row 3, in the first slice
+    want = head.tokens(a)
+    assert int(want[0].min()) >= 1024  # every true maximum lies beyond the first slice
+    run, slices = head.pieces(a, 1024), 0
+    for got in run:
+        if got is not False:
+            break
+        slices += 1
+        assert head.tokens(b)[0].tolist() == [3, 3]
+        assert list(head.pieces(b, 4096))[-1][0].tolist() == [3, 3]
+    assert slices == 8
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def _exact_int8_head(vocab: int, k: int, seed: int) -> torch.Tensor:
     """Weights q / 64 with integer q, |q| <= 127 and 127 in column 0 of every row: the int8 copy
     is exact (scale 1/64), so only x's rounding, the sums and bf16's rounding remain."""
@@ -189,8 +213,8 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_it(make_engine, run,
     """Tiny engine: greedy requests take the int8 head and give the tokens the full head gives; a
     logprobs request (and any sampling row) still sees the full logits."""
     used = []
-    real = GreedyHead.tokens
-    monkeypatch.setattr(GreedyHead, "tokens", lambda self, hs: used.append(len(hs)) or real(self, hs))
+    real = GreedyHead.pieces
+    monkeypatch.setattr(GreedyHead, "pieces", lambda self, hs, chunk: used.append(len(hs)) or real(self, hs, chunk))
     prompts = [[2, 10 + i, 400 + 7 * i, 33, 9 + i] for i in range(4)]
 
     def outputs(engine, **kw):
