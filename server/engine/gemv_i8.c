@@ -29,29 +29,6 @@ static inline int64_t hsum64(__m256i v) { /* the 8 int32 lanes summed without ov
     return _mm_cvtsi128_si64(t) + _mm_extract_epi64(t, 1);
 }
 
-/* y[r * ldy + n + j] = sum of acc[r][j]'s lanes * sx[r] * scale[n + j], j < 4 (and n + j < n_out),
-   r < R: the lane sums in double are exact integers (|sum| < 2^53), then the same products and
-   final rounding as hsum64's, so the same bits; four outputs per row in one transposed sum. */
-static inline void store4(__m256i acc[][4], int R, const double *sx, const float *scale, long n, long n_out,
-                          float *y, long ldy) {
-    __m256d sc = _mm256_cvtps_pd(n + 4 <= n_out ? _mm_loadu_ps(scale + n) : _mm_setzero_ps());
-    if (n + 4 > n_out)
-        for (int j = 0; j < 4; j++) ((double *)&sc)[j] = n + j < n_out ? (double)scale[n + j] : 0;
-    for (int r = 0; r < R; r++) {
-        __m256d s[4];
-        for (int j = 0; j < 4; j++)
-            s[j] = _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(acc[r][j])),
-                                 _mm256_cvtepi32_pd(_mm256_extracti128_si256(acc[r][j], 1)));
-        __m256d a = _mm256_hadd_pd(s[0], s[1]), b = _mm256_hadd_pd(s[2], s[3]);
-        __m256d t = _mm256_add_pd(_mm256_permute2f128_pd(a, b, 0x20), _mm256_permute2f128_pd(a, b, 0x31));
-        __m128 out = _mm256_cvtpd_ps(_mm256_mul_pd(t, _mm256_mul_pd(_mm256_set1_pd(sx[r]), sc)));
-        if (n + 4 <= n_out)
-            _mm_storeu_ps(y + r * ldy + n, out);
-        else
-            for (int j = 0; n + j < n_out; j++) y[r * ldy + n + j] = ((float *)&out)[j];
-    }
-}
-
 /* R rows of x (int16, scale sx[r]) against one group of four packed weight rows g (k / 16 steps
    of 4 x 16 weights: int8 as packed, or int16 once widened), written to y[r * ldy + n ..]. Each
    int32 lane adds k / 16 product pairs of at most 2 * 127 * 32767, so k <= 4096 cannot overflow. */
