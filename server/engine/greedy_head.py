@@ -30,7 +30,7 @@ Only for rows whose sole consumer is ``argmax`` (greedy, no logprobs, no grammar
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Generator, Iterator
 
 import torch
 
@@ -76,8 +76,9 @@ class GreedyHead:
             self.coef[lo: lo + QUANT_BLOCK] = (resid + sum_slack * scale) * 1.01
             self.qa[lo: lo + QUANT_BLOCK] = (scale.double() * qf.double().abs().sum(1) * 1.01).float()
         self.q = est.pack(q)  # the kernel's layout
-        self._est = torch.empty(0)  # [rows, vocab] estimate scratch, reused (it never leaves tokens())
-        self._spare: list[torch.Tensor] = []  # pieces()' estimate buffers, free for reuse
+        # [>= rows, vocab] fp32 estimate buffers free for reuse: a run holds one until it ends (a fresh
+        # [32, 262k] costs ~8 ms of page faults), so runs interleaved by the caller never share one
+        self._spare: list[torch.Tensor] = []
 
     @classmethod
     def build(cls, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None,
@@ -109,14 +110,10 @@ class GreedyHead:
         """(``A`` fp32 [rows, vocab], the int8 estimates of the logits of ``hs`` [rows, k], ``e``
         fp32 [rows], the error of x's rounding in them); None when out of memory. Only vocabulary
         rows ``lo .. hi - 1`` of ``A`` are (re)computed (``lo`` a multiple of 64), each bitwise as
-        in a whole pass. ``A`` is ``scratch[:rows]`` ([>= rows, vocab] fp32), by default this
-        head's own scratch: valid until the next call."""
+        in a whole pass. ``A`` is ``scratch[:rows]`` ([>= rows, vocab] fp32; default: a new one)."""
         rows, vocab = hs.shape[0], self.scale.shape[0]
         hi = vocab if hi is None else hi
-        if scratch is None:
-            if self._est.shape[0] < rows:
-                self._est = torch.empty(rows, vocab)  # grown once: a fresh [32, 262k] costs ~8 ms of page faults
-            scratch = self._est
+        scratch = torch.empty(rows, vocab) if scratch is None else scratch
         out, ex = scratch[:rows], torch.empty(rows)
         per = self.q[0].numel() // hs.shape[1]  # vocabulary rows per leading index of the packed copy
         assert lo % per == 0, (lo, per)
@@ -129,13 +126,19 @@ class GreedyHead:
         """:meth:`tokens` in steps, so a caller can serve other work between them: yields False
         after each ``chunk`` vocabulary rows of the estimate but the last (``chunk`` a multiple
         of 64), then the result of :meth:`tokens` (None: the caller runs the full head). Between
-        steps the caller may run other forwards, greedy heads included: each unfinished run holds
-        its own estimate buffer (kept for reuse after it; one per run nested at a time)."""
+        steps the caller may run other forwards, greedy heads included (each run holds its own
+        estimate buffer)."""
+        got = yield from self._candidates(hs, chunk)
+        yield self._tokens(hs, got)
+
+    def _candidates(self, hs: torch.Tensor, chunk: int
+                    ) -> Generator[bool, None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """:meth:`candidates` as a generator: yields False after each ``chunk`` vocabulary rows
+        of the estimate but the last, returns the candidates."""
         x = hs.float().contiguous()
         x1 = x.abs().sum(-1)  # [rows]
         if not bool(torch.isfinite(x1).all()):
-            yield None
-            return
+            return None
         vocab = self.scale.shape[0]
         buf = self._spare.pop() if self._spare else torch.empty(0, vocab)
         try:
@@ -144,26 +147,24 @@ class GreedyHead:
             for lo in range(0, vocab, chunk):
                 got = self.estimate(x, lo, min(lo + chunk, vocab), buf)
                 if got is None:
-                    yield None
-                    return
+                    return None
                 if lo + chunk < vocab:
                     yield False
             est, ex = got
-            picked = self.select(est, ex, x1)
+            return self.select(est, ex, x1)
         finally:
             self._spare.append(buf)
-        yield self._tokens(hs, picked)
 
     def candidates(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(``idx`` int64 [rows, MAX_CANDIDATES], row r's candidates ascending in ``idx[r, :count[r]]``;
         ``count`` int64 [rows]) for ``hs`` [rows, k]; None when a row is not finite or has more
         than ``MAX_CANDIDATES``."""
-        x = hs.float().contiguous()
-        x1 = x.abs().sum(-1)  # [rows]
-        if not bool(torch.isfinite(x1).all()):
-            return None
-        got = self.estimate(x)
-        return None if got is None else self.select(*got, x1)
+        run = self._candidates(hs, self.scale.shape[0])  # one slice: it yields nothing
+        try:
+            next(run)
+        except StopIteration as done:
+            return done.value
+        raise AssertionError("a one-slice estimate yielded")
 
     def select(self, est: torch.Tensor, ex: torch.Tensor, x1: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -160,7 +160,8 @@ def test_argmax_only_rows_get_the_argmax_of_the_full_logits(tiny_base, prepack, 
 def test_greedy_head_in_slices_gives_the_full_heads_tokens_with_another_forward_between(tiny_base):
     """With newcomers waiting, the greedy head's estimate runs one vocabulary slice per piece; the
     tokens are those of the whole head, also when another forward's greedy head runs between two
-    slices (as an interleaved prefill's does)."""
+    slices (as an interleaved prefill's does). This tiny model's logits would not expose two runs
+    sharing one estimate buffer; test_greedy_head's pieces test does."""
     from adapterctl.server.engine.runner import Chunk, Forward
 
     _, full = _step_logits(tiny_base, 3, True, greedy_head=False)
