@@ -17,10 +17,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 
 #define PREFETCH 2048 /* bytes ahead in the packed stream */
-#define XMAX 32767.0  /* |int16 x| */
 
 static inline int64_t hsum64(__m256i v) { /* the 8 int32 lanes summed without overflow */
     __m256i s = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
@@ -66,9 +64,13 @@ GROUP(wide_r3, 3, int16_t, LOAD_I16, FETCH_I16)
 /* Every row of x against every group: a group (4 * k bytes, 2.5 KiB at k = 640) is streamed from
    memory once and then served from L1 to each block of three rows. Passing over the whole copy
    once per block instead re-streamed it rows / 3 times: at 32 rows that was ~11 x 168 MB on
-   Gemma's head, bound by memory, not by the multiplies. */
-static void gemv_i8_rows(const int8_t *q, const float *scale, long n_out, long k, const int16_t *x,
-                         const double *sx, long rows, float *y, long ldy, int threads) {
+   Gemma's head, bound by memory, not by the multiplies.
+   q: packed int8 (above), 64-byte aligned, for n_out rows padded to a multiple of 4; scale: fp32
+   [n_out]; x: int16 [rows, k] contiguous and sx: fp64 [rows], x rounded by quantize_rows
+   (int8_gemv.py rounds once per step and reuses it for every vocabulary slice); y: fp32
+   [rows, n_out], row stride ldy. 1 <= rows, k % 16 == 0, k <= 4096. */
+void gemv_i8(const int8_t *q, const float *scale, long n_out, long k, const int16_t *x, const double *sx,
+             long rows, float *y, long ldy, int threads) {
     _Pragma("omp parallel for schedule(static) num_threads(threads)")
     for (long n = 0; n < n_out; n += 4) {
         const int8_t *g = q + n * k;
@@ -113,26 +115,6 @@ void quantize_rows(const float *x, long rows, long k, double xmax, int16_t *xq, 
         }
         ex[r] = (float)((err + top * 0x1p-50) * (1 + 1e-6)); /* the double rounding of err, then float's */
     }
-}
-
-/* q: packed int8 (above), 64-byte aligned, for n_out rows padded to a multiple of 4; scale:
-   fp32 [n_out]; x: fp32 [rows, k] contiguous, finite; y: fp32 [rows, n_out], row stride ldy;
-   ex: fp32 [rows], each >= max_k |x[r, k] - sx[r] * xq[r, k]| (x's rounding to int16).
-   1 <= rows, k % 16 == 0, k <= 4096. Returns 0, or -1 when out of memory (y untouched). */
-int gemv_i8(const int8_t *q, const float *scale, long n_out, long k, const float *x, long rows, float *y,
-            long ldy, float *ex, int threads) {
-    int16_t *xq = aligned_alloc(32, (sizeof(int16_t) * (size_t)(rows * k) + 31) / 32 * 32);
-    double *sx = malloc(sizeof(double) * (size_t)rows);
-    if (xq == NULL || sx == NULL) {
-        free(xq);
-        free(sx);
-        return -1;
-    }
-    quantize_rows(x, rows, k, XMAX, xq, sx, ex);
-    gemv_i8_rows(q, scale, n_out, k, xq, sx, rows, y, ldy, threads);
-    free(xq);
-    free(sx);
-    return 0;
 }
 
 /* The candidates of row r of est (row stride ld): the v with

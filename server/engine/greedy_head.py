@@ -105,22 +105,20 @@ class GreedyHead:
     def takes(self, rows: int) -> bool:
         return 1 <= rows <= self.max_rows
 
-    def estimate(self, hs: torch.Tensor, lo: int = 0, hi: int | None = None, scratch: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def estimate(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(``A`` fp32 [rows, vocab], the int8 estimates of the logits of ``hs`` [rows, k], ``e``
-        fp32 [rows], the error of x's rounding in them); None when out of memory. Only vocabulary
-        rows ``lo .. hi - 1`` of ``A`` are (re)computed (``lo`` a multiple of 64), each bitwise as
-        in a whole pass. ``A`` is ``scratch[:rows]`` ([>= rows, vocab] fp32; default: a new one)."""
-        rows, vocab = hs.shape[0], self.scale.shape[0]
-        hi = vocab if hi is None else hi
-        scratch = torch.empty(rows, vocab) if scratch is None else scratch
-        out, ex = scratch[:rows], torch.empty(rows)
-        per = self.q[0].numel() // hs.shape[1]  # vocabulary rows per leading index of the packed copy
+        fp32 [rows], the error of x's rounding in them); None when out of memory."""
+        x = self.est.quantize(hs.float().contiguous())
+        out = torch.empty(hs.shape[0], self.scale.shape[0])
+        return (out, x.ex) if self._estimate(x, 0, out.shape[1], out) else None
+
+    def _estimate(self, x: int8_gemv.Quantized, lo: int, hi: int, out: torch.Tensor) -> bool:
+        """Vocabulary rows ``lo .. hi - 1`` (``lo`` a multiple of 64) of the estimate of ``x`` into
+        ``out[:, lo:hi]`` (``out`` fp32 [rows, vocab]), each bitwise as in a whole pass; False when
+        out of memory."""
+        per = self.q[0].numel() // x.xq.shape[1]  # vocabulary rows per leading index of the packed copy
         assert lo % per == 0, (lo, per)
-        if not self.est.run(self.q[lo // per: -(-hi // per)], self.scale[lo:hi], hs.float().contiguous(),
-                            out[:, lo:hi], ex):
-            return None
-        return out, ex
+        return self.est.run(self.q[lo // per: -(-hi // per)], self.scale[lo:hi], x, out[:, lo:hi])
 
     def pieces(self, hs: torch.Tensor, chunk: int) -> Iterator[bool | tuple[torch.Tensor, torch.Tensor] | None]:
         """:meth:`tokens` in steps, so a caller can serve other work between them: yields False
@@ -139,19 +137,19 @@ class GreedyHead:
         x1 = x.abs().sum(-1)  # [rows]
         if not bool(torch.isfinite(x1).all()):
             return None
-        vocab = self.scale.shape[0]
+        rows, vocab = x.shape[0], self.scale.shape[0]
+        rounded = self.est.quantize(x)  # once: every slice reads the same rounding
         buf = self._spare.pop() if self._spare else torch.empty(0, vocab)
         try:
-            if buf.shape[0] < x.shape[0]:
-                buf = torch.empty(x.shape[0], vocab)
+            if buf.shape[0] < rows:
+                buf = torch.empty(rows, vocab)
+            est = buf[:rows]
             for lo in range(0, vocab, chunk):
-                got = self.estimate(x, lo, min(lo + chunk, vocab), buf)
-                if got is None:
+                if not self._estimate(rounded, lo, min(lo + chunk, vocab), est):
                     return None
                 if lo + chunk < vocab:
                     yield False
-            est, ex = got
-            return self.select(est, ex, x1)
+            return self.select(est, rounded.ex, x1)
         finally:
             self._spare.append(buf)
 

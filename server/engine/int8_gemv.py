@@ -3,9 +3,9 @@ kernels: ``gemv_i8.c`` (AVX2: ``vpmaddwd`` on a copy packed four vocabulary rows
 ``gemv_i8_amx.c`` (Intel AMX: int8 tiles, x split exactly into two int8 halves).
 
 Both compute ``A[r, v] = scale[v] * sx[r] * sum_k q[v, k] * xq[r, k]`` with ``xq`` x rounded to
-int16 per row (its largest error is returned as ``e[r]``), the products and sums exact in
-integers, one rounding to fp32 at the end; so the same bound holds for both. They differ in
-layout and speed: the AVX2 kernel streams the copy once for any number of rows (each group of
+int16 per row (``quantize``, once per step; it also gives the rounding's largest error ``e[r]``),
+the products and sums exact in integers, one rounding to fp32 at the end; so the same bound holds
+for both. They differ in layout and speed: the AVX2 kernel streams the copy once for any number of rows (each group of
 four vocabulary rows widened to int16 once, then served from L1 to every block of three x rows)
 and is compute-bound beyond a few rows on an AVX2-only CPU (AMD EPYC, 2 cores, same head: 9-15 ms
 at 1 row, 25 at 8, 89 at 32, 161 at 64, against oneDNN's prepacked fp32 head at 61-73, 84-98, 146,
@@ -20,7 +20,7 @@ import ctypes
 import functools
 import logging
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -31,8 +31,25 @@ log = logging.getLogger(__name__)
 MAX_K = 4096  # neither kernel's int32 sums can overflow up to this input width
 
 
+class Quantized(NamedTuple):
+    """x [rows, k] rounded to int16 per row (gemv_i8.c's ``quantize_rows``): ``x ~ sx[r] * xq[r]``."""
+
+    xq: torch.Tensor  # int16 [rows, k]
+    sx: torch.Tensor  # fp64 [rows]
+    ex: torch.Tensor  # fp32 [rows]: >= the largest |x[r, i] - sx[r] * xq[r, i]|
+
+
+def quantize(lib: ctypes.CDLL, x: torch.Tensor, xmax: float) -> Quantized:
+    """``x`` fp32 [rows, k] (contiguous, finite) rounded so that its largest |x| maps to ``xmax``."""
+    rows, k = x.shape
+    q = Quantized(torch.empty(rows, k, dtype=torch.int16), torch.empty(rows, dtype=torch.float64), torch.empty(rows))
+    lib.quantize_rows(x.data_ptr(), rows, k, xmax, q.xq.data_ptr(), q.sx.data_ptr(), q.ex.data_ptr())
+    return q
+
+
 class Estimator(Protocol):
-    """An int8 estimate kernel: its weight layout, its run, and how many rows it pays off for."""
+    """An int8 estimate kernel: its weight layout, x's rounding, its run, and how many rows it pays
+    off for."""
 
     name: str
     k_multiple: int  # the input width must be a multiple of this
@@ -41,10 +58,12 @@ class Estimator(Protocol):
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """``q`` int8 [n, k] in the kernel's layout (zero rows pad n)."""
 
-    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-            ex: torch.Tensor) -> bool:
-        """Write ``A`` into ``out`` fp32 [rows, n] (unit column stride) and ``e`` into ``ex`` fp32
-        [rows] for ``x`` fp32 [rows, k] contiguous and finite; False when out of memory."""
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        """``x`` fp32 [rows, k] contiguous and finite, rounded to int16 as :meth:`run` takes it."""
+
+    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: Quantized, out: torch.Tensor) -> bool:
+        """Write ``A`` into ``out`` fp32 [rows, n] (unit column stride) for ``x`` (:meth:`quantize`'s);
+        False when out of memory."""
 
     def max_rows(self, dtype: torch.dtype) -> int:
         """Most rows for which the estimate beats the full head in ``dtype``."""
@@ -59,6 +78,7 @@ class Avx2Estimator:
 
     name, k_multiple = "avx2", 16
     GROUP, CHUNK = 4, 16
+    XMAX = 32767.0  # |int16 x|
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         self.lib = lib
@@ -69,11 +89,14 @@ class Avx2Estimator:
         q = torch.cat([q, q.new_zeros(-n % self.GROUP, k)])
         return q.view(-1, self.GROUP, k // self.CHUNK, self.CHUNK).transpose(1, 2).contiguous()
 
-    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-            ex: torch.Tensor) -> bool:
-        q, s, xp, o, e = _ptrs(packed, scale, x, out, ex)
-        return self.lib.gemv_i8(q, s, scale.shape[0], x.shape[1], xp, x.shape[0], o, out.stride(0), e,
-                                torch.get_num_threads()) == 0
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        return quantize(self.lib, x, self.XMAX)
+
+    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: Quantized, out: torch.Tensor) -> bool:
+        rows, k = x.xq.shape
+        q, s, xp, sp, o = _ptrs(packed, scale, x.xq, x.sx, out)
+        self.lib.gemv_i8(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0), torch.get_num_threads())
+        return True
 
     def max_rows(self, dtype: torch.dtype) -> int:
         # step_bench --baseline full_head on the AVX2 host, tokens identical: fp32 1.75x at 1 row,
@@ -99,12 +122,12 @@ class AmxEstimator:
         q = torch.cat([q, q.new_zeros(-n % 16, k)])
         return q.view(-1, 16, k // 64, 16, 4).permute(0, 2, 3, 1, 4).contiguous()
 
-    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, out: torch.Tensor,
-            ex: torch.Tensor) -> bool:
-        rows, k = x.shape
-        xq, sx = torch.empty(rows, k, dtype=torch.int16), torch.empty(rows, dtype=torch.float64)
-        self.lib.quantize_rows(x.data_ptr(), rows, k, float(self.XMAX), xq.data_ptr(), sx.data_ptr(), ex.data_ptr())
-        q, s, xp, sp, o = _ptrs(packed, scale, xq, sx, out)
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        return quantize(self.lib, x, float(self.XMAX))
+
+    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: Quantized, out: torch.Tensor) -> bool:
+        rows, k = x.xq.shape
+        q, s, xp, sp, o = _ptrs(packed, scale, x.xq, x.sx, out)
         return self.amx.gemv_i8_amx(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0),
                                     torch.get_num_threads()) == 0
 
@@ -138,7 +161,7 @@ def library() -> ctypes.CDLL | None:
     lib = cpu_build.load(SOURCE, FLAGS, "int8 greedy LM head")
     if lib is None:
         return None
-    _bind(lib, gemv_i8=([_PTR, _PTR, _LONG, _LONG, _PTR, _LONG, _PTR, _LONG, _PTR, _INT], _INT),
+    _bind(lib, gemv_i8=([_PTR, _PTR, _LONG, _LONG, _PTR, _PTR, _LONG, _PTR, _LONG, _INT], None),
           select_candidates=([_PTR, _LONG, _PTR, _PTR, _PTR, _PTR, ctypes.c_float, _LONG, _LONG, _LONG, _PTR, _PTR,
                               _INT], _INT),
           quantize_rows=([_PTR, _LONG, _LONG, ctypes.c_double, _PTR, _PTR, _PTR], None))
@@ -200,9 +223,10 @@ def probe(est: Estimator) -> bool:
     packed = est.pack(q)
     want = (x.double() @ q.double().T) * scale.double()
     for rows in (1, 2, 3, 7, 30):
-        out, ex = torch.empty(rows, 37), torch.empty(rows)
-        if not est.run(packed, scale, x[:rows].contiguous(), out, ex):
+        out, xq = torch.empty(rows, 37), est.quantize(x[:rows].contiguous())
+        if not est.run(packed, scale, xq, out):
             return False
+        ex = xq.ex
         slack = (scale.double() * q.double().abs().sum(1))[None] * ex.double()[:, None] + 2.0 ** -22 * want[:rows].abs()
         if not (((out.double() - want[:rows]).abs() <= slack).all()
                 and (ex < x[:rows].abs().amax(1) * 2.0 ** -15).all()):
