@@ -35,6 +35,10 @@ class EngineConfig:
                                "running decode step (lowest TTFT); 'separate': they get their own step before "
                                "the next decode step; 'mixed': prompt chunks ride along with the decode step.",
                                choices=PREFILL_MODES)
+    prefill_merge_until: float = option(0.4, "interleave mode: a prompt arriving while another is prefilled "
+                                        "rides along in it if that one has done at most this fraction of its "
+                                        "layers (0: never, 1: up to its final norm); later ones wait for their "
+                                        "own forward.")
     lora_backend: str = option("auto", "LoRA compute: auto | gather | segment.")
     cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (oneDNN, measured faster than MKL; bf16 without "
                            "native bf16: weight blocks upcast to fp32) | onednn | torch.")
@@ -79,6 +83,8 @@ class EngineConfig:
             raise InvalidArgument(
                 f"EngineConfig.prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}"
             )
+        if not 0.0 <= self.prefill_merge_until <= 1.0:
+            raise InvalidArgument(f"EngineConfig.prefill_merge_until must be in [0, 1], got {self.prefill_merge_until}")
         from adapterctl.server.engine.lora import BACKENDS
 
         if self.lora_backend not in BACKENDS:

@@ -138,7 +138,8 @@ class BatchingEngine:
         if cfg.prefix_cache_bytes:
             self.prefix = PrefixCache(cfg.prefix_cache_bytes, cfg.prefix_block_tokens, self.base.fingerprint,
                                       self.observer)
-        self.scheduler = Scheduler(cfg, self.runner.kv, self.slots, PrefillPolicy(cfg.prefill_mode), self.prefix)
+        policy = PrefillPolicy(cfg.prefill_mode, cfg.prefill_merge_until)
+        self.scheduler = Scheduler(cfg, self.runner.kv, self.slots, policy, self.prefix)
         eos = model.generation_config.eos_token_id if model.generation_config else None
         self._eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -299,20 +300,21 @@ class BatchingEngine:
             if self._stopping.is_set():
                 break
             newcomers = outside or self.scheduler.has_arrivals
-            piece = Piece(top=top, decoding=decoding, in_layers=fwd.in_layers, joined=bool(fwd.joined),
-                          budget=budget, newcomers=newcomers)
+            piece = Piece(top=top, decoding=decoding, in_layers=fwd.in_layers, progress=fwd.progress, budget=budget,
+                          newcomers=newcomers)
             action = policy.between_pieces(piece)
             if action is Action.CONTINUE:
                 continue
             if action is Action.INTERLEAVE:
                 budget -= self._interleave(plan, budget, held)
-            else:  # JOIN
+            else:  # MERGE
                 extra = self._admit_prefills(plan, budget)
                 if extra:
                     joining = self.runner.start([c for _, c in extra], full_logits=full)
-                    joining.run_layers()
-                    fwd.join(joining)
-                    plan = plan + extra
+                    joining.run_to(fwd.layer)
+                    fwd.absorb(joining)
+                    by_chunk = {id(c): (seq, c) for seq, c in plan + extra}
+                    plan = [by_chunk[id(c)] for c in fwd.chunks]  # the forward's new order
                     budget -= sum(len(c.tokens) for _, c in extra)
             outside = bool(self._prefill_outside(plan))
             newcomers = outside or self.scheduler.has_arrivals

@@ -260,39 +260,24 @@ class Forward:
     """One step's forward, advanced one piece (a decoder layer, the final norm, or a slice
     of the LM head) per :meth:`step`, so the engine can serve newly arrived prompts
     between pieces. Invariant between pieces: rows of this step are not moved or freed.
-    Another forward whose layers are done may :meth:`join` this one before its final
-    norm and share its LM head (one weight pass for both; logits rows appended)."""
+    Another forward that has run as many layers may be :meth:`absorb`-ed before the final
+    norm: its tokens ride along for the remaining layers and the LM head (one weight pass
+    for both, at a larger, cheaper-per-token GEMM)."""
 
     head_chunk = 32768  # LM-head rows per piece, while newcomers may be waiting
 
     @torch.inference_mode()
     def __init__(self, runner: ModelRunner, chunks: list[Chunk], full_logits: bool = False) -> None:
-        self.r, self.chunks = runner, chunks
+        self.r = runner
         # every sampled row is argmax-only: the greedy head may fill logits (-inf but candidates)
         self.argmax_only = not full_logits and all(c.argmax_only for c in chunks if c.sample)
-        dev = runner.device
-        ids: list[int] = []
-        positions: list[int] = []
-        rows: list[int] = []
-        slots: list[int] = []
-        for c in chunks:
-            n = len(c.tokens)
-            ids += c.tokens
-            positions += range(c.start_pos, c.start_pos + n)
-            rows += [c.row] * n
-            slots += [c.slot] * n
-        self.n_tok = len(ids)
-        self.pos = torch.tensor(positions, device=dev)
-        self.rows = torch.tensor(rows, device=dev)
-        lora = LoraBatch.from_token_slots(slots, dev)
-        self.lora = lora if lora.has_lora else None
-        self.plan = _AttentionPlan(chunks, runner.kv.num_rows, runner.windows, dev)
-        self.h = runner.inner.embed_tokens(torch.tensor(ids, device=dev))  # [N, hidden]
+        self._index(chunks)
+        ids = [t for c in chunks for t in c.tokens]
+        self.h = runner.inner.embed_tokens(torch.tensor(ids, device=runner.device))  # [N, hidden]
         self.rope = runner.rope(self.h, self.pos)
         self.layer = 0
         self.head_at = 0
-        self.joined: list[Forward] = []
-        self.hs: torch.Tensor | None = None  # [num_sampling, hidden] final-normed rows (own, then joined)
+        self.hs: torch.Tensor | None = None  # [num_sampling, hidden] final-normed rows, in chunk order
         self.logits: torch.Tensor | None = None  # [num_sampling, vocab], filled a vocab slice per piece
         # [num_sampling] token ids of argmax-only rows (the greedy head's, or the full head's first
         # maxima, reduced slice by slice into _best: (value, index) [num_sampling]); logits stay None
@@ -302,9 +287,34 @@ class Forward:
         # whole_head), None before the head's first piece, False where it does not apply or is done
         self._greedy: Iterator[bool | tuple[torch.Tensor, torch.Tensor] | None] | Literal[False] | None = None
 
+    def _index(self, chunks: list[Chunk]) -> None:
+        """The per-token bookkeeping of ``chunks`` in this order (equal slots adjacent):
+        positions and KV rows [N], LoRA segments, attention plan."""
+        dev = self.r.device
+        positions: list[int] = []
+        rows: list[int] = []
+        slots: list[int] = []
+        for c in chunks:
+            n = len(c.tokens)
+            positions += range(c.start_pos, c.start_pos + n)
+            rows += [c.row] * n
+            slots += [c.slot] * n
+        self.chunks = chunks
+        self.n_tok = len(positions)
+        self.pos = torch.tensor(positions, device=dev)
+        self.rows = torch.tensor(rows, device=dev)
+        lora = LoraBatch.from_token_slots(slots, dev)
+        self.lora = lora if lora.has_lora else None
+        self.plan = _AttentionPlan(chunks, self.r.kv.num_rows, self.r.windows, dev)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the decoder layers done, in [0, 1]."""
+        return self.layer / len(self.r.layers)
+
     @property
     def in_layers(self) -> bool:
-        """True until the final norm: another forward may still :meth:`join`."""
+        """True until the final norm: another forward may still be :meth:`absorb`-ed."""
         return self.hs is None
 
     @torch.inference_mode()
@@ -322,7 +332,6 @@ class Forward:
             return True
         if self.hs is None:
             self._final_norm()
-            self.hs = torch.cat([self.hs, *(f.hs for f in self.joined)]) if self.joined else self.hs
             if self.hs.shape[0] == 0:
                 self.logits = self.hs.new_empty(0, r.config.vocab_size)
             return self.hs.shape[0] > 0
@@ -385,18 +394,31 @@ class Forward:
             return
         self._best = first_max(block, lo, self._best)
 
-    def run_layers(self) -> None:
-        """Run every decoder layer and the final norm (no LM head): ready to :meth:`join`."""
-        while self.layer < len(self.r.layers):
+    def run_to(self, layer: int) -> None:
+        """Run decoder layers until ``layer`` of them are done (at most all of them)."""
+        while self.layer < min(layer, len(self.r.layers)):
             self.step()
-        self._final_norm()
 
-    def join(self, other: "Forward") -> None:
-        """Let ``other`` (after :meth:`run_layers`) share this forward's LM head; its logits
-        rows follow this forward's own. Only while :attr:`in_layers`."""
-        if not self.in_layers or other.hs is None:
-            raise RuntimeError("join needs this forward before its final norm and the other after it")
-        self.joined.append(other)
+    @torch.inference_mode()
+    def absorb(self, other: "Forward") -> None:
+        """Carry ``other``'s chunks in this forward from here on. Both are in their layers and
+        have run the same number (:meth:`run_to`); each token keeps its hidden state, KV row
+        and slot, so it computes what it would alone (up to the GEMM's summation order). Chunks
+        are re-ordered by slot (stable, this forward's first) so equal slots stay adjacent:
+        :attr:`chunks` is the new order, which the logits and tokens rows follow."""
+        if not (self.in_layers and other.in_layers and other.layer == self.layer):
+            raise RuntimeError("absorb needs two forwards in their layers, at the same layer")
+        spans, off = [], 0
+        for c in self.chunks + other.chunks:
+            spans.append((c, off))
+            off += len(c.tokens)
+        spans.sort(key=lambda s: s[0].slot)
+        order = torch.tensor([i for c, o in spans for i in range(o, o + len(c.tokens))], device=self.r.device)
+        self.h = torch.cat([self.h, other.h]).index_select(0, order)
+        self.rope = {t: (torch.cat([cos, other.rope[t][0]]).index_select(0, order),
+                         torch.cat([sin, other.rope[t][1]]).index_select(0, order))
+                     for t, (cos, sin) in self.rope.items()}
+        self._index([c for c, _ in spans])
         self.argmax_only = self.argmax_only and other.argmax_only
 
     @torch.inference_mode()

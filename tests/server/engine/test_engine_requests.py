@@ -207,13 +207,19 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
     assert after == [first_after_arrival]
 
 
-@pytest.mark.parametrize("mode,after", [("interleave", ["a", "b"]), ("separate", ["a"])])
-def test_prompt_arriving_during_a_prefill_shares_its_lm_head(mode, after, run, make_engine, collect, request_for):
-    """On an idle engine, a prompt that arrives while another is in its layers joins it:
-    both first tokens come out of one LM-head pass."""
+@pytest.mark.parametrize("mode,merge_until,after", [
+    ("interleave", 1.0, ["a", "b"]),  # merged after "a"'s last layer: one LM-head pass for both
+    ("interleave", 0.4, ["a"]),  # "a" is past 40 % of its layers: "b" waits for its own forward
+    ("separate", 1.0, ["a"]),
+])
+def test_prompt_arriving_during_a_prefill_merges_into_it(mode, merge_until, after, run, make_engine, collect,
+                                                         request_for):
+    """On an idle engine, a prompt that arrives while another is in its layers rides along in
+    it when that one is early enough (``prefill_merge_until``): both first tokens come out of
+    one LM-head pass, and each is the token it gets alone."""
     import threading
 
-    engine = make_engine(None, prefill_mode=mode)
+    engine = make_engine(None, prefill_mode=mode, prefill_merge_until=merge_until)
     sampled: list[list[str]] = []
     engine.logits_hook = lambda seqs, _: sampled.append(sorted(s.request.request_id for s in seqs))
     arrived = threading.Event()

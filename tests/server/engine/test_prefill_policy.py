@@ -17,12 +17,12 @@ DECODE, PREFILL, BOTH = StepShape(True, False), StepShape(False, True), StepShap
     ("mixed", [(True, True), (False, True), (True, False)], [BOTH, BOTH, BOTH]),
 ])
 def test_step_shapes(mode, steps, shapes):
-    policy = PrefillPolicy(mode)
+    policy = PrefillPolicy(mode, 0.4)
     assert [policy.shape(d, p) for d, p in steps] == shapes
 
 
 def _piece(**kw) -> Piece:
-    base = dict(top=True, decoding=True, in_layers=True, joined=False, budget=64, newcomers=True)
+    base = dict(top=True, decoding=True, in_layers=True, progress=0.25, budget=64, newcomers=True)
     return Piece(**{**base, **kw})
 
 
@@ -30,19 +30,29 @@ def _piece(**kw) -> Piece:
     (_piece(), Action.INTERLEAVE),  # a decode step pauses for newcomers
     (_piece(newcomers=False), Action.CONTINUE),
     (_piece(budget=0), Action.CONTINUE),  # this step's prefill budget is spent
-    (_piece(decoding=False), Action.JOIN),  # a prefill in its layers shares its LM head
-    (_piece(decoding=False, joined=True), Action.CONTINUE),  # once per forward
-    (_piece(decoding=False, in_layers=False), Action.CONTINUE),  # past the final norm: too late to join
-    (_piece(top=False), Action.JOIN),  # a forward inside a pause never pauses again, but takes joiners
-    (_piece(top=False, joined=True), Action.CONTINUE),
+    (_piece(decoding=False), Action.MERGE),  # a prefill early in its layers carries them from here on
+    (_piece(decoding=False, progress=0.4), Action.MERGE),  # up to merge_until, inclusive
+    (_piece(decoding=False, progress=0.45), Action.CONTINUE),  # later: newcomers wait for their own forward
+    (_piece(decoding=False, in_layers=False, progress=1.0), Action.CONTINUE),  # past the final norm
+    (_piece(top=False), Action.MERGE),  # a forward inside a pause never pauses again, but merges
+    (_piece(top=False, progress=0.9), Action.CONTINUE),
 ])
 def test_between_pieces_in_interleave_mode(piece, action):
-    assert PrefillPolicy("interleave").between_pieces(piece) is action
+    assert PrefillPolicy("interleave", 0.4).between_pieces(piece) is action
+
+
+@pytest.mark.parametrize("merge_until, progress, action", [
+    (0.0, 0.05, Action.CONTINUE),  # 0: never merge
+    (1.0, 1.0, Action.MERGE),  # 1: up to the final norm (the forward is still in its layers)
+])
+def test_merge_until_bounds(merge_until, progress, action):
+    piece = _piece(decoding=False, progress=progress)
+    assert PrefillPolicy("interleave", merge_until).between_pieces(piece) is action
 
 
 @pytest.mark.parametrize("mode", ["separate", "mixed"])
 def test_other_modes_never_act_inside_a_forward(mode):
-    policy = PrefillPolicy(mode)
+    policy = PrefillPolicy(mode, 0.4)
     assert {policy.between_pieces(_piece(**kw)) for kw in ({}, {"decoding": False}, {"top": False})} == {
         Action.CONTINUE
     }
@@ -50,4 +60,4 @@ def test_other_modes_never_act_inside_a_forward(mode):
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="prefill mode"):
-        PrefillPolicy("eager")
+        PrefillPolicy("eager", 0.4)
