@@ -20,8 +20,8 @@ token. On Gemma 3 270M a row kept at most 34 candidates on real prompts (median 
 
 Where the head's GEMM computes each output from its own row alone (the C bf16 GEMV of
 :mod:`cpu_gemv` on an AVX2 CPU), the candidates' logits are bitwise the full head's, so the token
-is exactly the full head's. oneDNN (fp32; bf16 with AMX) reads the full head in its blocked
-layout and the gathered rows in their plain one, so there the logits may differ in the last bit
+is exactly the full head's. oneDNN (fp32; bf16 with AVX512-BF16 or AMX) reads the full head in
+its blocked layout and the gathered rows in their plain one, so there the logits may differ in the last bit
 and the two tokens only where the best logits tie within that rounding, the latitude any choice
 of GEMM already has (oneDNN's fp32 logits are not MKL's either).
 
@@ -34,7 +34,7 @@ from typing import Generator, Iterator
 
 import torch
 
-from adapterctl.server.engine import int8_gemv
+from adapterctl.server.engine import int8_gemv, kernels
 from adapterctl.server.engine.kernels import Gemm
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class GreedyHead:
 
     @property
     def max_rows(self) -> int:
-        return self.est.max_rows(self.weight.dtype)
+        return self.est.max_rows(self.weight.dtype, native=self.gemm is kernels.onednn_linear)
 
     def takes(self, rows: int) -> bool:
         return 1 <= rows <= self.max_rows

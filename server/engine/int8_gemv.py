@@ -65,8 +65,9 @@ class Estimator(Protocol):
         """Write ``A`` into ``out`` fp32 [rows, n] (unit column stride) for ``x`` (:meth:`quantize`'s);
         False when out of memory."""
 
-    def max_rows(self, dtype: torch.dtype) -> int:
-        """Most rows for which the estimate beats the full head in ``dtype``."""
+    def max_rows(self, dtype: torch.dtype, native: bool) -> int:
+        """Most rows for which the estimate beats the full head in ``dtype``; ``native``: the full
+        head's GEMM runs ``dtype`` in hardware (oneDNN), not an fp32 upcast of it."""
 
 
 def _ptrs(*tensors: torch.Tensor) -> list[int]:
@@ -98,11 +99,15 @@ class Avx2Estimator:
         self.lib.gemv_i8(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0), torch.get_num_threads())
         return True
 
-    def max_rows(self, dtype: torch.dtype) -> int:
-        # step_bench --baseline full_head on the AVX2 host, tokens identical: fp32 1.75x at 1 row,
-        # 1.31x at 32, 1.17x at 64; bf16 (whose head beyond 32 rows is the upcast fp32 GEMM) 1.57x
-        # at 32, 1.24x at 64. Beyond 64 rows: unmeasured.
-        return 64
+    NATIVE_BF16_ROWS = 7
+
+    def max_rows(self, dtype: torch.dtype, native: bool) -> int:
+        # step_bench --baseline full_head, tokens identical. AVX2 host: fp32 1.75x at 1 row, 1.31x
+        # at 32, 1.17x at 64; bf16 (whose head beyond 32 rows is the upcast fp32 GEMM) 1.57x at 32,
+        # 1.24x at 64. Zen 4 (AVX512-BF16, no AMX): fp32 1.75x at 1 row, 1.11x at 64; but its
+        # native bf16 head (oneDNN, vdpbf16ps) wins from 8 rows: 1.41-1.44x at 1, 1.10-1.19x at 4,
+        # 1.06-1.09x at 5-7, 0.91-1.01x at 8, 0.80x at 32. Beyond 64 rows: unmeasured.
+        return self.NATIVE_BF16_ROWS if native and dtype == torch.bfloat16 else 64
 
 
 class AmxEstimator:
@@ -131,7 +136,7 @@ class AmxEstimator:
         return self.amx.gemv_i8_amx(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0),
                                     torch.get_num_threads()) == 0
 
-    def max_rows(self, dtype: torch.dtype) -> int:
+    def max_rows(self, dtype: torch.dtype, native: bool) -> int:
         # bf16: one pass (at 32 rows AMX's bf16 head costs the same as the estimate); fp32: the
         # estimate stays under the fp32 head's time at any batch the engine runs (113 vs 18 ms at 32)
         return self.ROWS_PER_PASS if dtype == torch.bfloat16 else 256

@@ -199,6 +199,22 @@ def test_a_head_that_requires_grad_leaves_no_graph_behind():
     assert not logits.requires_grad
 
 
+def test_a_native_bf16_head_keeps_the_estimate_to_few_rows():
+    """Where oneDNN runs the bf16 head in hardware (AVX512-BF16) it beats the AVX2 estimate from
+    ~8 rows, so the estimate stops at NATIVE_BF16_ROWS there; an upcast bf16 head and any fp32 head
+    keep it to 64 rows. AMX's estimate keeps its own limits."""
+    w = _head(256, 64, 4).bfloat16()
+    avx2 = int8_gemv.Avx2Estimator(int8_gemv.library())
+    native = GreedyHead(w, kernels.onednn_linear, avx2)
+    assert native.max_rows == int8_gemv.Avx2Estimator.NATIVE_BF16_ROWS <= 8
+    assert native.takes(native.max_rows) and not native.takes(native.max_rows + 1)
+    assert GreedyHead(w, upcast_linear, avx2).max_rows == 64
+    assert GreedyHead(w.float(), kernels.onednn_linear, avx2).max_rows == 64
+    if int8_gemv.amx_library() is not None:
+        amx = int8_gemv.AmxEstimator(int8_gemv.library(), int8_gemv.amx_library())
+        assert GreedyHead(w, kernels.onednn_linear, amx).max_rows == int8_gemv.AmxEstimator.ROWS_PER_PASS
+
+
 def test_the_estimator_fits_the_input_width():
     """AMX tiles take 64 inputs at a time: other widths (multiples of 16) get the AVX2 estimate."""
     assert int8_gemv.estimator(40) is None and int8_gemv.estimator(int8_gemv.MAX_K + 64) is None
