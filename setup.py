@@ -24,5 +24,5 @@ for pkg, folder in ROOTS.items():
         package_dir[f"{pkg}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
 # The chat template, and the C sources of the CPU kernels (compiled on first use, server/engine/cpu_build.py).
-DATA = {"adapterctl": ["templates/*.jinja"], "adapterctl.server.engine": ["*.c"]}
+DATA = {"adapterctl": ["templates/*.jinja"], "adapterctl.server.engine": ["*.c", "*.h"]}
 setup(packages=packages, package_dir=package_dir, package_data=DATA)

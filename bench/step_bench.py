@@ -8,6 +8,8 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 * ``unpacked``: the same step with the weights in their plain layout (``prepack=False``);
 * ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
   MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV;
+* ``onednn``: the same step with every GEMM through oneDNN (``cpu_gemm="onednn"``), against
+  ``auto``'s choice (bf16 on AVX512-BF16 without AMX: the AVX512-BF16 GEMV at 1-4 rows);
 * ``aten_ops``: the same step with norms and RoPE in ATen ops (``fused_ops=False``), against one
   C call each (``cpu_fused``);
 * ``full_head``: argmax-only rows through the whole LM head (each slice reduced to its first
@@ -15,7 +17,8 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
   tokens, and prints the most candidates a row kept.
 
 Prints per row count the median step time of each, ``step_fused_speedup_b<rows>``,
-``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>``, ``step_ops_speedup_b<rows>`` or
+``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>``, ``step_gemv_speedup_b<rows>``,
+``step_ops_speedup_b<rows>`` or
 ``step_head_speedup_b<rows>``
 (baseline ÷ engine), whether
 the logits of every step were bit-identical and their largest difference; the LAST line is one JSON object of those.
@@ -62,10 +65,11 @@ def _step(runner, rows: int, pos: int, whole_head: bool, argmax_only: bool = Fal
 
 
 def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") -> dict[str, Any]:
-    unpacked, torch_gemm, aten_ops = baseline == "unpacked", baseline == "torch", baseline == "aten_ops"
+    unpacked, aten_ops = baseline == "unpacked", baseline == "aten_ops"
     full_head = baseline == "full_head"
-    same_layers = unpacked or torch_gemm or aten_ops or full_head  # baselines that keep the engine's fused layers
-    unfused = _runner(base, dtype, rows, same_layers, prepack=not unpacked, gemm="torch" if torch_gemm else "auto",
+    gemm = baseline if baseline in ("torch", "onednn") else "auto"
+    same_layers = unpacked or gemm != "auto" or aten_ops or full_head  # baselines that keep the engine's fused layers
+    unfused = _runner(base, dtype, rows, same_layers, prepack=not unpacked, gemm=gemm,
                       fused_ops=not aten_ops, greedy_head=not full_head)
     fused = _runner(base, dtype, rows, True)
     kept: list[int] = []  # the most candidates a row kept, per greedy step
@@ -88,7 +92,8 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
             t_old.append(a)
             t_new.append(b)
     old, new = statistics.median(t_old), statistics.median(t_new)
-    name = {"unpacked": "prepack", "torch": "gemm", "aten_ops": "ops", "full_head": "head"}.get(baseline, "fused")
+    name = {"unpacked": "prepack", "torch": "gemm", "onednn": "gemv", "aten_ops": "ops",
+            "full_head": "head"}.get(baseline, "fused")
     out = {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
            f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
            f"logits_max_diff_b{rows}": diff}
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
     parser.add_argument("--baseline", default="unfused",
-                        choices=("unfused", "unpacked", "torch", "aten_ops", "full_head"))
+                        choices=("unfused", "unpacked", "torch", "onednn", "aten_ops", "full_head"))
     args = parser.parse_args(argv)
     base = base_model()
     out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline}

@@ -8,6 +8,7 @@ a half-written one. The CPU image builds its kernels at image build time (``depl
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -18,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from adapterctl.server.engine import dtypes
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,21 @@ def avx2_host() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def has_cpu_flag(name: str) -> bool:
+    """Whether Linux lists ``name`` among the CPU's feature flags (read once)."""
+    return name in _flags()
+
+
+@functools.cache
+def _flags() -> frozenset[str]:
+    return frozenset(dtypes.cpu_flags())
+
+
 def build(source: Path, flags: tuple[str, ...]) -> Path:
     """The shared library of ``source`` built with ``flags``, compiling it first when this
-    source, compiler and flags have none yet. Raises RuntimeError (no compiler, it failed)."""
-    text = source.read_bytes()
+    source, the headers beside it, compiler and flags have none yet. Raises RuntimeError (no
+    compiler, it failed)."""
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     cc = os.environ.get("CC") or "cc"
     digest = hashlib.sha256(text + " ".join((cc, *flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{digest}.so"
@@ -75,7 +89,8 @@ def main() -> None:
     images do this at build time, then drop the compiler) and print each library's path."""
     from adapterctl.server.engine import cpu_fused, cpu_gemv, int8_gemv
 
-    for source, flags in ((cpu_gemv.SOURCE, cpu_gemv.FLAGS), (cpu_fused.SOURCE, cpu_fused.FLAGS),
+    gemvs = (cpu_gemv.AVX2, cpu_gemv.AVX512_BF16)
+    for source, flags in (*((g.source, g.flags) for g in gemvs), (cpu_fused.SOURCE, cpu_fused.FLAGS),
                           (int8_gemv.SOURCE, int8_gemv.FLAGS), (int8_gemv.AMX_SOURCE, int8_gemv.AMX_FLAGS)):
         print(build(source, flags))
 

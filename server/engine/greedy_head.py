@@ -100,7 +100,7 @@ class GreedyHead:
 
     @property
     def max_rows(self) -> int:
-        return self.est.max_rows(self.weight.dtype, native=self.gemm is kernels.onednn_linear)
+        return self.est.max_rows(self.weight.dtype, native=kernels.native(self.gemm))
 
     def takes(self, rows: int) -> bool:
         return 1 <= rows <= self.max_rows

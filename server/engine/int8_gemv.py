@@ -199,12 +199,7 @@ def amx_library() -> ctypes.CDLL | None:
 
 def amx_host() -> bool:
     """The CPU has AMX tiles with int8 (Linux's /proc/cpuinfo flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return "amx_tile" in flags and "amx_int8" in flags
+    return cpu_build.has_cpu_flag("amx_tile") and cpu_build.has_cpu_flag("amx_int8")
 
 
 def estimator(k: int) -> Estimator | None:

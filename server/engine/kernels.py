@@ -9,17 +9,19 @@ buffer that stays in cache and use oneDNN's fp32 GEMM (:func:`upcast_blocks`: 3-
 faster than ATen's bf16 GEMM at 32-64 rows here, which runs row by row); up to 32 rows
 stream the bf16 weights through the AVX2 GEMV of :mod:`cpu_gemv` instead (half the bytes,
 no scratch copies: 1.1-3.3x faster than the upcast at 8-32 rows), or, without that kernel,
-fewer than 8 rows use ATen's bf16 GEMV.
+fewer than 8 rows use ATen's bf16 GEMV. Where oneDNN runs bf16 natively with AVX512-BF16 but
+no AMX, 1-4 rows go to the AVX512-BF16 GEMV of :mod:`cpu_gemv` instead (:func:`small_rows_linear`),
+which streams the weights faster than oneDNN's GEMM does at those sizes.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from adapterctl.server.engine import cpu_gemv
+from adapterctl.server.engine import cpu_build, cpu_gemv
 
 GEMMS = ("auto", "onednn", "torch")
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -36,18 +38,45 @@ def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
+class Dual(NamedTuple):
+    """A weight [out, in] twice: in oneDNN's blocked layout and in its plain rows (which the C GEMV
+    of :func:`small_rows_linear` reads). Costs the plain copy's memory on top of the blocked one."""
+
+    packed: torch.Tensor
+    plain: torch.Tensor
+
+
+def small_rows_linear(x: torch.Tensor, weight: "torch.Tensor | Dual", bias: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """``x @ weight.T + bias`` in bf16, ``x`` [..., in]: up to ``cpu_gemv.AVX512_BF16.max_rows``
+    rows through the AVX512-BF16 GEMV on the plain weight, more through oneDNN on the blocked one
+    (``weight`` a :class:`Dual`, or a plain tensor, which oneDNN then reorders per call)."""
+    if x.dim() != 2:
+        return small_rows_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], plain(weight).shape[0])
+    if x.shape[0] <= cpu_gemv.AVX512_BF16.max_rows:
+        y = cpu_gemv.linear(x, plain(weight), bias, cpu_gemv.AVX512_BF16)
+        if y is not None:
+            return y
+    return onednn_linear(x, weight.packed if isinstance(weight, Dual) else weight, bias)
+
+
+def plain(weight: "torch.Tensor | Dual") -> torch.Tensor:
+    """The plain [out, in] rows of a GEMM operand (:func:`prepare`'s), where it keeps them."""
+    return weight.plain if isinstance(weight, Dual) else weight
+
+
 UPCAST_MIN_ROWS = 8  # without the C GEMV, fewer rows keep ATen's (measured crossover 4-8 rows, AVX2 host)
 UPCAST_BLOCK = 1024  # weight rows upcast at a time (fp32 scratch <= 8 MiB; 512-2048 measured alike)
 
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in ``x.dtype`` (bf16) for CPUs without bf16 arithmetic, ``x``
-    [..., in]: up to ``cpu_gemv.MAX_ROWS`` rows through the C GEMV (which streams the bf16
+    [..., in]: up to ``cpu_gemv.AVX2.max_rows`` rows through the C GEMV (which streams the bf16
     weights), more through :func:`upcast_blocks`; without the C kernel, fewer than
     ``UPCAST_MIN_ROWS`` rows use ATen's bf16 GEMV."""
     if x.dim() != 2:
         return upcast_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
-    y = cpu_gemv.linear(x, weight, bias)  # None beyond cpu_gemv.MAX_ROWS, or without the kernel
+    y = cpu_gemv.linear(x, weight, bias)  # None beyond cpu_gemv.AVX2.max_rows, or without the kernel
     if y is not None:
         return y
     if x.shape[0] < UPCAST_MIN_ROWS:
@@ -82,10 +111,18 @@ def prepare(gemm: Gemm, weight: torch.Tensor) -> torch.Tensor:
     8-64 rows on the AVX2 host, the same at one row, bit-identical results from 8 rows on. bf16
     (where oneDNN runs it natively: AVX512-BF16 / AMX): 1.1-2.8x faster per projection at 1-64
     rows on the AMX host (``bench.gemm_bench``), since unpacked weights are reordered on every
-    call. The result is only an operand of ``gemm``: it cannot be sliced or read as a tensor."""
-    if gemm is onednn_linear and _reorder_runs(weight.dtype):
-        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PREPACK_ROWS)
+    call. The result is only an operand of ``gemm``: it cannot be sliced or read as a tensor.
+    For :func:`small_rows_linear`, a :class:`Dual` of that layout and ``weight`` itself."""
+    if gemm in (onednn_linear, small_rows_linear) and _reorder_runs(weight.dtype):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PREPACK_ROWS)
+        return Dual(packed, weight) if gemm is small_rows_linear else packed
     return weight
+
+
+def native(gemm: Gemm) -> bool:
+    """Whether ``gemm`` runs its dtype in hardware (oneDNN, with or without the small-rows GEMV)
+    rather than upcasting bf16 to fp32 around the math."""
+    return gemm in (onednn_linear, small_rows_linear)
 
 
 @functools.cache
@@ -116,14 +153,23 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
 
 
 def pick_gemm(name: str, device: torch.device, dtype: torch.dtype) -> Gemm:
-    """The GEMM for ``name``. "auto": oneDNN on CPU when it runs in ``dtype``; bf16 on a CPU
+    """The GEMM for ``name``. "auto": oneDNN on CPU when it runs in ``dtype`` (bf16 with
+    AVX512-BF16 and no AMX: :func:`small_rows_linear`); bf16 on a CPU
     where only its fp32 GEMM runs, :func:`upcast_linear`; else torch (CUDA, other dtypes)."""
     cpu = device.type == "cpu"
     usable = cpu and dtype in (torch.float32, torch.bfloat16) and _onednn_runs(dtype)
     if name == "onednn" and not usable:
         raise ValueError(f"oneDNN GEMM is not available for {device.type}/{dtype}")
+    if usable and name == "auto" and dtype == torch.bfloat16 and _small_rows_pay():
+        return small_rows_linear
     if usable and name in ("auto", "onednn"):
         return onednn_linear
     if name == "auto" and cpu and dtype == torch.bfloat16 and _onednn_runs(torch.float32):
         return upcast_linear
     return torch_linear
+
+
+def _small_rows_pay() -> bool:
+    """The AVX512-BF16 GEMV loads here and there is no AMX (measured faster than oneDNN at 1-4
+    rows on Zen 4; AMX hosts were not measured, so they keep oneDNN)."""
+    return not cpu_build.has_cpu_flag("amx_bf16") and cpu_gemv.library(cpu_gemv.AVX512_BF16) is not None

@@ -40,7 +40,8 @@ class PackedLinear:
         weight = torch.cat(originals)  # [sum(out), in]
         self.bias = torch.cat([b.bias.detach() for b in bases]) if bases[0].bias is not None else None
         self.weight = kernels.prepare(gemm, weight) if prepack else weight  # the GEMM's operand
-        if self.weight is weight:  # the pack itself: the originals become views of it
+        if kernels.plain(self.weight) is weight:  # the pack itself (or kept beside its blocked
+            # layout, kernels.Dual): the originals become views of it
             for b, lo, hi in zip(bases, self.bounds, self.bounds[1:]):
                 b.weight = nn.Parameter(weight[lo:hi], requires_grad=False)
                 if self.bias is not None:

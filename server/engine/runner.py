@@ -164,7 +164,8 @@ class ModelRunner:
         for lin in wrapped.values():
             if id(lin) not in in_pack:
                 lin.operand = kernels.prepare(self.gemm, lin.base.weight)
-                originals.append(lin.base.weight)
+                if kernels.plain(lin.operand) is not lin.base.weight:  # a Dual reads the original
+                    originals.append(lin.base.weight)
         parts = [(lo, min(lo + Forward.head_chunk, head.shape[0]),
                   kernels.prepare(self.gemm, head[lo: lo + Forward.head_chunk]))
                  for lo in range(0, head.shape[0], Forward.head_chunk)]

@@ -96,7 +96,7 @@ def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
 
 def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch):
     """On a CPU whose oneDNN has no bf16 GEMM, ``auto`` picks :func:`upcast_linear` for bf16:
-    up to ``cpu_gemv.MAX_ROWS`` rows go to the AVX2 GEMV where it loads; more rows multiply the
+    up to ``cpu_gemv.AVX2.max_rows`` rows go to the AVX2 GEMV where it loads; more rows multiply the
     bf16 values in fp32 (bf16 x bf16 products are exact there), block by block over every
     output column, and round once to bf16; without the GEMV, fewer than 8 rows use ATen's."""
     import torch
@@ -104,11 +104,13 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
 
     from adapterctl.server.engine import kernels
 
-    want = kernels.onednn_linear if kernels._onednn_runs(torch.bfloat16) else kernels.upcast_linear
+    native = kernels.small_rows_linear if kernels._small_rows_pay() else kernels.onednn_linear
+    want = native if kernels._onednn_runs(torch.bfloat16) else kernels.upcast_linear
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is want
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is kernels.onednn_linear
     monkeypatch.setattr(kernels, "UPCAST_BLOCK", 4)  # 11 output rows: blocks of 4, 4 and 3
-    monkeypatch.setattr(kernels.cpu_gemv, "MAX_ROWS", 2)  # so that 9 and 15 rows take the upcast path
+    # so that 9 and 15 rows take the upcast path
+    monkeypatch.setattr(kernels.cpu_gemv, "AVX2", kernels.cpu_gemv.AVX2._replace(max_rows=2))
     torch.manual_seed(0)
     w, b = torch.randn(11, 48).bfloat16(), torch.randn(11).bfloat16()
     for shape in ((9, 48), (3, 5, 48)):  # 9 and 15 rows: upcast path
@@ -124,3 +126,38 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
         gemv = kernels.cpu_gemv.linear(few, w, b)
         assert (gemv is None) == (rows > 2 or kernels.cpu_gemv.library() is None)
         assert torch.equal(kernels.upcast_linear(few, w, b), F.linear(few, w, b) if gemv is None else gemv)
+
+
+def test_native_bf16_small_rows_take_the_avx512_gemv_and_more_rows_onednn():
+    """Where oneDNN runs bf16 natively and the AVX512-BF16 GEMV loads (no AMX), ``auto`` is
+    :func:`small_rows_linear`: its operand keeps the plain weight beside oneDNN's blocked copy
+    (:class:`Dual`); 1-4 rows give the C GEMV's result (one bf16 ulp of exact), more rows
+    oneDNN's on the blocked copy, and a plain weight (the greedy head's gathered rows) works too."""
+    import torch
+
+    from adapterctl.server.engine import cpu_gemv, kernels
+
+    if not (kernels._onednn_runs(torch.bfloat16) and kernels._small_rows_pay()):
+        assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is not kernels.small_rows_linear
+        pytest.skip("needs native bf16 oneDNN with AVX512-BF16 and no AMX")
+    assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is kernels.small_rows_linear
+    assert kernels.pick_gemm("onednn", torch.device("cpu"), torch.bfloat16) is kernels.onednn_linear
+    assert kernels.native(kernels.small_rows_linear) and not kernels.native(kernels.upcast_linear)
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(70, 96, generator=gen).bfloat16(), torch.randn(70, generator=gen).bfloat16()
+    op = kernels.prepare(kernels.small_rows_linear, w)
+    assert isinstance(op, kernels.Dual) and op.plain is w and kernels.plain(op) is w
+    assert kernels.prepare(kernels.onednn_linear, w).shape == w.shape  # oneDNN's own: no plain copy
+    for rows in (1, 2, 3, 4, 5, 9):
+        x = torch.randn(rows, 96, generator=gen).bfloat16()
+        y = kernels.small_rows_linear(x, op, b)
+        exact = (x.double() @ w.double().T + b.double()).bfloat16()
+        torch.testing.assert_close(y.float(), exact.float(), atol=1e-5, rtol=2 ** -7)
+        if rows <= cpu_gemv.AVX512_BF16.max_rows:
+            assert torch.equal(y, cpu_gemv.linear(x, w, b, cpu_gemv.AVX512_BF16))
+        else:
+            assert torch.equal(y, kernels.onednn_linear(x, op.packed, b))
+        assert torch.equal(kernels.small_rows_linear(x, w, b), y if rows <= 4 else kernels.onednn_linear(x, w, b))
+    x3 = torch.randn(2, 3, 96, generator=gen).bfloat16()  # [..., in]
+    flat = kernels.small_rows_linear(x3.reshape(6, 96), op, b)
+    assert torch.equal(kernels.small_rows_linear(x3, op, b), flat.view(2, 3, 70))

@@ -119,13 +119,14 @@ def test_a_weight_written_in_place_is_not_released(tiny_base):
     assert torch.equal(w, doubled)
 
 
-def _step_logits(tiny_base, rows: int, whole_head: bool, argmax_only: bool = False, **runner_args):
+def _step_logits(tiny_base, rows: int, whole_head: bool, argmax_only: bool = False, dtype: str = "float32",
+                 **runner_args):
     """(runner, logits of a 4-token prefill and three decode steps of ``rows`` base rows; with
     ``argmax_only`` the forwards' tokens instead)."""
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
-    r = ModelRunner(load_model(tiny_base, "cpu", "float32"), max_rows=rows, max_positions=64, num_slots=2,
+    r = ModelRunner(load_model(tiny_base, "cpu", dtype), max_rows=rows, max_positions=64, num_slots=2,
                     max_rank=8, lora_modules=("q_proj", "v_proj"), **runner_args)
     out = []
     with torch.inference_mode():
@@ -250,3 +251,25 @@ def test_prepacked_step_matches_the_plain_layout(tiny_base, rows, monkeypatch):
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+
+def test_small_rows_gemv_step_keeps_the_packs_plain_and_matches_onednn(tiny_base):
+    """bf16 where ``auto`` is ``kernels.small_rows_linear`` (AVX512-BF16, no AMX): each pack keeps
+    its plain weight beside oneDNN's blocked copy, with the projections' weights views of it (not a
+    third copy), and the steps' logits (1-2 rows: the C GEMV; the 4-token prefill: oneDNN) are
+    bf16-close to oneDNN's everywhere."""
+    from adapterctl.server.engine import kernels
+
+    if not (kernels._onednn_runs(torch.bfloat16) and kernels._small_rows_pay()):
+        pytest.skip("needs native bf16 oneDNN with AVX512-BF16 and no AMX")
+    runner, got = _step_logits(tiny_base, 2, True, dtype="bfloat16")
+    assert runner.gemm is kernels.small_rows_linear
+    packs = [p for p in (*runner.qkv, *runner.gate_up) if p is not None]
+    assert packs and all(isinstance(p.weight, kernels.Dual) for p in packs)
+    for pack in packs:
+        storage = pack.weight.plain.untyped_storage().data_ptr()
+        assert all(part.base.weight.untyped_storage().data_ptr() == storage for part in pack.parts)
+    _, ref = _step_logits(tiny_base, 2, True, dtype="bfloat16", gemm="onednn")
+    for a, b in zip(ref, got):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(b.float(), a.float(), atol=0.05, rtol=0.02)

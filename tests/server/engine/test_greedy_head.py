@@ -208,6 +208,7 @@ def test_a_native_bf16_head_keeps_the_estimate_to_few_rows():
     native = GreedyHead(w, kernels.onednn_linear, avx2)
     assert native.max_rows == int8_gemv.Avx2Estimator.NATIVE_BF16_ROWS <= 8
     assert native.takes(native.max_rows) and not native.takes(native.max_rows + 1)
+    assert GreedyHead(w, kernels.small_rows_linear, avx2).max_rows == native.max_rows  # oneDNN beyond 4 rows
     assert GreedyHead(w, upcast_linear, avx2).max_rows == 64
     assert GreedyHead(w.float(), kernels.onednn_linear, avx2).max_rows == 64
     if int8_gemv.amx_library() is not None:
