@@ -18,12 +18,13 @@ the model's dtype and of ``A`` to fp32 (the kernels' integer sums are exact). Th
 their logits and the first maximum among them (ascending vocabulary order, as ``argmax``) is the
 token. On Gemma 3 270M a row kept at most 34 candidates on real prompts (median 9).
 
-Where the head's GEMM computes each output from its own row alone (the C bf16 GEMV of
-:mod:`cpu_gemv` on an AVX2 CPU), the candidates' logits are bitwise the full head's, so the token
-is exactly the full head's. oneDNN (fp32; bf16 with AVX512-BF16 or AMX) reads the full head in
-its blocked layout and the gathered rows in their plain one, so there the logits may differ in the last bit
-and the two tokens only where the best logits tie within that rounding, the latitude any choice
-of GEMM already has (oneDNN's fp32 logits are not MKL's either).
+Where the head's GEMM computes each output from its own row alone (the C bf16 GEMVs of
+:mod:`cpu_gemv`: AVX2, and AVX512-BF16 at 1-4 rows through ``kernels.small_rows_linear``), the
+candidates' logits are bitwise the full head's, so the token is exactly the full head's. oneDNN
+(fp32; bf16 with AVX512-BF16 or AMX) reads the full head in its blocked layout and the gathered
+rows in their plain one, so there the logits may differ in the last bit and the two tokens only
+where the best logits tie within that rounding, the latitude any choice of GEMM already has
+(oneDNN's fp32 logits are not MKL's either).
 
 Only for rows whose sole consumer is ``argmax`` (greedy, no logprobs, no grammar mask).
 """
