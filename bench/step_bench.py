@@ -12,13 +12,16 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
   ``auto``'s choice (bf16 on AVX512-BF16 without AMX: the AVX512-BF16 GEMV at 1-4 rows);
 * ``aten_ops``: the same step with norms and RoPE in ATen ops (``fused_ops=False``), against one
   C call each (``cpu_fused``);
+* ``unplanned``: the same step with every layer through the Python path (``cpu_planned_layers=False``),
+  against one C call a layer (:mod:`~adapterctl.server.engine.decode_layer`: bf16 with a C GEMV, 1-4
+  rows on AVX512-BF16); attention and GELU there may differ from ATen's by a bf16 ulp;
 * ``full_head``: argmax-only rows through the whole LM head (each slice reduced to its first
   maximum as it is computed), against the int8 greedy head (``greedy_head``, CPU); checks the same
   tokens, and prints the most candidates a row kept.
 
 Prints per row count the median step time of each, ``step_fused_speedup_b<rows>``,
 ``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>``, ``step_gemv_speedup_b<rows>``,
-``step_ops_speedup_b<rows>`` or
+``step_ops_speedup_b<rows>``, ``step_plan_speedup_b<rows>`` or
 ``step_head_speedup_b<rows>``
 (baseline ÷ engine), whether
 the logits of every step were bit-identical and their largest difference; the LAST line is one JSON object of those.
@@ -36,13 +39,13 @@ import torch
 
 
 def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm: str = "auto",
-            fused_ops: bool = True, greedy_head: bool = True):
+            fused_ops: bool = True, greedy_head: bool = True, planned: bool = True):
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
     runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=4, max_rank=16,
                          lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack, gemm=gemm,
-                         fused_ops=fused_ops, greedy_head=greedy_head)
+                         fused_ops=fused_ops, greedy_head=greedy_head, planned_layers=planned)
     with torch.inference_mode():
         for i in range(rows):
             runner.kv.alloc_row(256)
@@ -66,12 +69,14 @@ def _step(runner, rows: int, pos: int, whole_head: bool, argmax_only: bool = Fal
 
 def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") -> dict[str, Any]:
     unpacked, aten_ops = baseline == "unpacked", baseline == "aten_ops"
-    full_head = baseline == "full_head"
+    full_head, unplanned = baseline == "full_head", baseline == "unplanned"
     gemm = baseline if baseline in ("torch", "onednn") else "auto"
-    same_layers = unpacked or gemm != "auto" or aten_ops or full_head  # baselines that keep the engine's fused layers
+    # baselines that keep the engine's fused layers
+    same_layers = unpacked or gemm != "auto" or aten_ops or full_head or unplanned
     unfused = _runner(base, dtype, rows, same_layers, prepack=not unpacked, gemm=gemm,
-                      fused_ops=not aten_ops, greedy_head=not full_head)
-    fused = _runner(base, dtype, rows, True)
+                      fused_ops=not aten_ops, greedy_head=not full_head, planned=not unplanned)
+    # against ATen's ops the engine keeps ATen's attention and GELU too (the bitwise check of the C ops)
+    fused = _runner(base, dtype, rows, True, planned=not aten_ops)
     kept: list[int] = []  # the most candidates a row kept, per greedy step
     if full_head:
         if fused.greedy_head is None or not fused.greedy_head.takes(rows):
@@ -92,7 +97,7 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
             t_old.append(a)
             t_new.append(b)
     old, new = statistics.median(t_old), statistics.median(t_new)
-    name = {"unpacked": "prepack", "torch": "gemm", "onednn": "gemv", "aten_ops": "ops",
+    name = {"unpacked": "prepack", "torch": "gemm", "onednn": "gemv", "aten_ops": "ops", "unplanned": "plan",
             "full_head": "head"}.get(baseline, "fused")
     out = {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
            f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
     parser.add_argument("--baseline", default="unfused",
-                        choices=("unfused", "unpacked", "torch", "onednn", "aten_ops", "full_head"))
+                        choices=("unfused", "unpacked", "torch", "onednn", "aten_ops", "unplanned", "full_head"))
     args = parser.parse_args(argv)
     base = base_model()
     out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline}

@@ -22,6 +22,7 @@ from adapterctl.errors import FailedPrecondition
 from adapterctl.server.engine import cpu_fused, kernels, pages
 from adapterctl.server.engine.batch import LoraBatch, use_batch
 from adapterctl.server.engine.config import LORA_MODULE_TYPES
+from adapterctl.server.engine.decode_layer import PlannedLayers
 from adapterctl.server.engine.greedy_head import GreedyHead
 from adapterctl.server.engine.kernels import pick_gemm
 from adapterctl.server.engine.kv import KVCache
@@ -54,7 +55,8 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
                  lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto", fuse: bool = True,
-                 prepack: bool = True, fused_ops: bool = True, greedy_head: bool = True) -> None:
+                 prepack: bool = True, fused_ops: bool = True, greedy_head: bool = True,
+                 planned_layers: bool = True) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", "?")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -108,6 +110,8 @@ class ModelRunner:
         head = self.model.lm_head
         self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) if greedy_head else None
         self.head_parts = self._prepare(wrapped, packs) if prepack else None
+        # small base decode steps' layers as one C call each (decode_layer), or None: where it does not apply
+        self.planned = PlannedLayers.build(self) if planned_layers and self.fused_ops else None
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
                           self.dtype, self.device)
@@ -198,7 +202,12 @@ class ModelRunner:
     def decoder_layer(self, i: int, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                       plan: "_AttentionPlan", pos: torch.Tensor, rows: torch.Tensor, n_tok: int) -> torch.Tensor:
         """Decoder layer ``i`` over the step's hidden states ``h`` [N, hidden] -> [N, hidden];
-        writes the layer's K/V of tokens at (``rows`` [N], ``pos`` [N]) into the cache."""
+        writes the layer's K/V of tokens at (``rows`` [N], ``pos`` [N]) into the cache. Where ``plan``
+        says so (few base decode tokens), one C call (:mod:`~.decode_layer`)."""
+        if plan.planned:
+            out = self.planned.run(i, h, *rope, rows, pos, self.kv.k[i], self.kv.v[i])  # type: ignore[union-attr]
+            if out is not None:  # else nothing was written: the path below
+                return out
         layer = self.layers[i]
         attn = layer.self_attn
         x = layer.input_layernorm(h)
@@ -307,6 +316,9 @@ class Forward:
         lora = LoraBatch.from_token_slots(slots, dev)
         self.lora = lora if lora.has_lora else None
         self.plan = _AttentionPlan(chunks, self.r.kv.num_rows, self.r.windows, dev)
+        planned = self.r.planned
+        self.plan.planned = planned is not None and self.lora is None and not self.plan.prefill \
+            and 0 < self.n_tok <= planned.max_rows
 
     @property
     def progress(self) -> float:
@@ -453,24 +465,37 @@ class _AttentionPlan:
             off += len(c.tokens)
         self.num_tokens = off
         self.num_rows = num_rows
+        # every token a base decode token, few enough for the runner's planned layers (set by Forward)
+        self.planned = False
         self.has_decode = bool(dec_tok)
         if not self.has_decode:
             return
         self.identity = dec_rows == list(range(num_rows)) and dec_tok == list(range(num_rows))
         self.dec_tok = torch.tensor(dec_tok, device=dev)
         self.dec_rows = torch.tensor(dec_rows, device=dev)
-        qpos = torch.full((num_rows,), -1, dtype=torch.long, device=dev)
-        qpos[self.dec_rows] = torch.tensor(dec_pos, device=dev)
         self.hi = max(dec_pos) + 1
-        self.masks: dict[int | None, tuple[int, torch.Tensor]] = {}
-        for w in set(windows):
-            lo = 0 if w is None else max(0, min(dec_pos) - w + 1)
-            kpos = torch.arange(lo, self.hi, device=dev)
-            mask = kpos[None, :] <= qpos[:, None]  # [rows, L]
-            if w is not None:
-                mask &= kpos[None, :] > (qpos[:, None] - w)
-            mask[qpos < 0, 0] = True  # rows not decoding this step: any finite row, output unused
-            self.masks[w] = (lo, mask[:, None, None, :])  # [rows, 1, 1, L]
+        self._decode = (dec_pos, set(windows), dev)
+        # window -> (first key position, mask [rows, 1, 1, L]); built on the first attend (a planned
+        # step never attends here)
+        self._dec_masks: dict[int | None, tuple[int, torch.Tensor]] | None = None
+
+    @property
+    def masks(self) -> dict[int | None, tuple[int, torch.Tensor]]:
+        """Per window, (first key position, the decode rows' mask [rows, 1, 1, keys])."""
+        if self._dec_masks is None:
+            dec_pos, windows, dev = self._decode
+            qpos = torch.full((self.num_rows,), -1, dtype=torch.long, device=dev)
+            qpos[self.dec_rows] = torch.tensor(dec_pos, device=dev)
+            self._dec_masks = {}
+            for w in windows:
+                lo = 0 if w is None else max(0, min(dec_pos) - w + 1)
+                kpos = torch.arange(lo, self.hi, device=dev)
+                mask = kpos[None, :] <= qpos[:, None]  # [rows, L]
+                if w is not None:
+                    mask &= kpos[None, :] > (qpos[:, None] - w)
+                mask[qpos < 0, 0] = True  # rows not decoding this step: any finite row, output unused
+                self._dec_masks[w] = (lo, mask[:, None, None, :])  # [rows, 1, 1, L]
+        return self._dec_masks
 
     def attend(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, window: int | None,
                scale: float) -> torch.Tensor:

@@ -1,0 +1,148 @@
+/* One Gemma 3 decoder layer of a decode step as one C call (built and loaded by decode_layer.py).
+
+   At 1-4 rows a bf16 step of Gemma 3 270M streams ~200 MB of layer weights in ~4-6 ms, but the
+   Python around its 18 layers (eight kernel calls each, their argument checks, ATen's attention
+   with its masks and views, GELU and a multiply) cost another ~4-5 ms. Here a layer is one call
+   that drives the same kernels through function pointers handed over at load time: the GEMV
+   (cpu_gemv), the norms, the residual norms and the q/k norm + RoPE + K/V write (cpu_fused), so
+   everything but attention and GELU is bitwise the Python path. Attention and GELU are computed
+   here, in fp32, rounded where ATen rounds them (the softmax weights to bf16 before they weigh V,
+   as its flash-attention kernel does; GELU rounded, then the product with up rounded); their sums
+   and tanh may differ from ATen's in the last fp32 bits, so a row's output may differ by a bf16
+   ulp. Built without FMA contraction (-ffp-contract=off), like ATen's separate vector ops. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+typedef int (*gemv_fn)(const uint16_t *w, long ldw, const uint16_t *x, long ldx, const uint16_t *bias, long rows,
+                       long n_out, long k, uint16_t *y, long ldy, int threads);
+typedef void (*norm_fn)(const uint16_t *x, long sn, long sh, const float *scale, long n, long heads, long dim,
+                        float eps, uint16_t *y);
+typedef void (*residual_fn)(const uint16_t *a, const uint16_t *h, const float *scale1, float eps1,
+                            const float *scale2, float eps2, long n, long dim, uint16_t *h_out, uint16_t *x_out);
+typedef int (*prep_fn)(const uint16_t *q, long qn, long qh, const uint16_t *k, long kn, long kh, const uint16_t *v,
+                       long vn, long vh, const float *qscale, float qeps, const float *kscale, float keps,
+                       const uint16_t *cos, const uint16_t *sin, long sc, long n, long heads, long kvh, long d,
+                       uint16_t *qout, uint16_t *kc, uint16_t *vc, long row_cap, long pos_cap, long c_row,
+                       long c_head, long c_pos, const int64_t *rows, const int64_t *pos);
+
+/* The model's shapes and the kernels (decode_layer.py's _Plan mirrors this field for field). */
+typedef struct {
+    gemv_fn gemv;
+    norm_fn norm;
+    residual_fn residual;
+    prep_fn prep;
+    long hidden, heads, kvh, d, inter, max_rows;
+} Plan;
+
+/* One layer: plain bf16 weights [out, in] (qkv: q, k, v rows packed; gate_up: gate then up), the
+   fp32 norm scales with their eps, the sliding window (0: none), the attention scale, and the
+   layer's K/V caches [row_cap, kvh, pos_cap, d] with their strides (decode_layer.py's _Layer). */
+typedef struct {
+    const uint16_t *qkv, *o, *gate_up, *down;
+    const float *input_norm, *q_norm, *k_norm, *post_attn, *pre_ff, *post_ff;
+    float input_eps, q_eps, k_eps, post_attn_eps, pre_ff_eps, post_ff_eps;
+    long window;
+    float scale;
+    uint16_t *kc, *vc;
+    long row_cap, pos_cap, c_row, c_head, c_pos;
+} Layer;
+
+#define MAX_D 1024
+
+/* out[t, h] = softmax(q[t, h] . K[rows[t], g] * scale) V[rows[t], g] over the positions
+   lo..pos[t] (lo = pos[t] - window + 1 with a window), g = h / (heads / kvh). Scores and sums in
+   fp32; each softmax weight rounds to bf16 before it weighs V (ATen's CPU flash attention does),
+   the sum of weights does not; the output rounds once. q, out: contiguous [n, heads, d]. */
+static int attend(const Plan *p, const Layer *l, long n, const uint16_t *q, const int64_t *rows,
+                  const int64_t *pos, uint16_t *out, int threads) {
+    const long heads = p->heads, d = p->d, group = heads / p->kvh;
+    long span = 1;
+    for (long t = 0; t < n; t++) span = pos[t] + 1 > span ? pos[t] + 1 : span;
+    float *scores = malloc(sizeof(float) * (size_t)(n * heads * span));
+    if (!scores) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long th = 0; th < n * heads; th++) {
+        const long t = th / heads, g = (th % heads) / group;
+        const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
+        const uint16_t *qr = q + th * d;
+        const uint16_t *kb = l->kc + rows[t] * l->c_row + g * l->c_head;
+        const uint16_t *vb = l->vc + rows[t] * l->c_row + g * l->c_head;
+        float *s = scores + th * span, qf[MAX_D], acc[MAX_D], top = -INFINITY, sum = 0.0f;
+        for (long i = 0; i < d; i++) {
+            qf[i] = bf16_to_float(qr[i]);
+            acc[i] = 0.0f;
+        }
+        for (long j = lo; j < hi; j++) {
+            const uint16_t *kr = kb + j * l->c_pos;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (long i = 0; i < d; i++) dot += qf[i] * bf16_to_float(kr[i]);
+            s[j - lo] = dot * l->scale;
+            top = s[j - lo] > top ? s[j - lo] : top;
+        }
+        for (long j = lo; j < hi; j++) {
+            const float e = expf(s[j - lo] - top), w = bf16_to_float(to_bf16(e));
+            const uint16_t *vr = vb + j * l->c_pos;
+            sum += e;
+#pragma omp simd
+            for (long i = 0; i < d; i++) acc[i] += w * bf16_to_float(vr[i]);
+        }
+        for (long i = 0; i < d; i++) out[th * d + i] = to_bf16(acc[i] / sum);
+    }
+    free(scores);
+    return 0;
+}
+
+/* act[t, i] = bf16(bf16(gelu_tanh(gate[t, i])) * up[t, i]) with gate_up [n, 2 * inter] (gate
+   columns first): ATen's GELU (tanh form, in fp32, its operation order) rounded, then ATen's
+   bf16 multiply. */
+static void gelu_mul(const uint16_t *gate_up, long n, long inter, uint16_t *act) {
+    const float beta = (float)(M_SQRT2 * M_2_SQRTPI * 0.5), kappa = 0.044715f;
+    for (long t = 0; t < n; t++) {
+        const uint16_t *g = gate_up + t * 2 * inter, *u = g + inter;
+        for (long i = 0; i < inter; i++) {
+            const float x = bf16_to_float(g[i]), cube = x * x * x, inner = beta * (x + kappa * cube);
+            const float gelu = bf16_to_float(to_bf16(0.5f * x * (1.0f + tanhf(inner))));
+            act[t * inter + i] = to_bf16(gelu * bf16_to_float(u[i]));
+        }
+    }
+}
+
+/* h_out [n, hidden] = layer(h [n, hidden]) for n decode tokens (token t at cache row rows[t],
+   position pos[t]), writing their K/V into the layer's caches; cos, sin: [n, d] with row stride
+   sc; scratch: bf16, decode_layer_scratch(p) elements. Returns 0, or -1 (h_out not written)
+   where n is outside 1..max_rows, a row or position is outside the caches (nothing written
+   then), d > MAX_D, or memory ran out. */
+int decode_layer_bf16(const Plan *p, const Layer *l, long n, const uint16_t *h, uint16_t *h_out,
+                      const uint16_t *cos, const uint16_t *sin, long sc, const int64_t *rows, const int64_t *pos,
+                      uint16_t *scratch, int threads) {
+    const long hid = p->hidden, qw = p->heads * p->d, kvw = p->kvh * p->d, qkvw = qw + 2 * kvw, inter = p->inter;
+    if (n < 1 || n > p->max_rows || p->d > MAX_D) return -1;
+    uint16_t *x = scratch, *qkv = x + n * hid, *q = qkv + n * qkvw, *att = q + n * qw, *a = att + n * qw;
+    uint16_t *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;
+    uint16_t *m = act + n * inter;
+    p->norm(h, hid, 0, l->input_norm, n, 1, hid, l->input_eps, x);
+    p->gemv(l->qkv, hid, x, hid, NULL, n, qkvw, hid, qkv, qkvw, threads);
+    if (p->prep(qkv, qkvw, p->d, qkv + qw, qkvw, p->d, qkv + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps, l->k_norm,
+                l->k_eps, cos, sin, sc, n, p->heads, p->kvh, p->d, q, l->kc, l->vc, l->row_cap, l->pos_cap,
+                l->c_row, l->c_head, l->c_pos, rows, pos))
+        return -1;
+    if (attend(p, l, n, q, rows, pos, att, threads)) return -1;
+    p->gemv(l->o, qw, att, qw, NULL, n, hid, qw, a, hid, threads);
+    p->residual(a, h, l->post_attn, l->post_attn_eps, l->pre_ff, l->pre_ff_eps, n, hid, h1, x2);
+    p->gemv(l->gate_up, hid, x2, hid, NULL, n, 2 * inter, hid, gu, 2 * inter, threads);
+    gelu_mul(gu, n, inter, act);
+    p->gemv(l->down, inter, act, inter, NULL, n, hid, inter, m, hid, threads);
+    p->residual(m, h1, l->post_ff, l->post_ff_eps, NULL, 0.0f, n, hid, h_out, NULL);
+    return 0;
+}
+
+/* bf16 elements of scratch decode_layer_bf16 needs at p->max_rows rows. */
+long decode_layer_scratch(const Plan *p) {
+    const long qw = p->heads * p->d, qkvw = qw + 2 * p->kvh * p->d;
+    return p->max_rows * (5 * p->hidden + qkvw + 2 * qw + 3 * p->inter);
+}

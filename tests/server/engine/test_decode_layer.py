@@ -1,0 +1,137 @@
+"""The planned decode layer (server/engine/decode_layer.c through decode_layer.py): on the tiny
+Gemma 3 in bf16, a layer as one C call writes bitwise the K/V the Python path writes, is no
+further from fp32 arithmetic than that path, re-points itself when the KV cache grows, and
+steps it does not take (adapter tokens, prompt chunks, too many rows) keep the Python path."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from adapterctl.server.engine import cpu_build
+
+pytestmark = pytest.mark.skipif(not (cpu_build.avx2_host() and shutil.which("cc")),
+                                reason="the planned layer needs Linux x86-64 with AVX2 and a C compiler")
+
+PROMPTS = [[2, 40, 7, 300, 12, 9], [2, 41, 8, 301, 13, 10, 77], [2, 42, 9, 302]]
+
+
+def _runner(tiny_base, dtype="bfloat16", rows=2, max_positions=64, model=None, **args):
+    from adapterctl.basemodel import load_model
+    from adapterctl.server.engine.runner import Chunk, ModelRunner
+
+    model = load_model(tiny_base, "cpu", dtype) if model is None else model
+    r = ModelRunner(model, max_rows=rows, max_positions=max_positions, num_slots=2,
+                    max_rank=8, lora_modules=("q_proj", "v_proj"), **args)
+    with torch.inference_mode():
+        for i in range(rows):
+            r.kv.alloc_row(32)
+        fwd = r.start([Chunk(i, 0, PROMPTS[i], 0, True) for i in range(rows)])
+        while fwd.step():
+            pass
+    if dtype == "bfloat16" and args.get("planned_layers", True):
+        assert r.planned is not None, "bf16 on an AVX2 host with a compiler plans the tiny Gemma's layers"
+    return r
+
+
+def _decode(r, rows, pos, tokens, slot=0):
+    """One decode step of ``rows`` rows at ``pos``; its logits [rows, vocab]."""
+    from adapterctl.server.engine.runner import Chunk
+
+    with torch.inference_mode():
+        fwd = r.start([Chunk(i, pos[i], [tokens[i]], slot, True) for i in range(rows)])
+        while fwd.step(whole_head=True):
+            pass
+    return fwd.logits
+
+
+def _counting(r):
+    calls = []
+    run = r.planned.run
+    r.planned.run = lambda i, *a: calls.append(i) or run(i, *a)
+    return calls
+
+
+def test_a_planned_layer_writes_the_python_paths_kv_and_stays_as_close_to_fp32(tiny_base):
+    """Teacher-forced decode of both rows for 12 steps: every step's K/V of layer 0 (its inputs
+    are the same) is bitwise the Python path's, and the planned logits are no further from fp32
+    arithmetic on the same bf16 weights than the Python path's (attention and GELU in C)."""
+    from adapterctl.basemodel import load_model
+
+    planned, python = _runner(tiny_base), _runner(tiny_base, planned_layers=False)
+    # fp32 arithmetic on the same bf16-rounded weights
+    ref = _runner(tiny_base, dtype="float32", model=load_model(tiny_base, "cpu", "bfloat16").float())
+    calls = _counting(planned)
+    err_planned = err_python = 0.0
+    for step in range(12):
+        pos = [len(p) + step for p in PROMPTS[:2]]
+        tokens = [100 + 7 * step, 900 + 3 * step]
+        got, want, exact = (_decode(r, 2, pos, tokens) for r in (planned, python, ref))
+        for row, p in enumerate(pos):
+            assert torch.equal(planned.kv.k[0][row, :, p], python.kv.k[0][row, :, p])
+            assert torch.equal(planned.kv.v[0][row, :, p], python.kv.v[0][row, :, p])
+        err_planned += float((got.float() - exact).abs().mean())
+        err_python += float((want.float() - exact).abs().mean())
+    assert calls == [0, 1] * 12  # every layer of every step took the C call
+    print(f"mean |logit - fp32|: planned {err_planned / 12:.5f}, python path {err_python / 12:.5f}")
+    assert err_planned <= 1.2 * err_python
+
+
+def test_steps_it_does_not_take_keep_the_python_path(tiny_base):
+    """Adapter tokens, a prompt chunk beside a decode token, and more rows than the GEMV takes do
+    not call the planned layer; one base row does."""
+    from adapterctl.server.engine.runner import Chunk
+
+    r = _runner(tiny_base)
+    calls = _counting(r)
+    _decode(r, 1, [6], [5])
+    assert calls == [0, 1]
+    calls.clear()
+    _decode(r, 1, [7], [5], slot=1)  # an adapter's decode token (slot 1)
+    assert calls == []
+    with torch.inference_mode():  # a prompt chunk rides with a decode row
+        r.kv.free_row(1)
+        r.kv.alloc_row(32)
+        fwd = r.start([Chunk(0, 8, [5], 0, True), Chunk(1, 0, [2, 3, 4], 0, True)])
+        while fwd.step():
+            pass
+    assert calls == []
+    many = _runner(tiny_base, rows=2)
+    many.planned.max_rows = 1
+    calls = _counting(many)
+    _decode(many, 2, [6, 7], [5, 6])
+    assert calls == []
+
+
+def test_a_grown_kv_cache_is_written_where_the_python_path_writes(tiny_base):
+    """The KV cache re-allocates as a row needs more positions; the plan follows it: the next
+    step's K/V land in the new tensors, bitwise the Python path's."""
+    planned, python = _runner(tiny_base, rows=3, max_positions=1024), _runner(tiny_base, rows=3, max_positions=1024,
+                                                                               planned_layers=False)
+    _decode(planned, 1, [6], [5])
+    _decode(python, 1, [6], [5])
+    before = planned.kv.k[1]
+    for r in (planned, python):
+        r.kv.free_row(2)
+        r.kv.alloc_row(600)  # more positions than the cache holds: it grows (new tensors)
+    assert planned.kv.k[1] is not before and planned.kv.pos_capacity >= 600
+    calls = _counting(planned)
+    _decode(planned, 1, [7], [9])
+    _decode(python, 1, [7], [9])
+    assert calls == [0, 1]
+    for layer in (0, 1):
+        assert torch.equal(planned.kv.k[layer][0, :, :8], python.kv.k[layer][0, :, :8])
+        assert not planned.kv.k[layer][0, :, 7].eq(0).all()
+
+
+def test_a_position_outside_the_cache_writes_nothing(tiny_base):
+    r = _runner(tiny_base, rows=1)
+    kc, vc = r.kv.k[0], r.kv.v[0]
+    snapshot = kc.clone(), vc.clone()
+    h = torch.randn(1, r.config.hidden_size).bfloat16()
+    cos = sin = torch.ones(1, 1, r.head_dim, dtype=torch.bfloat16)
+    for row, pos in ((0, kc.shape[2]), (kc.shape[0], 3), (-1, 3)):
+        got = r.planned.run(0, h, cos, sin, torch.tensor([row]), torch.tensor([pos]), kc, vc)
+        assert got is None
+    assert torch.equal(kc, snapshot[0]) and torch.equal(vc, snapshot[1])
