@@ -64,7 +64,41 @@ def library() -> ctypes.CDLL | None:
     lib.decode_layer_bf16.restype = ctypes.c_int
     lib.decode_layer_scratch.argtypes = [_P]
     lib.decode_layer_scratch.restype = _L
+    lib.gelu_mul_bf16.argtypes = [_P, _L, _L, _P]
+    lib.gelu_mul_bf16.restype = None
+    agree = _gelu_agreement(lib)
+    if agree < GELU_AGREEMENT:
+        log.warning("planned decode layer: its GELU matches ATen's on %.4f of the probe (< %s); not using it",
+                    agree, GELU_AGREEMENT)
+        return None
     return lib
+
+
+# fraction of the probe's outputs bitwise ATen's (the rest: one bf16 ulp, or both ~0 where tanh saturates; tested)
+GELU_AGREEMENT = 0.995
+
+
+def gelu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """The C ``bf16(gelu_tanh(gate)) * up`` of ``gate_up`` [n, 2 * inter] (contiguous bf16) -> [n, inter]."""
+    n, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((n, inter), dtype=torch.bfloat16)
+    lib.gelu_mul_bf16(gate_up.data_ptr(), n, inter, out.data_ptr())
+    return out
+
+
+def probe_gate_up() -> torch.Tensor:
+    """[3, 2 * 1003] bf16: gates from -12 to 12 (the tails where tanh saturates too), random ups."""
+    gen = torch.Generator().manual_seed(0)
+    gate = torch.linspace(-12, 12, 3 * 1003).view(3, 1003)
+    return torch.cat([gate, torch.randn(3, 1003, generator=gen) * 3], dim=1).bfloat16()
+
+
+def _gelu_agreement(lib: ctypes.CDLL) -> float:
+    """Fraction of :func:`probe_gate_up`'s outputs where the C GELU is bitwise ATen's."""
+    gate_up = probe_gate_up()
+    gate, up = gate_up.chunk(2, dim=1)
+    want = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    return float((gelu_mul(lib, gate_up) == want).float().mean())
 
 
 def _gemv_kernel(gemm: kernels.Gemm) -> cpu_gemv.Kernel | None:
