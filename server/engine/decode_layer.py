@@ -123,7 +123,7 @@ class PlannedLayers:
     def __init__(self, lib: ctypes.CDLL, plan: _Plan, layers: list[_Layer], keep: list[torch.Tensor]) -> None:
         self.lib, self.plan, self.layers = lib, plan, layers
         self.max_rows, self.hidden = plan.max_rows, plan.hidden
-        self._keep = keep  # the tensors the plan points into (weights are the runner's; scales are copies)
+        self._keep = keep  # the runner's weights and norm scales the plan points into, kept alive with it
         self._caches: list[tuple[int, ...] | None] = [None] * len(layers)  # (kc, vc, shape) each plan points at
         self.scratch = torch.empty(lib.decode_layer_scratch(ctypes.byref(plan)), dtype=torch.bfloat16)
 
@@ -179,7 +179,10 @@ class PlannedLayers:
         """Layer ``i`` over base decode tokens ``h`` [n, hidden] (contiguous bf16, n <= max_rows) at
         cache rows ``rows`` and positions ``pos`` [n] (int64, contiguous), ``cos``/``sin`` [n, 1, d]
         -> [n, hidden], having written their K/V into ``kc``/``vc`` [row_cap, kvh, pos_cap, d]; None
-        (nothing written) where a row or position is outside the caches."""
+        (nothing written) where a row or position is outside the caches, or ``h``, ``cos``, ``sin``
+        are not as described."""
+        if not h.is_contiguous() or cos.dtype != torch.bfloat16 or sin.stride() != cos.stride():
+            return None
         layer = self.layers[i]
         cache = (kc.data_ptr(), vc.data_ptr(), *kc.shape)
         if self._caches[i] != cache:  # the caches are re-allocated as they grow: re-point the plan
@@ -188,8 +191,6 @@ class PlannedLayers:
                 *kc.stride()[:3]
             self._caches[i] = cache
         n = h.shape[0]
-        if not h.is_contiguous():
-            return None
         out = torch.empty((n, self.hidden), dtype=torch.bfloat16)
         rc = self.lib.decode_layer_bf16(ctypes.addressof(self.plan), ctypes.addressof(layer), n, h.data_ptr(),
                                         out.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.stride(0), rows.data_ptr(),
