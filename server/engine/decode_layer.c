@@ -9,7 +9,12 @@
    here, in fp32, rounded where ATen rounds them (the softmax weights to bf16 before they weigh V,
    as its flash-attention kernel does; GELU rounded, then the product with up rounded); their sums
    and tanh may differ from ATen's in the last fp32 bits, so a row's output may differ by a bf16
-   ulp. Built without FMA contraction (-ffp-contract=off), like ATen's separate vector ops. */
+   ulp. Built without FMA contraction (-ffp-contract=off), like ATen's separate vector ops.
+
+   Adapter tokens take the same call: after each projection, a token whose LoRA slot targets it
+   gets its delta in PEFT's bf16 rounding order, as the Python path's LoRA backends add it
+   (h = bf16(x A^T), then bf16(h Bt), times the slot's scale, rounded, then added and rounded);
+   the sums are fp32 in another order than ATen's bmm, so a delta may differ by a bf16 ulp. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -30,14 +35,27 @@ typedef int (*prep_fn)(const uint16_t *q, long qn, long qh, const uint16_t *k, l
                        uint16_t *qout, uint16_t *kc, uint16_t *vc, long row_cap, long pos_cap, long c_row,
                        long c_head, long c_pos, const int64_t *rows, const int64_t *pos);
 
-/* The model's shapes and the kernels (decode_layer.py's _Plan mirrors this field for field). */
+/* The model's shapes and the kernels, and the LoRA slot banks' scale [slots + 1] (bf16) and rank
+   capacity (decode_layer.py's _Plan mirrors this field for field). */
 typedef struct {
     gemv_fn gemv;
     norm_fn norm;
     residual_fn residual;
     prep_fn prep;
     long hidden, heads, kvh, d, inter, max_rows;
+    const uint16_t *lora_scale;
+    long max_rank;
 } Plan;
+
+/* One projection's LoRA slot bank (slots.SlotBank): a [slots + 1, max_rank, in], bt [slots + 1,
+   max_rank, out] (B transposed), ranks int64 [slots + 1] (0: the slot does not target it); a NULL:
+   no adapter targets this projection (decode_layer.py's _Lora). */
+typedef struct {
+    const uint16_t *a, *bt;
+    const int64_t *ranks;
+} Lora;
+
+enum { L_Q, L_K, L_V, L_O, L_GATE, L_UP, L_DOWN, L_COUNT };
 
 /* One layer: plain bf16 weights [out, in] (qkv: q, k, v rows packed; gate_up: gate then up), the
    fp32 norm scales with their eps, the sliding window (0: none), the attention scale, and the
@@ -50,9 +68,48 @@ typedef struct {
     float scale;
     uint16_t *kc, *vc;
     long row_cap, pos_cap, c_row, c_head, c_pos;
+    Lora lora[L_COUNT];
 } Layer;
 
 #define MAX_D 1024
+#define MAX_RANK 1024
+#define LORA_BLOCK 256 /* output columns accumulated at a time */
+
+/* y[t, :out] (row stride ldy) += the LoRA delta of x[t, :in] (row stride ldx) for every token t
+   whose slot slots[t] targets this projection with rank r > 0: h = bf16(x A[s, :r]^T) [r], then
+   per column bf16(bf16(h . Bt[s, :r, col]) * scale[s]) added to y and rounded (lora.py's bf16
+   order). Sums in fp32. */
+static void lora_add(const Plan *p, const Lora *m, long in, long out, long n, const uint16_t *x, long ldx,
+                     uint16_t *y, long ldy, const int64_t *slots) {
+    if (!m->a || !slots) return;
+    for (long t = 0; t < n; t++) {
+        const long s = slots[t], r = s > 0 ? m->ranks[s] : 0;
+        if (r <= 0) continue;
+        const uint16_t *a = m->a + s * p->max_rank * in, *bt = m->bt + s * p->max_rank * out, *xt = x + t * ldx;
+        const float scale = bf16_to_float(p->lora_scale[s]);
+        float h[MAX_RANK];
+        for (long j = 0; j < r; j++) {
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (long i = 0; i < in; i++) dot += bf16_to_float(xt[i]) * bf16_to_float(a[j * in + i]);
+            h[j] = bf16_to_float(to_bf16(dot));
+        }
+        for (long lo = 0; lo < out; lo += LORA_BLOCK) {
+            const long w = out - lo < LORA_BLOCK ? out - lo : LORA_BLOCK;
+            float acc[LORA_BLOCK] = {0};
+            for (long j = 0; j < r; j++) {
+                const uint16_t *b = bt + j * out + lo;
+#pragma omp simd
+                for (long c = 0; c < w; c++) acc[c] += h[j] * bf16_to_float(b[c]);
+            }
+            uint16_t *yt = y + t * ldy + lo;
+            for (long c = 0; c < w; c++) {
+                const float delta = bf16_to_float(to_bf16(bf16_to_float(to_bf16(acc[c])) * scale));
+                yt[c] = to_bf16(bf16_to_float(yt[c]) + delta);
+            }
+        }
+    }
+}
 
 /* out[t, h] = softmax(q[t, h] . K[rows[t], g] * scale) V[rows[t], g] over the positions
    lo..pos[t] (lo = pos[t] - window + 1 with a window), g = h / (heads / kvh). Scores and sums in
@@ -145,29 +202,37 @@ void gelu_mul_bf16(const uint16_t *gate_up, long n, long inter, uint16_t *act) {
 
 /* h_out [n, hidden] = layer(h [n, hidden]) for n decode tokens (token t at cache row rows[t],
    position pos[t]), writing their K/V into the layer's caches; cos, sin: [n, d] with row stride
-   sc; scratch: bf16, decode_layer_scratch(p) elements. Returns 0, or -1 (h_out not written)
-   where n is outside 1..max_rows, a row or position is outside the caches (nothing written
-   then), d > MAX_D, or memory ran out. */
+   sc; slots: int64 [n], each token's LoRA slot (0: base; NULL: all base); scratch: bf16,
+   decode_layer_scratch(p) elements. Returns 0, or -1 (h_out not written) where n is outside
+   1..max_rows, a row or position is outside the caches (nothing written then), d > MAX_D,
+   max_rank > MAX_RANK, or memory ran out. */
 int decode_layer_bf16(const Plan *p, const Layer *l, long n, const uint16_t *h, uint16_t *h_out,
                       const uint16_t *cos, const uint16_t *sin, long sc, const int64_t *rows, const int64_t *pos,
-                      uint16_t *scratch, int threads) {
+                      const int64_t *slots, uint16_t *scratch, int threads) {
     const long hid = p->hidden, qw = p->heads * p->d, kvw = p->kvh * p->d, qkvw = qw + 2 * kvw, inter = p->inter;
-    if (n < 1 || n > p->max_rows || p->d > MAX_D) return -1;
+    if (n < 1 || n > p->max_rows || p->d > MAX_D || p->max_rank > MAX_RANK) return -1;
     uint16_t *x = scratch, *qkv = x + n * hid, *q = qkv + n * qkvw, *att = q + n * qw, *a = att + n * qw;
     uint16_t *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;
     uint16_t *m = act + n * inter;
     p->norm(h, hid, 0, l->input_norm, n, 1, hid, l->input_eps, x);
     p->gemv(l->qkv, hid, x, hid, NULL, n, qkvw, hid, qkv, qkvw, threads);
+    lora_add(p, &l->lora[L_Q], hid, qw, n, x, hid, qkv, qkvw, slots);
+    lora_add(p, &l->lora[L_K], hid, kvw, n, x, hid, qkv + qw, qkvw, slots);
+    lora_add(p, &l->lora[L_V], hid, kvw, n, x, hid, qkv + qw + kvw, qkvw, slots);
     if (p->prep(qkv, qkvw, p->d, qkv + qw, qkvw, p->d, qkv + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps, l->k_norm,
                 l->k_eps, cos, sin, sc, n, p->heads, p->kvh, p->d, q, l->kc, l->vc, l->row_cap, l->pos_cap,
                 l->c_row, l->c_head, l->c_pos, rows, pos))
         return -1;
     if (attend(p, l, n, q, rows, pos, att, threads)) return -1;
     p->gemv(l->o, qw, att, qw, NULL, n, hid, qw, a, hid, threads);
+    lora_add(p, &l->lora[L_O], qw, hid, n, att, qw, a, hid, slots);
     p->residual(a, h, l->post_attn, l->post_attn_eps, l->pre_ff, l->pre_ff_eps, n, hid, h1, x2);
     p->gemv(l->gate_up, hid, x2, hid, NULL, n, 2 * inter, hid, gu, 2 * inter, threads);
+    lora_add(p, &l->lora[L_GATE], hid, inter, n, x2, hid, gu, 2 * inter, slots);
+    lora_add(p, &l->lora[L_UP], hid, inter, n, x2, hid, gu + inter, 2 * inter, slots);
     gelu_mul_bf16(gu, n, inter, act);
     p->gemv(l->down, inter, act, inter, NULL, n, hid, inter, m, hid, threads);
+    lora_add(p, &l->lora[L_DOWN], inter, hid, n, act, inter, m, hid, slots);
     p->residual(m, h1, l->post_ff, l->post_ff_eps, NULL, 0.0f, n, hid, h_out, NULL);
     return 0;
 }

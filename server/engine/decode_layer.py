@@ -11,9 +11,12 @@ rounds them, and may differ from ATen's by a bf16 ulp (``decode_layer.c``).
 
 It applies where the runner is bf16 on CPU with a C GEMV for its GEMM (``kernels.small_rows_linear``:
 1-4 rows; ``kernels.upcast_linear``: 1-32), the model is Gemma 3's layout (sandwich norms, q/k
-norms, tanh GELU, no biases) with every norm on the C kernel, and the step's tokens are base-model
-decode tokens (no adapter, no prompt chunk; ``runner.Forward`` decides). Elsewhere
-:meth:`PlannedLayers.build` is None and every layer runs as before.
+norms, tanh GELU, no biases) with every norm on the C kernel, and the step's tokens are decode
+tokens (no prompt chunk; ``runner.Forward`` decides). Adapter tokens take it too: after each
+projection the C call adds each token's LoRA delta from its slot's bank (:class:`~.slots.SlotBank`,
+re-pointed when a bank is allocated), rounded in PEFT's bf16 order as :mod:`~.lora` adds it (a
+delta's fp32 sums may differ from ATen's bmm by a bf16 ulp). Elsewhere :meth:`PlannedLayers.build`
+is None and every layer runs as before.
 """
 from __future__ import annotations
 
@@ -28,7 +31,9 @@ import torch
 from adapterctl.server.engine import cpu_build, cpu_fused, cpu_gemv, kernels
 
 if TYPE_CHECKING:
+    from adapterctl.server.engine.lora import LoraLinear
     from adapterctl.server.engine.runner import ModelRunner
+    from adapterctl.server.engine.slots import SlotBank
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,16 @@ _P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
 
 class _Plan(ctypes.Structure):
     _fields_ = [("gemv", _P), ("norm", _P), ("residual", _P), ("prep", _P), ("hidden", _L), ("heads", _L),
-                ("kvh", _L), ("d", _L), ("inter", _L), ("max_rows", _L)]
+                ("kvh", _L), ("d", _L), ("inter", _L), ("max_rows", _L), ("lora_scale", _P), ("max_rank", _L)]
+
+
+class _Lora(ctypes.Structure):
+    _fields_ = [("a", _P), ("bt", _P), ("ranks", _P)]
+
+
+# the projections in decode_layer.c's Lora order (L_Q .. L_DOWN)
+LORA_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_RANK = 1024  # decode_layer.c's
 
 
 _LAYER_FIELDS: list[tuple[str, Any]] = [
@@ -47,7 +61,8 @@ _LAYER_FIELDS: list[tuple[str, Any]] = [
                         "post_ff")),
     *((n, _F) for n in ("input_eps", "q_eps", "k_eps", "post_attn_eps", "pre_ff_eps", "post_ff_eps")),
     ("window", _L), ("scale", _F), ("kc", _P), ("vc", _P),
-    *((n, _L) for n in ("row_cap", "pos_cap", "c_row", "c_head", "c_pos"))]
+    *((n, _L) for n in ("row_cap", "pos_cap", "c_row", "c_head", "c_pos")),
+    ("lora", _Lora * len(LORA_ORDER))]
 
 
 class _Layer(ctypes.Structure):
@@ -60,7 +75,7 @@ def library() -> ctypes.CDLL | None:
     lib = cpu_build.load(SOURCE, FLAGS, "planned decode layer")
     if lib is None:
         return None
-    lib.decode_layer_bf16.argtypes = [_P, _P, _L, _P, _P, _P, _P, _L, _P, _P, _P, ctypes.c_int]
+    lib.decode_layer_bf16.argtypes = [_P, _P, _L, _P, _P, _P, _P, _L, _P, _P, _P, _P, ctypes.c_int]
     lib.decode_layer_bf16.restype = ctypes.c_int
     lib.decode_layer_scratch.argtypes = [_P]
     lib.decode_layer_scratch.restype = _L
@@ -120,20 +135,32 @@ class PlannedLayers:
     """The decoder layers of a :class:`~.runner.ModelRunner`, each one C call for 1..``max_rows``
     base decode tokens (:meth:`run`)."""
 
-    def __init__(self, lib: ctypes.CDLL, plan: _Plan, layers: list[_Layer], keep: list[torch.Tensor]) -> None:
+    def __init__(self, lib: ctypes.CDLL, plan: _Plan, layers: list[_Layer], keep: list[torch.Tensor],
+                 bank: "SlotBank", lora: list[list["LoraLinear"]]) -> None:
         self.lib, self.plan, self.layers = lib, plan, layers
         self.max_rows, self.hidden = plan.max_rows, plan.hidden
         self._keep = keep  # the runner's weights and norm scales the plan points into, kept alive with it
         self._caches: list[tuple[int, ...] | None] = [None] * len(layers)  # (kc, vc, shape) each plan points at
         self.scratch = torch.empty(lib.decode_layer_scratch(ctypes.byref(plan)), dtype=torch.bfloat16)
+        # per layer, its projections in LORA_ORDER; their slot banks are pointed at as the bank allocates them
+        self.bank, self._lora, self._generation = bank, lora, -1
+
+    def _point_lora(self) -> None:
+        """Point every layer's LoRA entries at its projections' slot banks (NULL: none allocated)."""
+        for layer, mods in zip(self.layers, self._lora):
+            for j, mod in enumerate(mods):
+                w = mod.weights
+                layer.lora[j] = _Lora(0, 0, 0) if w is None else _Lora(w.A.data_ptr(), w.Bt.data_ptr(),
+                                                                          w.rank_table.data_ptr())
+        self._generation = self.bank.generation
 
     @classmethod
     def build(cls, runner: "ModelRunner") -> "PlannedLayers | None":
         """The runner's layers planned, or None where this does not apply (see the module docstring)."""
         kernel = _gemv_kernel(runner.gemm)
-        cfg = runner.config
+        cfg, bank = runner.config, runner.bank
         if (kernel is None or runner.dtype != torch.bfloat16 or runner.device.type != "cpu" or not runner.sandwich
-                or getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh"):
+                or getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh" or bank.max_rank > MAX_RANK):
             return None
         lib, gemv, fused = library(), cpu_gemv.library(kernel), cpu_fused.library()
         if lib is None or gemv is None or fused is None:
@@ -142,18 +169,33 @@ class PlannedLayers:
         inter = cfg.intermediate_size
         if any(k % kernel.k_multiple for k in (hidden, heads * d, inter)) or heads % kvh:
             return None
-        keep: list[torch.Tensor] = []
-        layers = []
+        keep: list[torch.Tensor] = [bank.scale]
+        layers, lora = [], []
         for i, layer in enumerate(runner.layers):
             planned = cls._layer(runner, i, layer, (hidden, heads, kvh, d, inter), keep)
-            if planned is None:
+            mods = cls._lora_modules(runner, i)
+            if planned is None or mods is None:
                 return None
             layers.append(planned)
+            lora.append(mods)
         fns = (gemv.gemv_bf16, fused.rms_norm_bf16, fused.residual_norm_bf16, fused.attention_prep_bf16)
         plan = _Plan(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns), hidden, heads, kvh, d, inter,
-                     min(kernel.max_rows, cpu_fused.MAX_ROWS // heads))
-        log.info("decoder layers planned as one C call each for 1-%d bf16 base decode rows", plan.max_rows)
-        return cls(lib, plan, layers, keep)
+                     min(kernel.max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.max_rank)
+        log.info("decoder layers planned as one C call each for 1-%d bf16 decode rows (base or adapter)",
+                 plan.max_rows)
+        return cls(lib, plan, layers, keep, bank, lora)
+
+    @staticmethod
+    def _lora_modules(runner: "ModelRunner", i: int) -> list["LoraLinear"] | None:
+        """Layer ``i``'s projections in LORA_ORDER, or None where one is not a LoraLinear."""
+        from adapterctl.server.engine.lora import LoraLinear
+
+        attn, mlp = runner.layers[i].self_attn, runner.layers[i].mlp
+        qkv, gate_up = runner.qkv[i], runner.gate_up[i]
+        mods = [*(qkv.parts if qkv else ()), attn.o_proj, *(gate_up.parts if gate_up else ()), mlp.down_proj]
+        if len(mods) != len(LORA_ORDER) or not all(isinstance(m, LoraLinear) for m in mods):
+            return None
+        return mods
 
     @staticmethod
     def _layer(runner: "ModelRunner", i: int, layer, dims: tuple[int, ...], keep: list[torch.Tensor]
@@ -175,14 +217,20 @@ class PlannedLayers:
                       runner.windows[i] or 0, attn.scaling)
 
     def run(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: torch.Tensor,
-            pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor | None:
-        """Layer ``i`` over base decode tokens ``h`` [n, hidden] (contiguous bf16, n <= max_rows) at
-        cache rows ``rows`` and positions ``pos`` [n] (int64, contiguous), ``cos``/``sin`` [n, 1, d]
-        -> [n, hidden], having written their K/V into ``kc``/``vc`` [row_cap, kvh, pos_cap, d]; None
-        (nothing written) where a row or position is outside the caches, or ``h``, ``cos``, ``sin``
-        are not as described."""
+            pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slots: torch.Tensor | None = None
+            ) -> torch.Tensor | None:
+        """Layer ``i`` over decode tokens ``h`` [n, hidden] (contiguous bf16, n <= max_rows) at cache
+        rows ``rows`` and positions ``pos`` [n] (int64, contiguous), LoRA slots ``slots`` [n] (int64,
+        contiguous, 0: base; None: all base), ``cos``/``sin`` [n, 1, d] -> [n, hidden], having written
+        their K/V into ``kc``/``vc`` [row_cap, kvh, pos_cap, d]; None (nothing written) where a row or
+        position is outside the caches, or ``h``, ``cos``, ``sin``, ``slots`` are not as described."""
         if not h.is_contiguous() or cos.dtype != torch.bfloat16 or sin.stride() != cos.stride():
             return None
+        if slots is not None:
+            if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.device.type != "cpu":
+                return None
+            if self._generation != self.bank.generation:
+                self._point_lora()
         layer = self.layers[i]
         cache = (kc.data_ptr(), vc.data_ptr(), *kc.shape)
         if self._caches[i] != cache:  # the caches are re-allocated as they grow: re-point the plan
@@ -194,5 +242,6 @@ class PlannedLayers:
         out = torch.empty((n, self.hidden), dtype=torch.bfloat16)
         rc = self.lib.decode_layer_bf16(ctypes.addressof(self.plan), ctypes.addressof(layer), n, h.data_ptr(),
                                         out.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.stride(0), rows.data_ptr(),
-                                        pos.data_ptr(), self.scratch.data_ptr(), torch.get_num_threads())
+                                        pos.data_ptr(), None if slots is None else slots.data_ptr(),
+                                        self.scratch.data_ptr(), torch.get_num_threads())
         return out if rc == 0 else None

@@ -32,6 +32,15 @@ class LoraWeights:
     Bt: torch.Tensor  # [num_slots + 1, max_rank, out_features]  (B transposed)
     scale: torch.Tensor  # [num_slots + 1] float, shared by all modules (per adapter)
     ranks: list[int] = field(default_factory=list)  # [num_slots + 1] rank written per slot; 0 = not targeted
+    # ``ranks`` as int64 [num_slots + 1] on the CPU, for C kernels (decode_layer); :meth:`set_rank` keeps both
+    rank_table: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rank_table = torch.tensor(self.ranks, dtype=torch.int64)
+
+    def set_rank(self, slot: int, rank: int) -> None:
+        self.ranks[slot] = rank
+        self.rank_table[slot] = rank
 
     def batch_rank(self, batch: LoraBatch) -> int:
         """Largest rank this module has among the slots of ``batch`` (0: nothing to add)."""

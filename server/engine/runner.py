@@ -20,7 +20,7 @@ from torch import nn
 
 from adapterctl.errors import FailedPrecondition
 from adapterctl.server.engine import cpu_fused, kernels, pages
-from adapterctl.server.engine.batch import LoraBatch, use_batch
+from adapterctl.server.engine.batch import LoraBatch, current_batch, use_batch
 from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.decode_layer import PlannedLayers
 from adapterctl.server.engine.greedy_head import GreedyHead
@@ -110,7 +110,7 @@ class ModelRunner:
         head = self.model.lm_head
         self.greedy_head = GreedyHead.build(head.weight, head.bias, self.softcap, self.gemm) if greedy_head else None
         self.head_parts = self._prepare(wrapped, packs) if prepack else None
-        # small base decode steps' layers as one C call each (decode_layer), or None: where it does not apply
+        # small decode steps' layers as one C call each (decode_layer), or None: where it does not apply
         self.planned = PlannedLayers.build(self) if planned_layers and self.fused_ops else None
         self.max_positions = min(max_positions, getattr(cfg, "max_position_embeddings", max_positions))
         self.kv = KVCache(len(self.layers), self.kv_heads, self.head_dim, max_rows, self.max_positions,
@@ -203,9 +203,12 @@ class ModelRunner:
                       plan: "_AttentionPlan", pos: torch.Tensor, rows: torch.Tensor, n_tok: int) -> torch.Tensor:
         """Decoder layer ``i`` over the step's hidden states ``h`` [N, hidden] -> [N, hidden];
         writes the layer's K/V of tokens at (``rows`` [N], ``pos`` [N]) into the cache. Where ``plan``
-        says so (few base decode tokens), one C call (:mod:`~.decode_layer`)."""
+        says so (few decode tokens, base or adapter), one C call (:mod:`~.decode_layer`)."""
         if plan.planned:
-            out = self.planned.run(i, h, *rope, rows, pos, self.kv.k[i], self.kv.v[i])  # type: ignore[union-attr]
+            meta = current_batch()
+            slots = meta.token_slots if meta is not None and meta.has_lora else None
+            out = self.planned.run(i, h, *rope, rows, pos, self.kv.k[i], self.kv.v[i],  # type: ignore[union-attr]
+                                   slots)
             if out is not None:  # else nothing was written: the path below
                 return out
         layer = self.layers[i]
@@ -317,8 +320,7 @@ class Forward:
         self.lora = lora if lora.has_lora else None
         self.plan = _AttentionPlan(chunks, self.r.kv.num_rows, self.r.windows, dev)
         planned = self.r.planned
-        self.plan.planned = planned is not None and self.lora is None and not self.plan.prefill \
-            and 0 < self.n_tok <= planned.max_rows
+        self.plan.planned = planned is not None and not self.plan.prefill and 0 < self.n_tok <= planned.max_rows
 
     @property
     def progress(self) -> float:
@@ -465,7 +467,7 @@ class _AttentionPlan:
             off += len(c.tokens)
         self.num_tokens = off
         self.num_rows = num_rows
-        # every token a base decode token, few enough for the runner's planned layers (set by Forward)
+        # every token a decode token, few enough for the runner's planned layers (set by Forward)
         self.planned = False
         self.has_decode = bool(dec_tok)
         if not self.has_decode:

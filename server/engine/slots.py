@@ -35,6 +35,7 @@ class SlotBank:
         self.max_rank = max_rank
         self.device, self.dtype = device, dtype
         self.scale = torch.zeros(num_slots + 1, dtype=dtype, device=device)  # [num_slots + 1]
+        self.generation = 0  # counts bank allocations (decode_layer re-points its plan when it moves)
         self._by_type: dict[str, list[str]] = {}
         for path in modules:
             self._by_type.setdefault(short_name(path), []).append(path)
@@ -78,7 +79,7 @@ class SlotBank:
                 if old > r:
                     w.A[slot, r:old].zero_()
                     w.Bt[slot, r:old].zero_()
-                w.ranks[slot] = r
+                w.set_rank(slot, r)
             self.scale[slot] = float(adapter.scale)
 
     def _allocate(self, module_type: str) -> None:
@@ -92,6 +93,7 @@ class SlotBank:
                     scale=self.scale,
                     ranks=[0] * n,
                 )
+                self.generation += 1
 
 
 @dataclass

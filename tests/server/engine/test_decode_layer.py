@@ -1,7 +1,8 @@
 """The planned decode layer (server/engine/decode_layer.c through decode_layer.py): on the tiny
 Gemma 3 in bf16, a layer as one C call writes bitwise the K/V the Python path writes, is no
-further from fp32 arithmetic than that path, re-points itself when the KV cache grows, and
-steps it does not take (adapter tokens, prompt chunks, too many rows) keep the Python path."""
+further from fp32 arithmetic than that path, with adapter tokens too (their LoRA deltas added in
+C), re-points itself when the KV cache grows or slot banks are allocated, and steps it does not
+take (prompt chunks, too many rows) keep the Python path."""
 from __future__ import annotations
 
 import shutil
@@ -17,13 +18,14 @@ pytestmark = pytest.mark.skipif(not (cpu_build.avx2_host() and shutil.which("cc"
 PROMPTS = [[2, 40, 7, 300, 12, 9], [2, 41, 8, 301, 13, 10, 77], [2, 42, 9, 302]]
 
 
-def _runner(tiny_base, dtype="bfloat16", rows=2, max_positions=64, model=None, **args):
+def _runner(tiny_base, dtype="bfloat16", rows=2, max_positions=64, model=None, max_rank=8,
+            lora_modules=("q_proj", "v_proj"), **args):
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
     model = load_model(tiny_base, "cpu", dtype) if model is None else model
     r = ModelRunner(model, max_rows=rows, max_positions=max_positions, num_slots=2,
-                    max_rank=8, lora_modules=("q_proj", "v_proj"), **args)
+                    max_rank=max_rank, lora_modules=lora_modules, **args)
     with torch.inference_mode():
         for i in range(rows):
             r.kv.alloc_row(32)
@@ -36,11 +38,13 @@ def _runner(tiny_base, dtype="bfloat16", rows=2, max_positions=64, model=None, *
 
 
 def _decode(r, rows, pos, tokens, slot=0):
-    """One decode step of ``rows`` rows at ``pos``; its logits [rows, vocab]."""
+    """One decode step of ``rows`` rows at ``pos`` (``slot``: one LoRA slot for all, or one per
+    row); its logits [rows, vocab]."""
     from adapterctl.server.engine.runner import Chunk
 
+    slots = slot if isinstance(slot, list) else [slot] * rows
     with torch.inference_mode():
-        fwd = r.start([Chunk(i, pos[i], [tokens[i]], slot, True) for i in range(rows)])
+        fwd = r.start([Chunk(i, pos[i], [tokens[i]], slots[i], True) for i in range(rows)])
         while fwd.step(whole_head=True):
             pass
     return fwd.logits
@@ -89,9 +93,62 @@ def test_a_planned_layer_writes_the_python_paths_kv_and_stays_as_close_to_fp32(t
     assert err_planned <= 1.2 * err_python
 
 
+def _rounded(adapter):
+    """``adapter`` (a HostAdapter) with its A and B rounded to bf16, kept in fp32 (the fp32 reference's)."""
+    import dataclasses
+
+    weights = {p: (a.bfloat16().float(), b.bfloat16().float()) for p, (a, b) in adapter.weights.items()}
+    return dataclasses.replace(adapter, weights=weights)
+
+
+@pytest.mark.parametrize("slots", [[1, 2], [0, 2]])
+def test_adapter_tokens_take_the_planned_layer_with_their_lora_delta(tiny_base, loaded_adapters, slots):
+    """Two rows, each with its slot (1: rank 8 on q/k/v/o; 2: rank 16 rsLoRA on every projection;
+    0: base), written after the plan was built and a base step ran (the banks are allocated
+    then, and the plan re-points): every layer of 12 teacher-forced steps takes the C call, layer
+    0's K/V are the Python path's but for rare one-ulp roundings of a delta, and the logits are no
+    further from fp32 arithmetic (on the same bf16-rounded weights and adapters) than the Python
+    path's."""
+    from adapterctl.basemodel import load_model
+
+    adapters = {1: loaded_adapters["r8-qkvo"], 2: loaded_adapters["r16-all-rslora"]}
+    args = dict(max_rank=16, lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"))
+    planned, python = _runner(tiny_base, **args), _runner(tiny_base, planned_layers=False, **args)
+    ref = _runner(tiny_base, dtype="float32", model=load_model(tiny_base, "cpu", "bfloat16").float(), **args)
+    calls = _counting(planned)
+    for r in (planned, python, ref):
+        _decode(r, 2, [len(p) for p in PROMPTS[:2]], [5, 6])  # base rows: no bank allocated yet
+    assert calls == [0, 1] and all(m.weights is None for m in planned.lora_modules.values())
+    for slot, adapter in adapters.items():
+        for r in (planned, python):
+            r.bank.write(slot, adapter)
+        ref.bank.write(slot, _rounded(adapter))
+    calls.clear()
+    err_planned = err_python = 0.0
+    same = total = 0
+    for step in range(12):
+        pos = [len(p) + 1 + step for p in PROMPTS[:2]]
+        tokens = [100 + 7 * step, 900 + 3 * step]
+        got, want, exact = (_decode(r, 2, pos, tokens, slots) for r in (planned, python, ref))
+        for row, p in enumerate(pos):
+            for cache in ("k", "v"):
+                a, b = getattr(planned.kv, cache)[0][row, :, p], getattr(python.kv, cache)[0][row, :, p]
+                same += int((a == b).sum())
+                total += a.numel()
+                assert ((a.float() - b.float()).abs() <= b.float().abs() * 2 ** -7 + 1e-6).all()
+        err_planned += float((got.float() - exact).abs().mean())
+        err_python += float((want.float() - exact).abs().mean())
+    assert calls == [0, 1] * 12
+    print(f"slots {slots}: layer-0 K/V bitwise the Python path's on {same}/{total}; mean |logit - fp32|: "
+          f"planned {err_planned / 12:.5f}, python path {err_python / 12:.5f}")
+    assert same >= 0.95 * total
+    assert err_planned <= 1.2 * err_python
+
+
 def test_steps_it_does_not_take_keep_the_python_path(tiny_base):
-    """Adapter tokens, a prompt chunk beside a decode token, and more rows than the GEMV takes do
-    not call the planned layer; one base row does."""
+    """A prompt chunk beside a decode token and more rows than the GEMV takes do not call the
+    planned layer; one base row and one adapter row do."""
     from adapterctl.server.engine.runner import Chunk
 
     r = _runner(tiny_base)
@@ -100,7 +157,8 @@ def test_steps_it_does_not_take_keep_the_python_path(tiny_base):
     assert calls == [0, 1]
     calls.clear()
     _decode(r, 1, [7], [5], slot=1)  # an adapter's decode token (slot 1)
-    assert calls == []
+    assert calls == [0, 1]
+    calls.clear()
     with torch.inference_mode():  # a prompt chunk rides with a decode row
         r.kv.free_row(1)
         r.kv.alloc_row(32)
