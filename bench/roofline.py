@@ -9,6 +9,10 @@ bandwidth one decode step's weight traffic uses, measured in one run.
   such requests (1 with ``--quick``), as the bandwidth is a best of passes: on a shared host a
   neighbour that starts mid-run slows one figure, and best-of on both sides keeps the ratio from
   swinging with it either way.
+* ``single_adapter_over_base_<dt>``: the same single stream through one rank-16 q/v adapter
+  (``single_stream_adapter_tok_s_<dt>``, best of as many, alternating with the base ones) ÷ the
+  base stream's: what an adapter costs a lone request (its decode layers take the same planned C
+  call, LoRA deltas included, where that applies).
 * ``roofline_<dt>_b1``: the weight bytes of one step (every projection and the LM head,
   in ``<dt>``) × steps per second of that stream ÷ ``mem_bw_gb_s``.
 * ``roofline_<dt>_b64``: the same at 64 base rows, from the decode phase only: the time
@@ -58,21 +62,24 @@ def step_weight_bytes(model: torch.nn.Module, itemsize: int) -> int:
     return (layers + model.lm_head.weight.numel()) * itemsize
 
 
-async def measure(engine, tok, quick: bool) -> dict[str, Any]:
-    """Single-stream and 64-row decode rates of ``engine`` (started; base model only)."""
+async def measure(engine, tok, quick: bool, adapter: str) -> dict[str, Any]:
+    """Single-stream (base, and through ``adapter``) and 64-row base decode rates of ``engine`` (started)."""
     new1, rows, new64 = (8, 16, 4) if quick else (64, 64, 32)  # --quick: a smoke run, 16 rows
     one = prompts(tok, 1, 16, 16, seed=5)[0]
-    await run_all(engine, [request("w1", one, 4)])  # warm-up
-    singles = [new1 / (await run_all(engine, [request(f"s{i}", one, new1)]))[0] for i in range(1 if quick else 3)]
+    await run_all(engine, [request("w1", one, 4), request("w2", one, 4, adapter)])  # warm-up, adapter loaded
+    singles, adapted = [], []
+    for i in range(1 if quick else 3):  # alternating, so a neighbour hits both
+        singles.append(new1 / (await run_all(engine, [request(f"s{i}", one, new1)]))[0])
+        adapted.append(new1 / (await run_all(engine, [request(f"a{i}", one, new1, adapter)]))[0])
     reqs = [request(f"r{i}", p, new64) for i, p in enumerate(prompts(tok, rows, 16, 32, seed=6))]
     _, recs = await run_all(engine, reqs)
     decode_s = max(r.done for r in recs) - max(r.first for r in recs)
-    return {"single_tok_s": max(singles), "singles": singles, "b64_steps_s": (new64 - 1) / decode_s,
-            "b64_rows": rows}
+    return {"single_tok_s": max(singles), "singles": singles, "adapter_tok_s": max(adapted), "adapted": adapted,
+            "b64_steps_s": (new64 - 1) / decode_s, "b64_rows": rows}
 
 
-async def roofline(tok, quick: bool, log, make_engine, device: str) -> dict[str, Any]:
-    """The keys above; ``make_engine(dtype)`` builds an unstarted base-only engine."""
+async def roofline(tok, quick: bool, log, make_engine, device: str, adapter: str) -> dict[str, Any]:
+    """The keys above; ``make_engine(dtype)`` builds an unstarted engine that serves ``adapter``."""
     from adapterctl.server.engine.dtypes import resolve_dtype
 
     bws = [read_bandwidth(device)]
@@ -83,7 +90,7 @@ async def roofline(tok, quick: bool, log, make_engine, device: str) -> dict[str,
         engine = make_engine(dtype)
         await engine.start()
         try:
-            m = await measure(engine, tok, quick)
+            m = await measure(engine, tok, quick, adapter)
             weights = step_weight_bytes(engine.runner.model, torch.finfo(getattr(torch, dtype)).bits // 8)
         finally:
             await engine.stop()
@@ -92,12 +99,15 @@ async def roofline(tok, quick: bool, log, make_engine, device: str) -> dict[str,
         out["mem_bw_gb_s"], out["mem_bw_gb_s_each"] = bw / 1e9, [round(b / 1e9, 1) for b in bws]
         dt = SHORT[dtype]
         out[f"single_stream_tok_s_{dt}"] = m["single_tok_s"]
+        out[f"single_stream_adapter_tok_s_{dt}"] = m["adapter_tok_s"]
+        out[f"single_adapter_over_base_{dt}"] = m["adapter_tok_s"] / m["single_tok_s"]
         out[f"roofline_{dt}_b1"] = weights * m["single_tok_s"] / bw
         out[f"roofline_{dt}_b64"] = weights * m["b64_steps_s"] / bw
         out[f"step_weight_mb_{dt}"] = weights / 1e6
         out["roofline_b64_rows"] = m["b64_rows"]
         log(f"{dt}: single stream {m['single_tok_s']:.1f} tok/s (best of "
-            f"{', '.join(f'{s:.1f}' for s in m['singles'])}), decode {m['b64_steps_s']:.2f} steps/s "
+            f"{', '.join(f'{s:.1f}' for s in m['singles'])}), through an adapter {m['adapter_tok_s']:.1f} (best of "
+            f"{', '.join(f'{s:.1f}' for s in m['adapted'])}), decode {m['b64_steps_s']:.2f} steps/s "
             f"({m['b64_rows']} rows) {weights / 1e6:.0f} MB/step, bandwidth {bw / 1e9:.1f} GB/s (best of "
             f"{out['mem_bw_gb_s_each']}) -> roofline b1 "
             f"{out[f'roofline_{dt}_b1']:.3f}, b64 {out[f'roofline_{dt}_b64']:.3f}")

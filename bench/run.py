@@ -49,6 +49,7 @@ KEYS = (
     "p6_train_over_stock",
     "p8_prefix_ttft_gain",
     "single_stream_tok_s_bf16",
+    "single_adapter_over_base_bf16",
     "roofline_bf16_b1",
     "roofline_bf16_b64",
 )
@@ -67,6 +68,7 @@ GOALS = {
     "p6_train_over_stock": "",
     "p8_prefix_ttft_gain": ">= 3",
     "single_stream_tok_s_bf16": "(/ vLLM's: bench-peer)",
+    "single_adapter_over_base_bf16": "",
     "roofline_bf16_b1": ">= 0.6",
     "roofline_bf16_b64": ">= 0.40",
 }
@@ -138,13 +140,13 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str) -> di
         if "p8" in only:
             out.update(await prefix_bench.p8(base, tok, model, dirs, quick, _log, engine_config))
             _log(f"p8 prefix TTFT gain {out['p8_prefix_ttft_gain']:.2f}")
-    if "roof" in only:
-        def base_engine(dtype: str) -> BatchingEngine:  # 64 base rows, no adapters, in ``dtype``
-            config = EngineConfig(device=device, dtype=dtype, cpu_gemm=cpu_gemm, max_running_requests=64,
-                                  max_waiting=64, ignore_eos=True)
-            return BatchingEngine(base, MemoryStore({}), config, tokenizer=tok)
+        if "roof" in only:
+            def roof_engine(dtype: str) -> BatchingEngine:  # 64 base rows and one adapter, in ``dtype``
+                config = EngineConfig(device=device, dtype=dtype, cpu_gemm=cpu_gemm, max_running_requests=64,
+                                      max_waiting=64, ignore_eos=True)
+                return BatchingEngine(base, MemoryStore(load_dirs(dirs[:1], base)), config, tokenizer=tok)
 
-        out.update(await roofline.roofline(tok, quick, _log, base_engine, device))
+            out.update(await roofline.roofline(tok, quick, _log, roof_engine, device, names[0]))
     return out
 
 

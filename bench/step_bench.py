@@ -19,6 +19,9 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
   maximum as it is computed), against the int8 greedy head (``greedy_head``, CPU); checks the same
   tokens, and prints the most candidates a row kept.
 
+``--lora``: every row decodes through its own random rank-16 q/v adapter (one slot each, the same
+weights in both runners) instead of the base model.
+
 Prints per row count the median step time of each, ``step_fused_speedup_b<rows>``,
 ``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>``, ``step_gemv_speedup_b<rows>``,
 ``step_ops_speedup_b<rows>``, ``step_plan_speedup_b<rows>`` or
@@ -43,7 +46,8 @@ def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm:
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
-    runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=4, max_rank=16,
+    runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=max(4, rows),
+                         max_rank=16,
                          lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack, gemm=gemm,
                          fused_ops=fused_ops, greedy_head=greedy_head, planned_layers=planned)
     with torch.inference_mode():
@@ -55,19 +59,37 @@ def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm:
     return runner
 
 
-def _step(runner, rows: int, pos: int, whole_head: bool, argmax_only: bool = False) -> tuple[float, Any]:
-    """(seconds, the step's logits; with ``argmax_only`` its tokens)."""
+def _adapters(runners: list, rows: int) -> None:
+    """Write ``rows`` random rank-16 q/v adapters into slots 1..rows of every runner (the same weights)."""
+    import types
+
+    gen = torch.Generator().manual_seed(0)
+    for slot in range(1, rows + 1):
+        mods = runners[0].lora_modules
+        weights = {p: (torch.randn(16, m.in_features, generator=gen) * 0.05,
+                       torch.randn(m.out_features, 16, generator=gen) * 0.05) for p, m in mods.items()}
+        adapter = types.SimpleNamespace(weights=weights, rank=16, scale=2.0,
+                                        served=types.SimpleNamespace(name=f"bench{slot}", version=1))
+        for r in runners:
+            r.bank.write(slot, adapter)
+
+
+def _step(runner, rows: int, pos: int, whole_head: bool, argmax_only: bool = False, lora: bool = False
+          ) -> tuple[float, Any]:
+    """(seconds, the step's logits; with ``argmax_only`` its tokens); ``lora``: row i in slot i + 1."""
     from adapterctl.server.engine.runner import Chunk
 
     began = time.perf_counter()
     with torch.inference_mode():
-        fwd = runner.start([Chunk(i, pos, [3000 + pos + i], 0, True, argmax_only) for i in range(rows)])
+        fwd = runner.start([Chunk(i, pos, [3000 + pos + i], i + 1 if lora else 0, True, argmax_only)
+                            for i in range(rows)])
         while fwd.step(whole_head=whole_head):
             pass
     return time.perf_counter() - began, fwd.tokens if argmax_only else fwd.logits
 
 
-def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") -> dict[str, Any]:
+def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused", lora: bool = False
+            ) -> dict[str, Any]:
     unpacked, aten_ops = baseline == "unpacked", baseline == "aten_ops"
     full_head, unplanned = baseline == "full_head", baseline == "unplanned"
     gemm = baseline if baseline in ("torch", "onednn") else "auto"
@@ -77,6 +99,8 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
                       fused_ops=not aten_ops, greedy_head=not full_head, planned=not unplanned)
     # against ATen's ops the engine keeps ATen's attention and GELU too (the bitwise check of the C ops)
     fused = _runner(base, dtype, rows, True, planned=not aten_ops)
+    if lora:
+        _adapters([unfused, fused], rows)
     kept: list[int] = []  # the most candidates a row kept, per greedy step
     if full_head:
         if fused.greedy_head is None or not fused.greedy_head.takes(rows):
@@ -86,8 +110,8 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused") 
         fused.greedy_head.select = lambda *a: _counted(real(*a), kept)
     t_old, t_new, identical, diff = [], [], True, 0.0
     for k in range(steps + 3):
-        a, la = _step(unfused, rows, 20 + k, whole_head=same_layers, argmax_only=full_head)
-        b, lb = _step(fused, rows, 20 + k, whole_head=True, argmax_only=full_head)
+        a, la = _step(unfused, rows, 20 + k, whole_head=same_layers, argmax_only=full_head, lora=lora)
+        b, lb = _step(fused, rows, 20 + k, whole_head=True, argmax_only=full_head, lora=lora)
         if full_head:  # both are token lists
             identical &= la == lb
         else:
@@ -123,11 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
     parser.add_argument("--baseline", default="unfused",
                         choices=("unfused", "unpacked", "torch", "onednn", "aten_ops", "unplanned", "full_head"))
+    parser.add_argument("--lora", action="store_true", help="each row through its own rank-16 q/v adapter")
     args = parser.parse_args(argv)
     base = base_model()
-    out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline}
+    out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline,
+                           "lora": args.lora}
     for rows in (int(r) for r in args.rows.split(",")):
-        out.update(measure(base, args.dtype, rows, args.steps, args.baseline))
+        out.update(measure(base, args.dtype, rows, args.steps, args.baseline, args.lora))
         old, new = out[f"step_ms_{args.baseline}_b{rows}"], out[f"step_ms_engine_b{rows}"]
         print(f"{rows} rows: {args.baseline} {old:.1f} ms, engine {new:.1f} ms, speedup {old / new:.3f}, logits "
               f"identical {out[f'logits_identical_b{rows}']} (max diff {out[f'logits_max_diff_b{rows}']:.2e})",

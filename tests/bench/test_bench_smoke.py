@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 KEYS = {"p1_mixed_over_base", "p2_over_switching", "p3_goodput_over_static", "p3_ttft_p99_over_solo",
         "p4_http_over_inprocess", "p4_grpc_over_inprocess",
         "p5_cold_load_ms_p50", "p5_promote_ms_p50", "p5_zipf_over_hot", "base_tok_s_b64", "p6_train_over_stock",
-        "p8_prefix_ttft_gain", "single_stream_tok_s_bf16", "roofline_bf16_b1", "roofline_bf16_b64"}
-ROOF = ("single_stream_tok_s_bf16", "roofline_bf16_b1", "roofline_bf16_b64")
+        "p8_prefix_ttft_gain", "single_stream_tok_s_bf16", "single_adapter_over_base_bf16", "roofline_bf16_b1",
+        "roofline_bf16_b64"}
+ROOF = ("single_stream_tok_s_bf16", "single_adapter_over_base_bf16", "roofline_bf16_b1", "roofline_bf16_b64")
 
 
 def test_quick_bench_prints_every_key(gemma_base):
