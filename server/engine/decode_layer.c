@@ -35,7 +35,7 @@ typedef int (*prep_fn)(const uint16_t *q, long qn, long qh, const uint16_t *k, l
                        uint16_t *qout, uint16_t *kc, uint16_t *vc, long row_cap, long pos_cap, long c_row,
                        long c_head, long c_pos, const int64_t *rows, const int64_t *pos);
 
-/* The model's shapes and the kernels, and the LoRA slot banks' scale [slots + 1] (bf16) and rank
+/* The model's shapes and the kernels, and the LoRA slot banks' scale [slots + 1] (fp32) and rank
    capacity (decode_layer.py's _Plan mirrors this field for field). */
 typedef struct {
     gemv_fn gemv;
@@ -43,7 +43,7 @@ typedef struct {
     residual_fn residual;
     prep_fn prep;
     long hidden, heads, kvh, d, inter, max_rows;
-    const uint16_t *lora_scale;
+    const float *lora_scale;
     long max_rank;
 } Plan;
 
@@ -86,7 +86,7 @@ static void lora_add(const Plan *p, const Lora *m, long in, long out, long n, co
         const long s = slots[t], r = s > 0 ? m->ranks[s] : 0;
         if (r <= 0) continue;
         const uint16_t *a = m->a + s * p->max_rank * in, *bt = m->bt + s * p->max_rank * out, *xt = x + t * ldx;
-        const float scale = bf16_to_float(p->lora_scale[s]);
+        const float scale = p->lora_scale[s];
         float h[MAX_RANK];
         for (long j = 0; j < r; j++) {
             float dot = 0.0f;

@@ -10,7 +10,8 @@ adapter's rank, so adapters of different ranks share one bank exactly; slicing a
 prefix ``[:, :r]`` keeps each slot's block contiguous. In fp32 the scale is applied to
 the rank-``r`` product (a segment's delta is fused into ``y`` by ``addmm``, gathered rows'
 delta added after one ``bmm``); in bf16/fp16 the delta is rounded as PEFT rounds it
-(``B(A(x))``, times scale, then added), so greedy tokens agree with PEFT run in the same dtype.
+(``B(A(x))``, times the fp32 scale as PEFT's Python float, then added), so greedy tokens agree with
+PEFT run in the same dtype.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class LoraWeights:
 
     A: torch.Tensor  # [num_slots + 1, max_rank, in_features]
     Bt: torch.Tensor  # [num_slots + 1, max_rank, out_features]  (B transposed)
-    scale: torch.Tensor  # [num_slots + 1] float, shared by all modules (per adapter)
+    scale: torch.Tensor  # [num_slots + 1] fp32 (whatever the bank's dtype), shared by all modules (per adapter)
     ranks: list[int] = field(default_factory=list)  # [num_slots + 1] rank written per slot; 0 = not targeted
     # ``ranks`` as int64 [num_slots + 1] on the CPU, for C kernels (decode_layer); :meth:`set_rank` keeps both
     rank_table: torch.Tensor = field(init=False)

@@ -34,7 +34,9 @@ class SlotBank:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.device, self.dtype = device, dtype
-        self.scale = torch.zeros(num_slots + 1, dtype=dtype, device=device)  # [num_slots + 1]
+        # [num_slots + 1] fp32 in every dtype: PEFT multiplies a bf16/fp16 delta by its Python float scaling
+        # (fp32 arithmetic), which a bf16 scale (e.g. 16/12 -> 1.3359) would change on ~1/3 of the values
+        self.scale = torch.zeros(num_slots + 1, dtype=torch.float32, device=device)
         self.generation = 0  # counts bank allocations (decode_layer re-points its plan when it moves)
         self._by_type: dict[str, list[str]] = {}
         for path in modules:

@@ -103,15 +103,18 @@ def _rounded(adapter):
 
 @pytest.mark.parametrize("slots", [[1, 2], [0, 2]])
 def test_adapter_tokens_take_the_planned_layer_with_their_lora_delta(tiny_base, loaded_adapters, slots):
-    """Two rows, each with its slot (1: rank 8 on q/k/v/o; 2: rank 16 rsLoRA on every projection;
-    0: base), written after the plan was built and a base step ran (the banks are allocated
+    """Two rows, each with its slot (1: rank 8 on q/k/v/o; 2: rank 16 on every projection, scale
+    1.3; 0: base), written after the plan was built and a base step ran (the banks are allocated
     then, and the plan re-points): every layer of 12 teacher-forced steps takes the C call, layer
     0's K/V are the Python path's but for rare one-ulp roundings of a delta, and the logits are no
     further from fp32 arithmetic (on the same bf16-rounded weights and adapters) than the Python
     path's."""
+    import dataclasses
+
     from adapterctl.basemodel import load_model
 
-    adapters = {1: loaded_adapters["r8-qkvo"], 2: loaded_adapters["r16-all-rslora"]}
+    # slot 2 with a scale bf16 cannot hold (PEFT scales in fp32; so do both paths)
+    adapters = {1: loaded_adapters["r8-qkvo"], 2: dataclasses.replace(loaded_adapters["r16-all-rslora"], scale=1.3)}
     args = dict(max_rank=16, lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                            "down_proj"))
     planned, python = _runner(tiny_base, **args), _runner(tiny_base, planned_layers=False, **args)
@@ -124,6 +127,7 @@ def test_adapter_tokens_take_the_planned_layer_with_their_lora_delta(tiny_base, 
         for r in (planned, python):
             r.bank.write(slot, adapter)
         ref.bank.write(slot, _rounded(adapter))
+    assert planned.bank.scale[2].item() == torch.tensor(1.3).item()  # fp32, as PEFT scales (bf16 would be 1.296875)
     calls.clear()
     err_planned = err_python = 0.0
     same = total = 0

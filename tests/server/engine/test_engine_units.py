@@ -46,6 +46,39 @@ def test_backends_match_the_formula(backend, token_slots):
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
+@pytest.mark.parametrize("token_slots", [[1, 2, 4, 3, 0], [1, 2, 3, 4], [2] * 9 + [1, 4]])
+def test_bf16_deltas_are_scaled_as_peft_scales_them(backend, token_slots):
+    """In bf16 a delta is PEFT's ``lora_B(lora_A(x)) * scaling``: times the Python float, i.e. in
+    fp32, not a bf16 copy of it. Scales bf16 cannot hold (4/3 -> 1.3359, 0.3, 1.1, 0.7) and
+    integer weights and inputs (so every sum is exact in any order and only the roundings PEFT
+    makes can differ): the outputs are bitwise PEFT's."""
+    g = torch.Generator().manual_seed(5)
+    ranks, scales = (0, 4, 16, 0, 8), (0.0, 4 / 3, 0.3, 1.1, 0.7)
+    a = torch.zeros(5, 16, 24)
+    bt = torch.zeros(5, 16, 40)
+    for slot, r in enumerate(ranks):
+        a[slot, :r] = torch.randint(-3, 4, (r, 24), generator=g).float()
+        bt[slot, :r] = torch.randint(-3, 4, (r, 40), generator=g).float()
+    w = LoraWeights(a.bfloat16(), bt.bfloat16(), torch.tensor(scales), list(ranks))
+    x = torch.randint(-3, 4, (len(token_slots), 24), generator=g).bfloat16()
+    y0 = torch.randn(len(token_slots), 40, generator=g).bfloat16()
+    want = y0.clone()
+    for t, s in enumerate(token_slots):
+        if ranks[s]:
+            h = (x[t].float() @ a[s].T).bfloat16()  # lora_A(x), exact then rounded
+            want[t] += (h.float() @ bt[s]).bfloat16() * scales[s]  # lora_B(...) * scaling, then PEFT's add
+    y = y0.clone()
+    make_backend(backend).apply(y, x, w, LoraBatch.from_token_slots(token_slots))
+    assert torch.equal(y, want)
+    bf16_scale = y0.clone()  # the same with the scale rounded to bf16 first: not PEFT's (the test can fail)
+    for t, s in enumerate(token_slots):
+        if ranks[s]:
+            h = (x[t].float() @ a[s].T).bfloat16()
+            bf16_scale[t] += (h.float() @ bt[s]).bfloat16() * torch.tensor(scales[s]).bfloat16()
+    assert not torch.equal(bf16_scale, want)
+
+
 def test_batch_metadata_segments():
     meta = LoraBatch.from_token_slots([0, 0, 3, 3, 3, 1])
     assert meta.seg_bounds == [0, 2, 5, 6] and meta.seg_slots == [0, 3, 1]
