@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small workloads (under 3 minutes)")
     parser.add_argument("--only", default=",".join(WORKLOADS),
                         help=f"comma-separated subset of {','.join(WORKLOADS)} (the rest print null)")
-    parser.add_argument("--cpu-gemm", default="auto", choices=("auto", "onednn", "torch"),
+    parser.add_argument("--cpu-gemm", default="auto", choices=("auto", "onednn", "torch", "gemv"),
                         help="the engine's dense matmul (baselines always use stock torch)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="torch device of the engine and the in-process baselines (EngineConfig.device)")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from adapterctl.server.engine import cpu_build, cpu_gemv
 
-GEMMS = ("auto", "onednn", "torch")
+GEMMS = ("auto", "onednn", "torch", "gemv")
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -155,11 +155,20 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
 def pick_gemm(name: str, device: torch.device, dtype: torch.dtype) -> Gemm:
     """The GEMM for ``name``. "auto": oneDNN on CPU when it runs in ``dtype`` (bf16 with
     AVX512-BF16 and no AMX: :func:`small_rows_linear`); bf16 on a CPU
-    where only its fp32 GEMM runs, :func:`upcast_linear`; else torch (CUDA, other dtypes)."""
+    where only its fp32 GEMM runs, :func:`upcast_linear`; else torch (CUDA, other dtypes).
+    "gemv": :func:`small_rows_linear` for bf16 wherever oneDNN runs bf16 and the AVX512-BF16 GEMV
+    loads, AMX hosts included (which "auto" leaves on oneDNN: not measured there); other dtypes
+    and devices as "auto"."""
     cpu = device.type == "cpu"
     usable = cpu and dtype in (torch.float32, torch.bfloat16) and _onednn_runs(dtype)
     if name == "onednn" and not usable:
         raise ValueError(f"oneDNN GEMM is not available for {device.type}/{dtype}")
+    if name == "gemv":
+        if not (usable and dtype == torch.bfloat16):
+            return pick_gemm("auto", device, dtype)
+        if cpu_gemv.library(cpu_gemv.AVX512_BF16) is None:
+            raise ValueError("the AVX512-BF16 GEMV does not load here (it needs avx512_bf16 and a C compiler)")
+        return small_rows_linear
     if usable and name == "auto" and dtype == torch.bfloat16 and _small_rows_pay():
         return small_rows_linear
     if usable and name in ("auto", "onednn"):
