@@ -8,7 +8,9 @@ runs in its own process (``bench/peer_adapterctl.py`` in this venv, ``bench/peer
 in ``.venv-peer``), alternating adapterctl, vLLM, adapterctl, ... for ``--reps`` rounds per
 dtype, each child under ``--timeout`` seconds, so a load burst on the shared host hits both.
 
-Prints a table, then as the LAST line one JSON object: ``vs_vllm_{base,mixed,single}_{fp32,bf16}``
+``single_adapter`` is the single stream through the first adapter (an interactive user of one
+fine-tune). Prints a table, then as the LAST line one JSON object:
+``vs_vllm_{base,mixed,single,single_adapter}_{fp32,bf16}``
 (median over rounds of adapterctl ÷ vLLM tokens/s, the two runs of a round adjacent in
 time), the greedy-token agreement between the systems, and the CPU model and flags.
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 SYSTEMS = ("adapterctl", "vllm")
-WORKLOADS = ("base", "mixed", "single")
+WORKLOADS = ("base", "mixed", "single", "single_adapter")
 DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
 KEYS = ("vs_vllm_mixed_fp32", "vs_vllm_base_fp32", "vs_vllm_mixed_bf16", "vs_vllm_base_bf16", "vs_vllm_single_bf16")
 ROOT = Path(__file__).resolve().parents[1]

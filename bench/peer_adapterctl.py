@@ -2,7 +2,7 @@
 (same token ids, same PEFT adapter files) through ``BatchingEngine`` in this process.
 
 ``python -m bench.peer_adapterctl --workload W --dtype float32|bfloat16 --out R`` writes
-``{"system", "dtype", "runs": {"base"|"mixed"|"single": {"tok_s", "seconds", "tokens"}}}``.
+``{"system", "dtype", "runs": {"base"|"mixed"|"single"|"single_adapter": {"tok_s", "seconds", "tokens"}}}``.
 tokens/s is generated tokens over the wall time from submitting every request to the last
 one finishing (prefill included), as on vLLM's side.
 """
@@ -56,7 +56,7 @@ async def _timed(engine, prompts: list[list[int]], new: int, adapters: list[str 
 
 
 async def run(workload: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """Warm up (every adapter into its slot), then time base, mixed and single once each."""
+    """Warm up (every adapter into its slot), then time base, mixed, single and single_adapter once each."""
     started = time.monotonic()
     prompts, new = workload["prompts"], workload["new_tokens"]
     names = [Path(d).name for d in workload["adapters"]][: len(prompts)]
@@ -72,7 +72,9 @@ async def run(workload: dict[str, Any], dtype: str) -> dict[str, Any]:
         await _timed(engine, short, 2, names, "wm")
         runs = {"base": await _timed(engine, prompts, new, none, "b"),
                 "mixed": await _timed(engine, prompts, new, names, "m"),
-                "single": await _timed(engine, [workload["single_prompt"]], workload["single_new_tokens"], [None], "s")}
+                "single": await _timed(engine, [workload["single_prompt"]], workload["single_new_tokens"], [None], "s"),
+                "single_adapter": await _timed(engine, [workload["single_prompt"]], workload["single_new_tokens"],
+                                               names[:1], "sa")}
     finally:
         await engine.stop()
     import torch

@@ -8,7 +8,8 @@ standard library and vllm, never adapterctl. Reads the workload JSON written by
 
   base    every prompt at once, no adapter;
   mixed   the same prompts, request i on adapter i (all resident after the warm-up);
-  single  one prompt alone, ``single_new_tokens`` tokens, prefill included.
+  single  one prompt alone, ``single_new_tokens`` tokens, prefill included;
+  single_adapter  the same through the first adapter.
 
 vLLM spawns worker processes, hence the ``__main__`` guard.
 """
@@ -61,7 +62,8 @@ def run(workload: dict, dtype: str) -> dict:
     timed(short, 2)
     timed(short, 2, loras[: len(prompts)])
     runs = {"base": timed(prompts, new), "mixed": timed(prompts, new, loras[: len(prompts)]),
-            "single": timed(single, workload["single_new_tokens"])}
+            "single": timed(single, workload["single_new_tokens"]),
+            "single_adapter": timed(single, workload["single_new_tokens"], loras[0])}
     import vllm
 
     return {"system": "vllm", "version": vllm.__version__, "dtype": dtype, "load_s": load_s, "runs": runs}

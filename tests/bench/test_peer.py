@@ -105,6 +105,10 @@ def test_adapterctl_side_runs_the_workload_on_the_tiny_model(tiny_base, tmp_path
         assert got[: len(want)] == want
     want = _greedy(model, workload["single_prompt"], 9)
     assert runs["single"]["tokens"][0][: len(want)] == want
+    assert [len(t) for t in runs["single_adapter"]["tokens"]] == [9]
+    first = PeftModel.from_pretrained(copy.deepcopy(model), str(dirs[0])).eval()
+    want = _greedy(first, workload["single_prompt"], 9)
+    assert runs["single_adapter"]["tokens"][0][: len(want)] == want
     for prompt, got, d in zip(workload["prompts"], runs["mixed"]["tokens"], dirs):
         peft = PeftModel.from_pretrained(copy.deepcopy(model), str(d)).eval()
         want = _greedy(peft, prompt, 6)
