@@ -29,6 +29,9 @@ typedef void (*norm_fn)(const uint16_t *x, long sn, long sh, const float *scale,
                         float eps, uint16_t *y);
 typedef void (*residual_fn)(const uint16_t *a, const uint16_t *h, const float *scale1, float eps1,
                             const float *scale2, float eps2, long n, long dim, uint16_t *h_out, uint16_t *x_out);
+typedef void (*lora_fn)(const uint16_t *x, long ldx, uint16_t *y, long ldy, long m, const int64_t *tokens,
+                        const int64_t *slots, long in, long out, const uint16_t *a, const uint16_t *bt, long max_rank,
+                        const int64_t *ranks, const float *scale, int threads);
 typedef int (*prep_fn)(const uint16_t *q, long qn, long qh, const uint16_t *k, long kn, long kh, const uint16_t *v,
                        long vn, long vh, const float *qscale, float qeps, const float *kscale, float keps,
                        const uint16_t *cos, const uint16_t *sin, long sc, long n, long heads, long kvh, long d,
@@ -42,6 +45,7 @@ typedef struct {
     norm_fn norm;
     residual_fn residual;
     prep_fn prep;
+    lora_fn lora;
     long hidden, heads, kvh, d, inter, max_rows;
     const float *lora_scale;
     long max_rank;
@@ -72,43 +76,13 @@ typedef struct {
 } Layer;
 
 #define MAX_D 1024
-#define MAX_RANK 1024
-#define LORA_BLOCK 256 /* output columns accumulated at a time */
-
+#define LORA_MAX_RANK 1024 /* lora_cpu.c's MAX_RANK */
 /* y[t, :out] (row stride ldy) += the LoRA delta of x[t, :in] (row stride ldx) for every token t
-   whose slot slots[t] targets this projection with rank r > 0: h = bf16(x A[s, :r]^T) [r], then
-   per column bf16(bf16(h . Bt[s, :r, col]) * scale[s]) added to y and rounded (lora.py's bf16
-   order). Sums in fp32. */
+   whose slot slots[t] targets this projection (lora_cpu.c's lora_bf16, in PEFT's bf16 order). */
 static void lora_add(const Plan *p, const Lora *m, long in, long out, long n, const uint16_t *x, long ldx,
-                     uint16_t *y, long ldy, const int64_t *slots) {
-    if (!m->a || !slots) return;
-    for (long t = 0; t < n; t++) {
-        const long s = slots[t], r = s > 0 ? m->ranks[s] : 0;
-        if (r <= 0) continue;
-        const uint16_t *a = m->a + s * p->max_rank * in, *bt = m->bt + s * p->max_rank * out, *xt = x + t * ldx;
-        const float scale = p->lora_scale[s];
-        float h[MAX_RANK];
-        for (long j = 0; j < r; j++) {
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (long i = 0; i < in; i++) dot += bf16_to_float(xt[i]) * bf16_to_float(a[j * in + i]);
-            h[j] = bf16_to_float(to_bf16(dot));
-        }
-        for (long lo = 0; lo < out; lo += LORA_BLOCK) {
-            const long w = out - lo < LORA_BLOCK ? out - lo : LORA_BLOCK;
-            float acc[LORA_BLOCK] = {0};
-            for (long j = 0; j < r; j++) {
-                const uint16_t *b = bt + j * out + lo;
-#pragma omp simd
-                for (long c = 0; c < w; c++) acc[c] += h[j] * bf16_to_float(b[c]);
-            }
-            uint16_t *yt = y + t * ldy + lo;
-            for (long c = 0; c < w; c++) {
-                const float delta = bf16_to_float(to_bf16(bf16_to_float(to_bf16(acc[c])) * scale));
-                yt[c] = to_bf16(bf16_to_float(yt[c]) + delta);
-            }
-        }
-    }
+                     uint16_t *y, long ldy, const int64_t *slots, int threads) {
+    if (m->a && slots)
+        p->lora(x, ldx, y, ldy, n, NULL, slots, in, out, m->a, m->bt, p->max_rank, m->ranks, p->lora_scale, threads);
 }
 
 /* out[t, h] = softmax(q[t, h] . K[rows[t], g] * scale) V[rows[t], g] over the positions
@@ -205,34 +179,34 @@ void gelu_mul_bf16(const uint16_t *gate_up, long n, long inter, uint16_t *act) {
    sc; slots: int64 [n], each token's LoRA slot (0: base; NULL: all base); scratch: bf16,
    decode_layer_scratch(p) elements. Returns 0, or -1 (h_out not written) where n is outside
    1..max_rows, a row or position is outside the caches (nothing written then), d > MAX_D,
-   max_rank > MAX_RANK, or memory ran out. */
+   max_rank > LORA_MAX_RANK, or memory ran out. */
 int decode_layer_bf16(const Plan *p, const Layer *l, long n, const uint16_t *h, uint16_t *h_out,
                       const uint16_t *cos, const uint16_t *sin, long sc, const int64_t *rows, const int64_t *pos,
                       const int64_t *slots, uint16_t *scratch, int threads) {
     const long hid = p->hidden, qw = p->heads * p->d, kvw = p->kvh * p->d, qkvw = qw + 2 * kvw, inter = p->inter;
-    if (n < 1 || n > p->max_rows || p->d > MAX_D || p->max_rank > MAX_RANK) return -1;
+    if (n < 1 || n > p->max_rows || p->d > MAX_D || p->max_rank > LORA_MAX_RANK) return -1;
     uint16_t *x = scratch, *qkv = x + n * hid, *q = qkv + n * qkvw, *att = q + n * qw, *a = att + n * qw;
     uint16_t *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;
     uint16_t *m = act + n * inter;
     p->norm(h, hid, 0, l->input_norm, n, 1, hid, l->input_eps, x);
     p->gemv(l->qkv, hid, x, hid, NULL, n, qkvw, hid, qkv, qkvw, threads);
-    lora_add(p, &l->lora[L_Q], hid, qw, n, x, hid, qkv, qkvw, slots);
-    lora_add(p, &l->lora[L_K], hid, kvw, n, x, hid, qkv + qw, qkvw, slots);
-    lora_add(p, &l->lora[L_V], hid, kvw, n, x, hid, qkv + qw + kvw, qkvw, slots);
+    lora_add(p, &l->lora[L_Q], hid, qw, n, x, hid, qkv, qkvw, slots, threads);
+    lora_add(p, &l->lora[L_K], hid, kvw, n, x, hid, qkv + qw, qkvw, slots, threads);
+    lora_add(p, &l->lora[L_V], hid, kvw, n, x, hid, qkv + qw + kvw, qkvw, slots, threads);
     if (p->prep(qkv, qkvw, p->d, qkv + qw, qkvw, p->d, qkv + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps, l->k_norm,
                 l->k_eps, cos, sin, sc, n, p->heads, p->kvh, p->d, q, l->kc, l->vc, l->row_cap, l->pos_cap,
                 l->c_row, l->c_head, l->c_pos, rows, pos))
         return -1;
     if (attend(p, l, n, q, rows, pos, att, threads)) return -1;
     p->gemv(l->o, qw, att, qw, NULL, n, hid, qw, a, hid, threads);
-    lora_add(p, &l->lora[L_O], qw, hid, n, att, qw, a, hid, slots);
+    lora_add(p, &l->lora[L_O], qw, hid, n, att, qw, a, hid, slots, threads);
     p->residual(a, h, l->post_attn, l->post_attn_eps, l->pre_ff, l->pre_ff_eps, n, hid, h1, x2);
     p->gemv(l->gate_up, hid, x2, hid, NULL, n, 2 * inter, hid, gu, 2 * inter, threads);
-    lora_add(p, &l->lora[L_GATE], hid, inter, n, x2, hid, gu, 2 * inter, slots);
-    lora_add(p, &l->lora[L_UP], hid, inter, n, x2, hid, gu + inter, 2 * inter, slots);
+    lora_add(p, &l->lora[L_GATE], hid, inter, n, x2, hid, gu, 2 * inter, slots, threads);
+    lora_add(p, &l->lora[L_UP], hid, inter, n, x2, hid, gu + inter, 2 * inter, slots, threads);
     gelu_mul_bf16(gu, n, inter, act);
     p->gemv(l->down, inter, act, inter, NULL, n, hid, inter, m, hid, threads);
-    lora_add(p, &l->lora[L_DOWN], inter, hid, n, act, inter, m, hid, slots);
+    lora_add(p, &l->lora[L_DOWN], inter, hid, n, act, inter, m, hid, slots, threads);
     p->residual(m, h1, l->post_ff, l->post_ff_eps, NULL, 0.0f, n, hid, h_out, NULL);
     return 0;
 }

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapterctl.server.engine import cpu_build, cpu_fused, cpu_gemv, kernels
+from adapterctl.server.engine import cpu_build, cpu_fused, cpu_gemv, kernels, lora_cpu
 
 if TYPE_CHECKING:
     from adapterctl.server.engine.lora import LoraLinear
@@ -43,8 +43,9 @@ _P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
 
 
 class _Plan(ctypes.Structure):
-    _fields_ = [("gemv", _P), ("norm", _P), ("residual", _P), ("prep", _P), ("hidden", _L), ("heads", _L),
-                ("kvh", _L), ("d", _L), ("inter", _L), ("max_rows", _L), ("lora_scale", _P), ("max_rank", _L)]
+    _fields_ = [("gemv", _P), ("norm", _P), ("residual", _P), ("prep", _P), ("lora", _P), ("hidden", _L),
+                ("heads", _L), ("kvh", _L), ("d", _L), ("inter", _L), ("max_rows", _L), ("lora_scale", _P),
+                ("max_rank", _L)]
 
 
 class _Lora(ctypes.Structure):
@@ -53,7 +54,6 @@ class _Lora(ctypes.Structure):
 
 # the projections in decode_layer.c's Lora order (L_Q .. L_DOWN)
 LORA_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MAX_RANK = 1024  # decode_layer.c's
 
 
 _LAYER_FIELDS: list[tuple[str, Any]] = [
@@ -160,10 +160,10 @@ class PlannedLayers:
         kernel = _gemv_kernel(runner.gemm)
         cfg, bank = runner.config, runner.bank
         if (kernel is None or runner.dtype != torch.bfloat16 or runner.device.type != "cpu" or not runner.sandwich
-                or getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh" or bank.max_rank > MAX_RANK):
+                or getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh" or bank.max_rank > lora_cpu.MAX_RANK):
             return None
-        lib, gemv, fused = library(), cpu_gemv.library(kernel), cpu_fused.library()
-        if lib is None or gemv is None or fused is None:
+        lib, gemv, fused, lora_lib = library(), cpu_gemv.library(kernel), cpu_fused.library(), lora_cpu.library()
+        if lib is None or gemv is None or fused is None or lora_lib is None:
             return None
         hidden, heads, kvh, d = cfg.hidden_size, runner.num_heads, runner.kv_heads, runner.head_dim
         inter = cfg.intermediate_size
@@ -178,7 +178,8 @@ class PlannedLayers:
                 return None
             layers.append(planned)
             lora.append(mods)
-        fns = (gemv.gemv_bf16, fused.rms_norm_bf16, fused.residual_norm_bf16, fused.attention_prep_bf16)
+        fns = (gemv.gemv_bf16, fused.rms_norm_bf16, fused.residual_norm_bf16, fused.attention_prep_bf16,
+               lora_lib.lora_bf16)
         plan = _Plan(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns), hidden, heads, kvh, d, inter,
                      min(kernel.max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.max_rank)
         log.info("decoder layers planned as one C call each for 1-%d bf16 decode rows (base or adapter)",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adapterctl.server.engine import lora_cpu
 from adapterctl.server.engine.batch import LoraBatch, current_batch
 from adapterctl.server.engine.kernels import Gemm, torch_linear
 
@@ -84,7 +85,9 @@ class SegmentBackend(LoraBackend):
 class GatherBackend(LoraBackend):
     """Each token's (A, Bt) in two batched matmuls over all adapter tokens at once: best
     when many different adapters each have one token (decode). When the tokens' slots
-    are one consecutive run (s0, s0+1, ...), the bank is sliced, not copied."""
+    are one consecutive run (s0, s0+1, ...), the bank is sliced, not copied. On CPU (fp32,
+    bf16) one C call per projection instead (:mod:`~.lora_cpu`: the banks read in place, the
+    same roundings)."""
 
     name = "gather"
 
@@ -93,6 +96,10 @@ class GatherBackend(LoraBackend):
         if rank == 0:
             return
         full = meta.all_tokens_lora
+        if y.device.type == "cpu" and lora_cpu.add(y, x, w.A, w.Bt, w.rank_table, w.scale,
+                                                   meta.token_slots if full else meta.lora_token_slots,
+                                                   None if full else meta.lora_tokens):
+            return
         slots = meta.token_slots if full else meta.lora_token_slots
         xs = x if full else x.index_select(0, meta.lora_tokens)
         first = meta.slot_run_start if full else None

@@ -144,8 +144,9 @@ def test_every_kernel_builds_for_the_image(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADAPTERCTL_KERNEL_CACHE", str(tmp_path / "k"))
     cpu_build.main()
     built = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "k").iterdir()}
-    assert built == {"gemv_bf16", "gemv_bf16_avx512", "cpu_fused", "gemv_i8", "gemv_i8_amx", "decode_layer"}
-    assert len(capsys.readouterr().out.split()) == 6
+    assert built == {"gemv_bf16", "gemv_bf16_avx512", "cpu_fused", "gemv_i8", "gemv_i8_amx", "decode_layer",
+                     "lora_cpu"}
+    assert len(capsys.readouterr().out.split()) == 7
 
 
 def test_a_changed_header_rebuilds(tmp_path, monkeypatch):

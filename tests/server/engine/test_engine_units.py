@@ -24,6 +24,35 @@ def _bank(num_slots=4, max_rank=16, d_in=24, d_out=40, ranks=(0, 4, 16, 0, 8)) -
     return LoraWeights(a, b.transpose(1, 2).contiguous(), scale, list(ranks))
 
 
+@pytest.fixture(params=["c", "aten"])
+def kernel(request, monkeypatch):
+    """"c": the CPU LoRA kernel where it loads (lora_cpu; the calls that took it are counted in the
+    returned list), "aten": it made unavailable, so the backends' ATen ops (CUDA's path) run."""
+    from adapterctl.server.engine import lora_cpu
+
+    if request.param == "aten":
+        monkeypatch.setattr(lora_cpu, "library", lambda: None)
+        return None
+    if lora_cpu.library() is None:
+        pytest.skip("no CPU LoRA kernel here (needs x86-64 with AVX2 and a C compiler)")
+    calls: list[bool] = []
+    real = lora_cpu.add
+    monkeypatch.setattr(lora_cpu, "add", lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls
+
+
+def _took_the_kernel(calls, backend, token_slots) -> None:
+    """With the C kernel, "gather" took it for every call and "auto" for its decode tokens."""
+    if calls is None:
+        return
+    short = backend == "gather" or (backend == "auto" and any(
+        token_slots.count(s) < 8 for s in set(token_slots) if s))
+    if short and any(token_slots):
+        assert calls and all(calls)
+    if backend == "segment":
+        assert calls == []
+
+
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("token_slots", [
     [1, 2, 4, 3, 0],  # one token per adapter (decode)
@@ -34,7 +63,7 @@ def _bank(num_slots=4, max_rank=16, d_in=24, d_out=40, ranks=(0, 4, 16, 0, 8)) -
     [0] * 3 + [4] * 40 + [1, 3],  # a prefill-length run (segment matmul in "auto") next to decode rows
     [1] * 8 + [2] * 3 + [3] * 9,  # runs on both sides of the auto threshold
 ])
-def test_backends_match_the_formula(backend, token_slots):
+def test_backends_match_the_formula(backend, token_slots, kernel):
     w = _bank()
     x = torch.randn(len(token_slots), 24, generator=torch.Generator().manual_seed(1))
     y0 = torch.randn(len(token_slots), 40, generator=torch.Generator().manual_seed(2))
@@ -44,11 +73,12 @@ def test_backends_match_the_formula(backend, token_slots):
     y = y0.clone()
     make_backend(backend).apply(y, x, w, LoraBatch.from_token_slots(token_slots))
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    _took_the_kernel(kernel, backend, token_slots)
 
 
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("token_slots", [[1, 2, 4, 3, 0], [1, 2, 3, 4], [2] * 9 + [1, 4]])
-def test_bf16_deltas_are_scaled_as_peft_scales_them(backend, token_slots):
+def test_bf16_deltas_are_scaled_as_peft_scales_them(backend, token_slots, kernel):
     """In bf16 a delta is PEFT's ``lora_B(lora_A(x)) * scaling``: times the Python float, i.e. in
     fp32, not a bf16 copy of it. Scales bf16 cannot hold (4/3 -> 1.3359, 0.3, 1.1, 0.7) and
     integer weights and inputs (so every sum is exact in any order and only the roundings PEFT
@@ -71,6 +101,7 @@ def test_bf16_deltas_are_scaled_as_peft_scales_them(backend, token_slots):
     y = y0.clone()
     make_backend(backend).apply(y, x, w, LoraBatch.from_token_slots(token_slots))
     assert torch.equal(y, want)
+    _took_the_kernel(kernel, backend, token_slots)
     bf16_scale = y0.clone()  # the same with the scale rounded to bf16 first: not PEFT's (the test can fail)
     for t, s in enumerate(token_slots):
         if ranks[s]:

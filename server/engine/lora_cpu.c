@@ -1,0 +1,129 @@
+/* The LoRA delta of decode tokens on CPU, one call per projection (built and loaded by lora_cpu.py).
+
+   For each listed token t (row tokens[i] of x and y, or row i without a list) with slot s =
+   slots[i] and rank r = ranks[s] > 0:  y[t] += scale[s] * (x[t] A[s, :r]^T) Bt[s, :r], with the
+   slot banks A [slots + 1, max_rank, in] and Bt [slots + 1, max_rank, out] (lora.py's LoraWeights)
+   read in place: no gathered copies, no per-token ATen ops. The roundings are those of lora.py's
+   backends (bf16: PEFT's order, h = bf16(x A^T), bf16(h Bt), times the fp32 scale, rounded, added,
+   rounded; fp32: h = x A^T times the scale, then y + h Bt). Sums in fp32, in another order than
+   ATen's bmm. Tokens are split between threads (each token's rows of y are its own). Built without
+   FMA contraction (-ffp-contract=off), like ATen's separate ops. bf16 runs eight lanes at a time
+   (its scalar conversions had held it to ~12 GB/s of bank reads; the fp32 loops vectorise as
+   written). */
+#include <immintrin.h>
+#include <stdint.h>
+
+#include "bf16.h"
+
+#define MAX_RANK 1024
+#define BLOCK 256 /* output columns accumulated at a time */
+
+#define LORA(STORAGE, NAME, T, LOAD, ROUND_H, STORE_Y)                                                \
+STORAGE void NAME(const T *x, long ldx, T *y, long ldy, long m, const int64_t *tokens, const int64_t *slots,     \
+          long in, long out, const T *a, const T *bt, long max_rank, const int64_t *ranks,                \
+          const float *scale, int threads) {                                                            \
+    _Pragma("omp parallel for schedule(static) num_threads(threads) if(m > 1)")                         \
+    for (long i = 0; i < m; i++) {                                                                      \
+        const long t = tokens ? tokens[i] : i, s = slots[i], r = s > 0 ? ranks[s] : 0;                  \
+        if (r <= 0 || r > MAX_RANK) continue;                                                           \
+        const T *as = a + s * max_rank * in, *bs = bt + s * max_rank * out, *xt = x + t * ldx;          \
+        float h[MAX_RANK];                                                                              \
+        for (long j = 0; j < r; j++) {                                                                  \
+            float dot = 0.0f;                                                                           \
+            _Pragma("omp simd reduction(+ : dot)")                                                      \
+            for (long k = 0; k < in; k++) dot += LOAD(xt[k]) * LOAD(as[j * in + k]);                     \
+            h[j] = ROUND_H(dot, scale[s]);                                                              \
+        }                                                                                               \
+        for (long lo = 0; lo < out; lo += BLOCK) {                                                      \
+            const long w = out - lo < BLOCK ? out - lo : BLOCK;                                         \
+            float acc[BLOCK] = {0};                                                                     \
+            for (long j = 0; j < r; j++) {                                                              \
+                const T *b = bs + j * out + lo;                                                         \
+                _Pragma("omp simd")                                                                     \
+                for (long c = 0; c < w; c++) acc[c] += h[j] * LOAD(b[c]);                               \
+            }                                                                                           \
+            T *yt = y + t * ldy + lo;                                                                   \
+            for (long c = 0; c < w; c++) yt[c] = STORE_Y(yt[c], acc[c], scale[s]);                      \
+        }                                                                                               \
+    }                                                                                                   \
+}
+
+#define LOAD_BF16(v) bf16_to_float(v)
+#define LOAD_F32(v) (v)
+/* bf16: h rounds, the scale comes after B; fp32: the scale multiplies h (lora.py's addmm order) */
+#define H_BF16(dot, sc) bf16_to_float(to_bf16(dot))
+#define H_F32(dot, sc) ((dot) * (sc))
+#define Y_BF16(yv, acc, sc) to_bf16(bf16_to_float(yv) + bf16_to_float(to_bf16(bf16_to_float(to_bf16(acc)) * (sc))))
+#define Y_F32(yv, acc, sc) ((yv) + (acc))
+
+LORA(, lora_fp32, float, LOAD_F32, H_F32, Y_F32)
+LORA(static, lora_scalar_bf16, uint16_t, LOAD_BF16, H_BF16, Y_BF16)
+
+static inline __m256 load8(const uint16_t *p) { /* 8 bf16 -> fp32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline __m256i bits8(__m256 f) { /* to_bf16 of 8 lanes, each in the low half of an int32 */
+    const __m256i u = _mm256_castps_si256(f), hi = _mm256_srli_epi32(u, 16);
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(hi, _mm256_set1_epi32(1)))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(rounded, _mm256_or_si256(hi, _mm256_set1_epi32(0x40)), nan);
+}
+
+static inline __m256 round8(__m256 f) { return _mm256_castsi256_ps(_mm256_slli_epi32(bits8(f), 16)); }
+
+static inline void store8(uint16_t *p, __m256 f) {
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits8(f), bits8(f)), 0x08);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+
+#define MAX_IN 16384
+
+/* lora_fp32's contract for bf16 tensors (the LORA macro's arithmetic, eight lanes at a time). */
+void lora_bf16(const uint16_t *x, long ldx, uint16_t *y, long ldy, long m, const int64_t *tokens,
+               const int64_t *slots, long in, long out, const uint16_t *a, const uint16_t *bt, long max_rank,
+               const int64_t *ranks, const float *scale, int threads) {
+    if (in > MAX_IN || in % 8) { /* not a shape this loop takes: the macro's scalar form */
+        lora_scalar_bf16(x, ldx, y, ldy, m, tokens, slots, in, out, a, bt, max_rank, ranks, scale, threads);
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (m > 1)
+    for (long i = 0; i < m; i++) {
+        const long t = tokens ? tokens[i] : i, s = slots[i], r = s > 0 ? ranks[s] : 0;
+        if (r <= 0 || r > MAX_RANK) continue;
+        const uint16_t *as = a + s * max_rank * in, *bs = bt + s * max_rank * out, *xt = x + t * ldx;
+        const __m256 sc = _mm256_set1_ps(scale[s]);
+        float xf[MAX_IN], h[MAX_RANK];
+        for (long k = 0; k < in; k += 8) _mm256_storeu_ps(xf + k, load8(xt + k));
+        for (long j = 0; j < r; j++) {
+            __m256 dot = _mm256_setzero_ps();
+            for (long k = 0; k < in; k += 8)
+                dot = _mm256_add_ps(dot, _mm256_mul_ps(_mm256_loadu_ps(xf + k), load8(as + j * in + k)));
+            float lanes[8], sum = 0.0f;
+            _mm256_storeu_ps(lanes, dot);
+            for (int q = 0; q < 8; q++) sum += lanes[q];
+            h[j] = bf16_to_float(to_bf16(sum));
+        }
+        uint16_t *yt = y + t * ldy;
+        long c = 0;
+        for (; c + 64 <= out; c += 64) { /* 64 columns in eight registers over every rank */
+            __m256 acc[8];
+            for (int q = 0; q < 8; q++) acc[q] = _mm256_setzero_ps();
+            for (long j = 0; j < r; j++) {
+                const __m256 hj = _mm256_set1_ps(h[j]);
+                const uint16_t *b = bs + j * out + c;
+                for (int q = 0; q < 8; q++) acc[q] = _mm256_add_ps(acc[q], _mm256_mul_ps(hj, load8(b + 8 * q)));
+            }
+            for (int q = 0; q < 8; q++) {
+                const __m256 delta = round8(_mm256_mul_ps(round8(acc[q]), sc));
+                store8(yt + c + 8 * q, _mm256_add_ps(load8(yt + c + 8 * q), delta));
+            }
+        }
+        for (; c < out; c++) { /* the last < 64 columns */
+            float acc = 0.0f;
+            for (long j = 0; j < r; j++) acc += h[j] * bf16_to_float(bs[j * out + c]);
+            yt[c] = Y_BF16(yt[c], acc, scale[s]);
+        }
+    }
+}
