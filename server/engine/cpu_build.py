@@ -92,6 +92,7 @@ def main() -> None:
     gemvs = (cpu_gemv.AVX2, cpu_gemv.AVX512_BF16)
     for source, flags in (*((g.source, g.flags) for g in gemvs), (cpu_fused.SOURCE, cpu_fused.FLAGS),
                           (int8_gemv.SOURCE, int8_gemv.FLAGS), (int8_gemv.AMX_SOURCE, int8_gemv.AMX_FLAGS),
+                          (int8_gemv.VNNI_SOURCE, int8_gemv.VNNI_FLAGS),
                           (decode_layer.SOURCE, decode_layer.FLAGS), (lora_cpu.SOURCE, lora_cpu.FLAGS)):
         print(build(source, flags))
 

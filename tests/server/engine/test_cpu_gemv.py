@@ -138,15 +138,15 @@ def test_build_is_cached_atomic_and_a_failing_compiler_leaves_nothing(tmp_path, 
 
 def test_every_kernel_builds_for_the_image(tmp_path, monkeypatch, capsys):
     """``python -m adapterctl.server.engine.cpu_build`` (the images' build step) compiles each C
-    source of the package, the AMX one too (compiling needs no AMX CPU)."""
+    source of the package, the AMX and VNNI ones too (compiling needs neither in the CPU)."""
     if not BUILDS_HERE:
         pytest.skip("needs a C compiler and an AVX2 x86-64 CPU")
     monkeypatch.setenv("ADAPTERCTL_KERNEL_CACHE", str(tmp_path / "k"))
     cpu_build.main()
     built = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "k").iterdir()}
-    assert built == {"gemv_bf16", "gemv_bf16_avx512", "cpu_fused", "gemv_i8", "gemv_i8_amx", "decode_layer",
-                     "lora_cpu"}
-    assert len(capsys.readouterr().out.split()) == 7
+    assert built == {"gemv_bf16", "gemv_bf16_avx512", "cpu_fused", "gemv_i8", "gemv_i8_amx", "gemv_i8_vnni",
+                     "decode_layer", "lora_cpu"}
+    assert len(capsys.readouterr().out.split()) == 8
 
 
 def test_a_changed_header_rebuilds(tmp_path, monkeypatch):

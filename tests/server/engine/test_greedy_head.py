@@ -1,4 +1,5 @@
-"""The int8 greedy LM head (server/engine/greedy_head.py, int8_gemv.py, gemv_i8.c, gemv_i8_amx.c):
+"""The int8 greedy LM head (server/engine/greedy_head.py, int8_gemv.py, gemv_i8.c, gemv_i8_vnni.c,
+gemv_i8_amx.c):
 the token it gives is the full head's on every row, ties and near-ties included; where the head's
 GEMM is the C bf16 GEMV its logits are bitwise the full head's; the bound holds on every logit
 with every estimator, in bf16 and fp32; it declines what it cannot bound; and the engine uses it
@@ -17,10 +18,13 @@ pytestmark = pytest.mark.skipif(not KERNELS, reason="needs the C kernels (a C co
 
 
 def _estimators() -> list:
-    """Every estimator that runs here: AVX2 always (with the kernels), AMX on AMX-INT8 CPUs."""
+    """Every estimator that runs here: AVX2 always (with the kernels), AVX512-VNNI and AMX on CPUs
+    that have them."""
     if not KERNELS:
         return []
     out = [pytest.param(int8_gemv.Avx2Estimator(int8_gemv.library()), id="avx2")]
+    if int8_gemv.vnni_library() is not None:
+        out.append(pytest.param(int8_gemv.VnniEstimator(int8_gemv.library(), int8_gemv.vnni_library()), id="vnni"))
     if int8_gemv.amx_library() is not None:
         out.append(pytest.param(int8_gemv.AmxEstimator(int8_gemv.library(), int8_gemv.amx_library()), id="amx"))
     return out
@@ -214,14 +218,51 @@ def test_a_native_bf16_head_keeps_the_estimate_to_few_rows():
     if int8_gemv.amx_library() is not None:
         amx = int8_gemv.AmxEstimator(int8_gemv.library(), int8_gemv.amx_library())
         assert GreedyHead(w, kernels.onednn_linear, amx).max_rows == int8_gemv.AmxEstimator.ROWS_PER_PASS
+    if int8_gemv.vnni_library() is not None:  # the VNNI estimate beats oneDNN's bf16 head up to 32 rows
+        vnni = int8_gemv.VnniEstimator(int8_gemv.library(), int8_gemv.vnni_library())
+        assert GreedyHead(w, kernels.small_rows_linear, vnni).max_rows == int8_gemv.VnniEstimator.NATIVE_BF16_ROWS == 32
+        assert GreedyHead(w.float(), kernels.onednn_linear, vnni).max_rows == 64
 
 
 def test_the_estimator_fits_the_input_width():
-    """AMX tiles take 64 inputs at a time: other widths (multiples of 16) get the AVX2 estimate."""
+    """AMX tiles take 64 inputs at a time, the VNNI kernel 32: other widths (multiples of 16) get
+    the AVX2 estimate."""
     assert int8_gemv.estimator(40) is None and int8_gemv.estimator(int8_gemv.MAX_K + 64) is None
     assert int8_gemv.estimator(80).name == "avx2"
-    want = "amx" if int8_gemv.amx_library() is not None else "avx2"
+    vnni = "vnni" if int8_gemv.vnni_library() is not None else "avx2"
+    assert int8_gemv.estimator(96).name == vnni  # not a multiple of 64: no AMX
+    want = "amx" if int8_gemv.amx_library() is not None else vnni
     assert int8_gemv.estimator(128).name == want
+
+
+def test_the_vnni_estimate_is_the_avx2_ones_bitwise():
+    """The AVX512-VNNI kernel computes the same exact integer sums as the AVX2 one and rounds them
+    once the same way: every row count across its blocks of 16, 8, 4, 2 and 1 rows, a vocabulary
+    that is not a multiple of 16, and the largest weights and inputs over the widest input (its
+    int32 lanes are flushed to int64 before they could overflow)."""
+    if int8_gemv.vnni_library() is None:
+        pytest.skip("needs AVX512-VNNI (and a C compiler)")
+    avx2 = int8_gemv.Avx2Estimator(int8_gemv.library())
+    vnni = int8_gemv.VnniEstimator(int8_gemv.library(), int8_gemv.vnni_library())
+    g = torch.Generator().manual_seed(9)
+    for vocab, k, rows in ((301, 96, 40), (37, 640, 7), (20, int8_gemv.MAX_K, 3)):
+        q = torch.randint(-127, 128, (vocab, k), generator=g, dtype=torch.int8)
+        scale = torch.rand(vocab, generator=g) + 0.5
+        x = torch.randn(rows, k, generator=g)
+        if k == int8_gemv.MAX_K:
+            q[:] = 127
+            q[1] = -127
+            x[:] = 1.0  # every x rounds to 32767: each sum is 4096 * 127 * 32767, past int32
+        xq = avx2.quantize(x.contiguous())
+        for n in range(1, rows + 1):
+            want, got = torch.empty(n, vocab), torch.empty(n, vocab)
+            part = int8_gemv.Quantized(xq.xq[:n], xq.sx[:n], xq.ex[:n])
+            avx2.run(avx2.pack(q), scale, part, want)
+            vnni.run(vnni.pack(q), scale, part, got)
+            assert torch.equal(got, want), (vocab, k, n)
+        if k == int8_gemv.MAX_K:
+            exact = (4096 * 127 * 32767 * xq.sx[0] * scale[0].double()).float()
+            assert got[0, 0] == exact and got[0, 1] == -(4096 * 127 * 32767 * xq.sx[0] * scale[1].double()).float()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
