@@ -87,7 +87,7 @@ class Avx2Estimator:
         self.lib = lib
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
-        """[ceil(n / 4), k / 16, 4, 16]."""
+        """[ceil(n / GROUP), k / CHUNK, GROUP, CHUNK] (here [ceil(n / 4), k / 16, 4, 16])."""
         n, k = q.shape
         q = torch.cat([q, q.new_zeros(-n % self.GROUP, k)])
         return q.view(-1, self.GROUP, k // self.CHUNK, self.CHUNK).transpose(1, 2).contiguous()
@@ -117,13 +117,7 @@ class VnniEstimator(Avx2Estimator):
     AVX2 kernel rounds it, and bitwise its estimates (the same exact integer sums)."""
 
     name, k_multiple = "vnni", 32
-    GROUP = 16
-
-    def pack(self, q: torch.Tensor) -> torch.Tensor:
-        """[ceil(n / 16), k / 2, 16, 2]."""
-        n, k = q.shape
-        q = torch.cat([q, q.new_zeros(-n % self.GROUP, k)])
-        return q.view(-1, self.GROUP, k // 2, 2).transpose(1, 2).contiguous()
+    GROUP, CHUNK = 16, 2  # pack: [ceil(n / 16), k / 2, 16, 2]
 
     def __init__(self, lib: ctypes.CDLL, vnni: ctypes.CDLL) -> None:
         super().__init__(lib)
