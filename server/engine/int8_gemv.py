@@ -95,10 +95,15 @@ class Avx2Estimator:
     def quantize(self, x: torch.Tensor) -> Quantized:
         return quantize(self.lib, x, self.XMAX)
 
+    @property
+    def kernel(self):
+        """The C estimate: ``gemv_i8`` (this layout)."""
+        return self.lib.gemv_i8
+
     def run(self, packed: torch.Tensor, scale: torch.Tensor, x: Quantized, out: torch.Tensor) -> bool:
         rows, k = x.xq.shape
         q, s, xp, sp, o = _ptrs(packed, scale, x.xq, x.sx, out)
-        self.lib.gemv_i8(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0), torch.get_num_threads())
+        self.kernel(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0), torch.get_num_threads())
         return True
 
     NATIVE_BF16_ROWS = 7
@@ -123,11 +128,10 @@ class VnniEstimator(Avx2Estimator):
         super().__init__(lib)
         self.vnni = vnni
 
-    def run(self, packed: torch.Tensor, scale: torch.Tensor, x: Quantized, out: torch.Tensor) -> bool:
-        rows, k = x.xq.shape
-        q, s, xp, sp, o = _ptrs(packed, scale, x.xq, x.sx, out)
-        self.vnni.gemv_i8_vnni(q, s, scale.shape[0], k, xp, sp, rows, o, out.stride(0), torch.get_num_threads())
-        return True
+    @property
+    def kernel(self):
+        """The C estimate: ``gemv_i8_vnni`` (same arguments as ``gemv_i8``, this layout)."""
+        return self.vnni.gemv_i8_vnni
 
     # step_bench --baseline full_head, Zen 4, tokens identical: against oneDNN's native bf16 head
     # 1.30x at 8 rows, 1.11x at 16, 1.04x at 32, 0.92x at 64; fp32 1.79x at 1 row, 1.39x at 32,

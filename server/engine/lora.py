@@ -34,7 +34,7 @@ class LoraWeights:
     Bt: torch.Tensor  # [num_slots + 1, max_rank, out_features]  (B transposed)
     scale: torch.Tensor  # [num_slots + 1] fp32 (whatever the bank's dtype), shared by all modules (per adapter)
     ranks: list[int] = field(default_factory=list)  # [num_slots + 1] rank written per slot; 0 = not targeted
-    # ``ranks`` as int64 [num_slots + 1] on the CPU, for C kernels (decode_layer); :meth:`set_rank` keeps both
+    # ``ranks`` as int64 [num_slots + 1] on the CPU, for the C kernels (lora_cpu); :meth:`set_rank` keeps both
     rank_table: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
