@@ -48,8 +48,8 @@ class EngineConfig:
                                "oneDNN's blocked layout (a copy replacing the loaded pages; fp32 10-25 % faster "
                                "GEMMs at 8-64 rows on AVX2, bf16 1.1-2.8x on AMX, measured).")
     cpu_greedy_head: bool = option(True, "CPU, fp32 or bf16: greedy rows (no logprobs, no grammar) take their token "
-                                   "from an int8 copy of the LM head (AMX tiles or AVX2), computing only the "
-                                   "candidates a rounding bound keeps (the full head's token; +1 byte per head "
+                                   "from an int8 copy of the LM head (AMX tiles, AVX512-VNNI or AVX2), computing only "
+                                   "the candidates a rounding bound keeps (the full head's token; +1 byte per head "
                                    "weight of memory, 160 MiB for Gemma 3 270M).")
     cpu_planned_layers: bool = option(True, "CPU, bf16 with a C GEMV (AVX512-BF16: 1-4 rows; AVX2: 1-32): each Gemma 3 "
                                       "layer of a decode step (base or adapter rows) as one C call (norms, "

@@ -167,8 +167,8 @@ class PlannedLayers:
             return None
         hidden, heads, kvh, d = cfg.hidden_size, runner.num_heads, runner.kv_heads, runner.head_dim
         inter = cfg.intermediate_size
-        if any(k % kernel.k_multiple for k in (hidden, heads * d, inter)) or heads % kvh:
-            return None
+        if any(k % kernel.k_multiple or k > lora_cpu.MAX_IN for k in (hidden, heads * d, inter)) or heads % kvh:
+            return None  # (the LoRA kernel takes inputs of a multiple of 8 up to MAX_IN; k_multiple is 16 or 32)
         keep: list[torch.Tensor] = [bank.scale]
         layers, lora = [], []
         for i, layer in enumerate(runner.layers):

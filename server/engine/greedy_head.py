@@ -3,8 +3,8 @@
 The LM head is most of a small model's decode work (Gemma 3 270M: 335 of 536 MB per step in
 bf16, 671 of 1072 in fp32, and ~60 % of the FLOPs of a batched step), and a greedy row needs
 only its argmax. So each row's logits are first bounded from an int8 copy (one scale per
-vocabulary row; :mod:`int8_gemv`: AVX2 or AMX), and only the rows that can still be the maximum
-are computed, by the head's own GEMM (the engine's, on the gathered candidate rows).
+vocabulary row; :mod:`int8_gemv`: AVX2, AVX512-VNNI or AMX), and only the rows that can still be
+the maximum are computed, by the head's own GEMM (the engine's, on the gathered candidate rows).
 
 Why the argmax cannot change: with ``A`` the int8 estimate and ``L`` a logit as the head's GEMM
 computes it, ``|A - L| <= d`` where ``d = c * |x|_1 + a * e + REL |A|``; ``c`` (per vocabulary

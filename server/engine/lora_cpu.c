@@ -16,48 +16,38 @@
 #include "bf16.h"
 
 #define MAX_RANK 1024
+#define MAX_IN 16384
 #define BLOCK 256 /* output columns accumulated at a time */
 
-#define LORA(STORAGE, NAME, T, LOAD, ROUND_H, STORE_Y)                                                \
-STORAGE void NAME(const T *x, long ldx, T *y, long ldy, long m, const int64_t *tokens, const int64_t *slots,     \
-          long in, long out, const T *a, const T *bt, long max_rank, const int64_t *ranks,                \
-          const float *scale, int threads) {                                                            \
-    _Pragma("omp parallel for schedule(static) num_threads(threads) if(m > 1)")                         \
-    for (long i = 0; i < m; i++) {                                                                      \
-        const long t = tokens ? tokens[i] : i, s = slots[i], r = s > 0 ? ranks[s] : 0;                  \
-        if (r <= 0 || r > MAX_RANK) continue;                                                           \
-        const T *as = a + s * max_rank * in, *bs = bt + s * max_rank * out, *xt = x + t * ldx;          \
-        float h[MAX_RANK];                                                                              \
-        for (long j = 0; j < r; j++) {                                                                  \
-            float dot = 0.0f;                                                                           \
-            _Pragma("omp simd reduction(+ : dot)")                                                      \
-            for (long k = 0; k < in; k++) dot += LOAD(xt[k]) * LOAD(as[j * in + k]);                     \
-            h[j] = ROUND_H(dot, scale[s]);                                                              \
-        }                                                                                               \
-        for (long lo = 0; lo < out; lo += BLOCK) {                                                      \
-            const long w = out - lo < BLOCK ? out - lo : BLOCK;                                         \
-            float acc[BLOCK] = {0};                                                                     \
-            for (long j = 0; j < r; j++) {                                                              \
-                const T *b = bs + j * out + lo;                                                         \
-                _Pragma("omp simd")                                                                     \
-                for (long c = 0; c < w; c++) acc[c] += h[j] * LOAD(b[c]);                               \
-            }                                                                                           \
-            T *yt = y + t * ldy + lo;                                                                   \
-            for (long c = 0; c < w; c++) yt[c] = STORE_Y(yt[c], acc[c], scale[s]);                      \
-        }                                                                                               \
-    }                                                                                                   \
+/* fp32: h = (x A^T) * scale, then y + h Bt (lora.py's addmm order). Arguments as lora_bf16's. */
+void lora_fp32(const float *x, long ldx, float *y, long ldy, long m, const int64_t *tokens, const int64_t *slots,
+               long in, long out, const float *a, const float *bt, long max_rank, const int64_t *ranks,
+               const float *scale, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (m > 1)
+    for (long i = 0; i < m; i++) {
+        const long t = tokens ? tokens[i] : i, s = slots[i], r = s > 0 ? ranks[s] : 0;
+        if (r <= 0 || r > MAX_RANK) continue;
+        const float *as = a + s * max_rank * in, *bs = bt + s * max_rank * out, *xt = x + t * ldx;
+        float h[MAX_RANK];
+        for (long j = 0; j < r; j++) {
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (long k = 0; k < in; k++) dot += xt[k] * as[j * in + k];
+            h[j] = dot * scale[s];
+        }
+        for (long lo = 0; lo < out; lo += BLOCK) {
+            const long w = out - lo < BLOCK ? out - lo : BLOCK;
+            float acc[BLOCK] = {0};
+            for (long j = 0; j < r; j++) {
+                const float *b = bs + j * out + lo;
+#pragma omp simd
+                for (long c = 0; c < w; c++) acc[c] += h[j] * b[c];
+            }
+            float *yt = y + t * ldy + lo;
+            for (long c = 0; c < w; c++) yt[c] += acc[c];
+        }
+    }
 }
-
-#define LOAD_BF16(v) bf16_to_float(v)
-#define LOAD_F32(v) (v)
-/* bf16: h rounds, the scale comes after B; fp32: the scale multiplies h (lora.py's addmm order) */
-#define H_BF16(dot, sc) bf16_to_float(to_bf16(dot))
-#define H_F32(dot, sc) ((dot) * (sc))
-#define Y_BF16(yv, acc, sc) to_bf16(bf16_to_float(yv) + bf16_to_float(to_bf16(bf16_to_float(to_bf16(acc)) * (sc))))
-#define Y_F32(yv, acc, sc) ((yv) + (acc))
-
-LORA(, lora_fp32, float, LOAD_F32, H_F32, Y_F32)
-LORA(static, lora_scalar_bf16, uint16_t, LOAD_BF16, H_BF16, Y_BF16)
 
 static inline __m256 load8(const uint16_t *p) { /* 8 bf16 -> fp32 */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -78,16 +68,13 @@ static inline void store8(uint16_t *p, __m256 f) {
     _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
 }
 
-#define MAX_IN 16384
-
-/* lora_fp32's contract for bf16 tensors (the LORA macro's arithmetic, eight lanes at a time). */
-void lora_bf16(const uint16_t *x, long ldx, uint16_t *y, long ldy, long m, const int64_t *tokens,
+/* y[t] += delta(x[t]) for the listed tokens (lora_cpu.add's contract), bf16 in PEFT's order: h =
+   bf16(x A^T), then per column bf16(bf16(h . Bt) * scale) added to y and rounded; eight lanes at a
+   time. Returns 0, or -1 (nothing written) where in is not a multiple of 8 or above MAX_IN. */
+int lora_bf16(const uint16_t *x, long ldx, uint16_t *y, long ldy, long m, const int64_t *tokens,
                const int64_t *slots, long in, long out, const uint16_t *a, const uint16_t *bt, long max_rank,
                const int64_t *ranks, const float *scale, int threads) {
-    if (in > MAX_IN || in % 8) { /* not a shape this loop takes: the macro's scalar form */
-        lora_scalar_bf16(x, ldx, y, ldy, m, tokens, slots, in, out, a, bt, max_rank, ranks, scale, threads);
-        return;
-    }
+    if (in > MAX_IN || in % 8) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads) if (m > 1)
     for (long i = 0; i < m; i++) {
         const long t = tokens ? tokens[i] : i, s = slots[i], r = s > 0 ? ranks[s] : 0;
@@ -123,7 +110,8 @@ void lora_bf16(const uint16_t *x, long ldx, uint16_t *y, long ldy, long m, const
         for (; c < out; c++) { /* the last < 64 columns */
             float acc = 0.0f;
             for (long j = 0; j < r; j++) acc += h[j] * bf16_to_float(bs[j * out + c]);
-            yt[c] = Y_BF16(yt[c], acc, scale[s]);
+            yt[c] = to_bf16(bf16_to_float(yt[c]) + bf16_to_float(to_bf16(bf16_to_float(to_bf16(acc)) * scale[s])));
         }
     }
+    return 0;
 }

@@ -19,6 +19,7 @@ from adapterctl.server.engine import cpu_build
 SOURCE = Path(__file__).with_name("lora_cpu.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 MAX_RANK = 1024  # lora_cpu.c's
+MAX_IN = 16384  # lora_cpu.c's (bf16 also needs in % 8 == 0)
 _P, _L = ctypes.c_void_p, ctypes.c_long
 _SYMBOL = {torch.bfloat16: "lora_bf16", torch.float32: "lora_fp32"}
 
@@ -32,7 +33,8 @@ def library() -> ctypes.CDLL | None:
     for name in _SYMBOL.values():
         fn = getattr(lib, name)
         fn.argtypes = [_P, _L, _P, _L, _L, _P, _P, _L, _L, _P, _P, _L, _P, _P, ctypes.c_int]
-        fn.restype = None
+    lib.lora_fp32.restype = None
+    lib.lora_bf16.restype = ctypes.c_int  # -1: an input width it does not take (nothing written)
     return lib
 
 
@@ -42,7 +44,8 @@ def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ran
     None: rows 0..m-1) with slots ``slots`` [m] (int64; 0 or a slot of rank 0: nothing added), from
     the banks ``a`` [slots + 1, max_rank, in], ``bt`` [slots + 1, max_rank, out], ``ranks`` int64
     [slots + 1] and ``scale`` fp32 [slots + 1]; False (nothing written) where the kernel does not
-    load or the tensors are not so (CPU, fp32 or bf16, unit column strides, contiguous banks)."""
+    load or the tensors are not so (CPU, fp32 or bf16, unit column strides, contiguous banks; bf16:
+    ``in`` a multiple of 8 up to ``MAX_IN``)."""
     lib = library()
     dtype = y.dtype
     if (lib is None or dtype not in _SYMBOL or x.dtype != dtype or a.dtype != dtype or bt.dtype != dtype
@@ -52,8 +55,8 @@ def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ran
             or slots.dtype != torch.int64 or not slots.is_contiguous()
             or (tokens is not None and (tokens.dtype != torch.int64 or not tokens.is_contiguous()))):
         return False
-    getattr(lib, _SYMBOL[dtype])(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), slots.shape[0],
-                                 None if tokens is None else tokens.data_ptr(), slots.data_ptr(), x.shape[1],
-                                 y.shape[1], a.data_ptr(), bt.data_ptr(), a.shape[1], ranks.data_ptr(),
-                                 scale.data_ptr(), torch.get_num_threads())
-    return True
+    rc = getattr(lib, _SYMBOL[dtype])(x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), slots.shape[0],
+                                      None if tokens is None else tokens.data_ptr(), slots.data_ptr(), x.shape[1],
+                                      y.shape[1], a.data_ptr(), bt.data_ptr(), a.shape[1], ranks.data_ptr(),
+                                      scale.data_ptr(), torch.get_num_threads())
+    return rc != -1

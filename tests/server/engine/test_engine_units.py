@@ -85,14 +85,15 @@ def test_bf16_deltas_are_scaled_as_peft_scales_them(backend, token_slots, kernel
     makes can differ): the outputs are bitwise PEFT's."""
     g = torch.Generator().manual_seed(5)
     ranks, scales = (0, 4, 16, 0, 8), (0.0, 4 / 3, 0.3, 1.1, 0.7)
+    d_out = 72  # the C kernel's 64-column blocks and its scalar tail
     a = torch.zeros(5, 16, 24)
-    bt = torch.zeros(5, 16, 40)
+    bt = torch.zeros(5, 16, d_out)
     for slot, r in enumerate(ranks):
         a[slot, :r] = torch.randint(-3, 4, (r, 24), generator=g).float()
-        bt[slot, :r] = torch.randint(-3, 4, (r, 40), generator=g).float()
+        bt[slot, :r] = torch.randint(-3, 4, (r, d_out), generator=g).float()
     w = LoraWeights(a.bfloat16(), bt.bfloat16(), torch.tensor(scales), list(ranks))
     x = torch.randint(-3, 4, (len(token_slots), 24), generator=g).bfloat16()
-    y0 = torch.randn(len(token_slots), 40, generator=g).bfloat16()
+    y0 = torch.randn(len(token_slots), d_out, generator=g).bfloat16()
     want = y0.clone()
     for t, s in enumerate(token_slots):
         if ranks[s]:
@@ -108,6 +109,22 @@ def test_bf16_deltas_are_scaled_as_peft_scales_them(backend, token_slots, kernel
             h = (x[t].float() @ a[s].T).bfloat16()
             bf16_scale[t] += (h.float() @ bt[s]).bfloat16() * torch.tensor(scales[s]).bfloat16()
     assert not torch.equal(bf16_scale, want)
+
+
+def test_the_cpu_lora_kernel_declines_a_bf16_width_it_does_not_take():
+    """bf16 inputs not a multiple of 8 wide: the kernel writes nothing and says so (the backend then
+    runs ATen's ops, which still give the formula)."""
+    from adapterctl.server.engine import lora_cpu
+
+    if lora_cpu.library() is None:
+        pytest.skip("no CPU LoRA kernel here")
+    w = _bank(d_in=20)
+    a, bt = w.A.bfloat16(), w.Bt.bfloat16()
+    x, y = torch.ones(2, 20).bfloat16(), torch.zeros(2, 40).bfloat16()
+    assert not lora_cpu.add(y, x, a, bt, w.rank_table, w.scale, torch.tensor([1, 2]))
+    assert torch.equal(y, torch.zeros(2, 40).bfloat16())
+    assert lora_cpu.add(y, torch.ones(2, 24).bfloat16(), _bank().A.bfloat16(), bt, w.rank_table, w.scale,
+                        torch.tensor([1, 2]))
 
 
 def test_batch_metadata_segments():
