@@ -9,7 +9,7 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 * ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
   MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV;
 * ``onednn``: the same step with every GEMM through oneDNN (``cpu_gemm="onednn"``), against
-  ``auto``'s choice (bf16 on AVX512-BF16 without AMX: the AVX512-BF16 GEMV at 1-4 rows);
+  ``auto``'s choice (bf16 on AVX512-BF16, AMX or not: the AVX512-BF16 GEMV at 1-4 rows);
 * ``aten_ops``: the same step with norms and RoPE in ATen ops (``fused_ops=False``), against one
   C call each (``cpu_fused``);
 * ``unplanned``: the same step with every layer through the Python path (``cpu_planned_layers=False``),

@@ -41,9 +41,9 @@ class EngineConfig:
                                         "own forward.")
     lora_backend: str = option("auto", "LoRA compute: auto | gather | segment.")
     cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (oneDNN, measured faster than MKL; bf16 without "
-                           "native bf16: weight blocks upcast to fp32; bf16 with AVX512-BF16 and no AMX: 1-4 rows "
+                           "native bf16: weight blocks upcast to fp32; bf16 with AVX512-BF16, AMX or not: 1-4 rows "
                            "through a C GEMV, which keeps a plain copy of the layer weights) | onednn | torch | "
-                           "gemv (bf16: that GEMV for 1-4 rows on AMX hosts too, where auto keeps oneDNN).")
+                           "gemv (as auto, but an error where that GEMV does not load).")
     cpu_prepack: bool = option(True, "oneDNN (fp32, and bf16 where the CPU runs it natively): keep the weights in "
                                "oneDNN's blocked layout (a copy replacing the loaded pages; fp32 10-25 % faster "
                                "GEMMs at 8-64 rows on AVX2, bf16 1.1-2.8x on AMX, measured).")

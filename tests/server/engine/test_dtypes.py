@@ -163,10 +163,11 @@ def test_native_bf16_small_rows_take_the_avx512_gemv_and_more_rows_onednn():
     assert torch.equal(kernels.small_rows_linear(x3, op, b), flat.view(2, 3, 70))
 
 
-def test_gemv_choice_takes_the_avx512_gemv_on_amx_hosts_too(monkeypatch, tiny_base):
-    """``cpu_gemm="gemv"``: where the CPU reports AMX, ``auto`` keeps oneDNN for bf16 but "gemv"
-    is :func:`small_rows_linear` (and the planned decode layers follow it); fp32 and CUDA get
-    ``auto``'s GEMM; without the AVX512-BF16 GEMV, bf16 "gemv" is a clear error."""
+def test_bf16_takes_the_avx512_gemv_on_amx_hosts_too(monkeypatch, tiny_base):
+    """Where the CPU reports AMX, ``auto`` and ``cpu_gemm="gemv"`` both pick
+    :func:`small_rows_linear` for bf16 (measured faster than oneDNN's AMX GEMM at 1-4 rows), and
+    the planned decode layers follow it; fp32 and CUDA get ``auto``'s GEMM; without the
+    AVX512-BF16 GEMV, ``auto`` keeps oneDNN and bf16 "gemv" is a clear error."""
     import torch
 
     from adapterctl.basemodel import load_model
@@ -183,14 +184,16 @@ def test_gemv_choice_takes_the_avx512_gemv_on_amx_hosts_too(monkeypatch, tiny_ba
         pytest.skip("needs the AVX512-BF16 GEMV")
     real = cpu_build.has_cpu_flag
     monkeypatch.setattr(cpu_build, "has_cpu_flag", lambda flag: flag in ("amx_bf16", "amx_tile") or real(flag))
-    assert kernels.pick_gemm("auto", cpu, torch.bfloat16) is kernels.onednn_linear  # an AMX host's default
+    assert kernels.pick_gemm("auto", cpu, torch.bfloat16) is kernels.small_rows_linear  # an AMX host's default
     assert kernels.pick_gemm("gemv", cpu, torch.bfloat16) is kernels.small_rows_linear
     assert kernels.pick_gemm("gemv", cpu, torch.float32) is kernels.pick_gemm("auto", cpu, torch.float32)
     assert kernels.pick_gemm("gemv", torch.device("cuda"), torch.bfloat16) is kernels.torch_linear
     args = dict(max_rows=2, max_positions=32, num_slots=1, max_rank=4, lora_modules=("q_proj",))
-    runner = ModelRunner(load_model(tiny_base, "cpu", "bfloat16"), gemm="gemv", **args)
-    assert runner.gemm is kernels.small_rows_linear and runner.planned is not None
-    assert ModelRunner(load_model(tiny_base, "cpu", "bfloat16"), **args).planned is None  # auto on "AMX"
+    for gemm in ("auto", "gemv"):
+        runner = ModelRunner(load_model(tiny_base, "cpu", "bfloat16"), gemm=gemm, **args)
+        assert runner.gemm is kernels.small_rows_linear and runner.planned is not None
+    assert ModelRunner(load_model(tiny_base, "cpu", "bfloat16"), gemm="onednn", **args).planned is None
     monkeypatch.setattr(cpu_gemv, "library", lambda *a: None)
+    assert kernels.pick_gemm("auto", cpu, torch.bfloat16) is kernels.onednn_linear
     with pytest.raises(ValueError, match="AVX512-BF16"):
         kernels.pick_gemm("gemv", cpu, torch.bfloat16)
