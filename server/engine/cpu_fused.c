@@ -6,6 +6,7 @@
    costs its dispatch, not its arithmetic. These do the same arithmetic in one pass, bitwise:
    every product and sum is rounded where and in the order ATen rounds it (built without FMA
    contraction, -ffp-contract=off, and without reassociation). */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -190,3 +191,56 @@ int NAME(const T *q, long qn, long qh, const T *k, long kn, long kh, const T *v,
 }
 PREP(attention_prep_bf16, uint16_t, norm_row_bf16, rope_row_bf16)
 PREP(attention_prep_f32, float, norm_row_f32, rope_row_f32)
+
+/* idx[r] = the first maximum of x[r, 0..n) (row stride ld), as ATen's argmax: the lowest index of
+   the largest value, or of the first NaN where a row has one (+0 and -0 compare equal). Two
+   passes, eight lanes at a time: the maximum (four independent chains) and whether a NaN went by,
+   then a scan up to the first element equal to it (or the first NaN). Tracking indices in the
+   first pass instead measured slower (two blends per vector). For the LM head's slices when only
+   their argmax is read. */
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+#define FIRST_MAX(NAME, T, LOAD8, LOAD)                                                            \
+void NAME(const T *x, long rows, long ld, long n, int64_t *idx) {                                  \
+    for (long r = 0; r < rows; r++) {                                                              \
+        const T *xr = x + r * ld;                                                                  \
+        __m256 t0 = _mm256_set1_ps(-INFINITY), t1 = t0, t2 = t0, t3 = t0, n0 = _mm256_setzero_ps(), n1 = n0; \
+        long i = 0;                                                                                \
+        for (; i + 32 <= n; i += 32) { /* four independent chains (an array of them was spilled) */\
+            __m256 v0 = LOAD8(xr + i), v1 = LOAD8(xr + i + 8), v2 = LOAD8(xr + i + 16), v3 = LOAD8(xr + i + 24); \
+            t0 = _mm256_max_ps(t0, v0);                                                            \
+            t1 = _mm256_max_ps(t1, v1);                                                            \
+            t2 = _mm256_max_ps(t2, v2);                                                            \
+            t3 = _mm256_max_ps(t3, v3);                                                            \
+            n0 = _mm256_or_ps(n0, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));                            \
+            n1 = _mm256_or_ps(n1, _mm256_cmp_ps(v2, v3, _CMP_UNORD_Q));                            \
+        }                                                                                          \
+        __m256 nan = _mm256_or_ps(n0, n1);                                                         \
+        float lanes[8], m = -INFINITY;                                                             \
+        _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(t0, t1), _mm256_max_ps(t2, t3)));     \
+        for (int l = 0; l < 8; l++) m = lanes[l] > m ? lanes[l] : m;                               \
+        int has_nan = _mm256_movemask_ps(nan) != 0;                                                \
+        for (; i < n; i++) {                                                                       \
+            float v = LOAD(xr[i]);                                                                 \
+            has_nan |= v != v;                                                                     \
+            m = v > m ? v : m;                                                                     \
+        }                                                                                          \
+        const __m256 want = _mm256_set1_ps(m);                                                     \
+        long j = 0, best = -1;                                                                     \
+        for (; j + 8 <= n && best < 0; j += 8) {                                                   \
+            __m256 v = LOAD8(xr + j);                                                              \
+            int hit = _mm256_movemask_ps(has_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q)               \
+                                                 : _mm256_cmp_ps(v, want, _CMP_EQ_OQ));            \
+            if (hit) best = j + __builtin_ctz((unsigned)hit);                                      \
+        }                                                                                          \
+        for (; j < n && best < 0; j++) {                                                           \
+            float v = LOAD(xr[j]);                                                                 \
+            if (has_nan ? v != v : v == m) best = j;                                               \
+        }                                                                                          \
+        idx[r] = best < 0 ? 0 : best;                                                              \
+    }                                                                                              \
+}
+FIRST_MAX(first_max_bf16, uint16_t, load8_bf16, from_bf16)
+FIRST_MAX(first_max_f32, float, load8_f32, from_f32)

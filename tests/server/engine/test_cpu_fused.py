@@ -36,6 +36,24 @@ def test_rope_is_bitwise_hf_formula(dtype):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_first_max_is_argmax_on_strided_rows_and_refuses_the_rest(dtype):
+    """Rows that are a column slice of a wider tensor (the row stride is not the width), widths with
+    and without left-over scalars, ties, NaNs, signed zeros; a non-unit column stride is refused."""
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randint(-20, 21, (7, 1000), generator=g).to(dtype)
+    wide[1, 517], wide[1, 900] = float("nan"), float("nan")
+    wide[2, :] = -0.0
+    wide[2, 300] = 0.0
+    wide[3, 960:] = 99.0  # the maximum first seen in the left-over scalars of width 967
+    for lo, hi in ((0, 1000), (3, 967), (64, 96), (0, 5)):
+        x = wide[:, lo:hi]
+        assert torch.equal(cpu_fused.first_max(x), x.argmax(-1)), (lo, hi)
+    assert cpu_fused.first_max(wide.t()) is None
+    assert cpu_fused.first_max(wide[0]) is None
+
+
 def _gemma_norm(dim: int, dtype: torch.dtype):
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 

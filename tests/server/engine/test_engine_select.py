@@ -48,10 +48,19 @@ def test_response_format_validation():
             bad.validate()
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["c-kernel", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 8, 37])
-def test_argmax_rows_is_torch_argmax_with_ties_and_nan(rows):
+def test_argmax_rows_is_torch_argmax_with_ties_and_nan(rows, dtype, kernel, monkeypatch):
+    """Both ways argmax_rows takes on CPU: cpu_fused's C kernel (where it builds) and ATen's ops."""
+    from adapterctl.server.engine import cpu_fused
+
+    if not kernel:
+        monkeypatch.setattr(cpu_fused, "first_max", lambda x: None)
+    elif cpu_fused.library() is None:
+        pytest.skip("needs the C kernel (a C compiler and an AVX2 x86-64 CPU)")
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 8192, generator=g)
+    x = torch.randn(rows, 8192, generator=g).to(dtype)
     x[0, 5000] = x[0, 7000] = 99.0  # tie across blocks: the first wins
     if rows > 1:
         x[1, 3] = x[1, 1020] = 99.0  # tie inside a block
