@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterctl.errors import FailedPrecondition
-from adapterctl.server.engine import cpu_fused, kernels, pages
+from adapterctl.server.engine import amx_head, cpu_fused, kernels, pages
 from adapterctl.server.engine.batch import LoraBatch, current_batch, use_batch
 from adapterctl.server.engine.config import LORA_MODULE_TYPES
 from adapterctl.server.engine.decode_layer import PlannedLayers
@@ -29,7 +29,7 @@ from adapterctl.server.engine.kv import KVCache
 from adapterctl.server.engine.lora import LoraLinear, make_backend
 from adapterctl.server.engine.norms import FusedRMSNorm, fuse_norms
 from adapterctl.server.engine.packed import PackedLinear
-from adapterctl.server.engine.sampling import first_max
+from adapterctl.server.engine.sampling import first_max, merge_max
 from adapterctl.server.engine.slots import SlotBank
 
 log = logging.getLogger(__name__)
@@ -170,8 +170,11 @@ class ModelRunner:
                 lin.operand = kernels.prepare(self.gemm, lin.base.weight)
                 if kernels.plain(lin.operand) is not lin.base.weight:  # a Dual reads the original
                     originals.append(lin.base.weight)
+        # bf16 on AMX: the head's slices in amx_head's layout instead of oneDNN's (faster at 5-64 rows)
+        amx = self.dtype == torch.bfloat16 and kernels.native(self.gemm) and self.model.lm_head.bias is None
         parts = [(lo, min(lo + Forward.head_chunk, head.shape[0]),
-                  kernels.prepare(self.gemm, head[lo: lo + Forward.head_chunk]))
+                  (amx and amx_head.prepare(head[lo: lo + Forward.head_chunk]))
+                  or kernels.prepare(self.gemm, head[lo: lo + Forward.head_chunk]))
                  for lo in range(0, head.shape[0], Forward.head_chunk)]
         log.info("weights in the GEMM's layout (%d MiB of mmapped originals released)",
                  pages.release(originals) >> 20)
@@ -384,8 +387,16 @@ class Forward:
         hi = vocab if whole_head else min(lo + self.head_chunk, vocab)
         if r.head_parts is not None:  # prepared slices (each head_chunk rows, as head_at advances)
             for plo, phi, operand in r.head_parts:
-                if lo <= plo < hi:
-                    self._take(plo, r.gemm(hs, operand, None if head.bias is None else head.bias[plo:phi]))
+                if not lo <= plo < hi:
+                    continue
+                if isinstance(operand, amx_head.Part):  # (no bias)
+                    got = amx_head.first_max(hs, operand) if self.argmax_only and not r.softcap else None
+                    if got is not None:  # argmax-only rows: the slice's first maxima, no logits written
+                        self._best = merge_max(got[0], got[1] + plo, self._best)
+                    else:
+                        self._take(plo, amx_head.linear(hs, operand))
+                    continue
+                self._take(plo, r.gemm(hs, operand, None if head.bias is None else head.bias[plo:phi]))
         else:
             self._take(lo, r.gemm(hs, head.weight[lo:hi], None if head.bias is None else head.bias[lo:hi]))
         self.head_at = hi

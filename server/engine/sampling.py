@@ -54,12 +54,18 @@ def first_max(block: torch.Tensor, lo: int,
     columns). A later block wins only when strictly greater, or NaN over a number, so after the
     last block the indices are ``argmax`` of the whole rows (first maximum, NaN the maximum)."""
     idx = argmax_rows(block)
-    val = block.gather(1, idx[:, None])[:, 0]
+    return merge_max(block.gather(1, idx[:, None])[:, 0], idx + lo, best)
+
+
+def merge_max(val: torch.Tensor, idx: torch.Tensor,
+              best: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`first_max`'s step: the first maxima ``val``/``idx`` [rows] of a block of higher
+    columns than ``best``'s replace them only when strictly greater, or NaN over a number."""
     if best is None:
-        return val, idx + lo
+        return val, idx
     top, at = best
     better = (val > top) | (val.isnan() & ~top.isnan())
-    return torch.where(better, val, top), torch.where(better, idx + lo, at)
+    return torch.where(better, val, top), torch.where(better, idx, at)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
