@@ -78,10 +78,7 @@ int amx_head_bf16(const uint16_t *w, long n, long k, const uint16_t *x, long ldx
     {
         configure();
         float c[4][16][16] __attribute__((aligned(64)));
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
+        const int tid = omp_get_thread_num();
 #pragma omp for schedule(static)
         for (long p = 0; p < pairs; p++) {
             const uint16_t *wp = w + p * kc * 1024; /* [kc][2 blocks][16][16][2]: one stream */
