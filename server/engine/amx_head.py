@@ -7,7 +7,7 @@ oneDNN's prepacked bf16 GEMM runs the head on AMX too, but at 25-64 rows of Gemm
 of them, the last bf16 bit) and the same ~38-41 ms at 64. The int8 estimate of
 :mod:`greedy_head` is faster still up to 24 rows; this serves the head's slices beyond it, and
 logits for sampled rows. 1-4 rows go to the AVX512-BF16 GEMV on the plain rows instead
-(:mod:`cpu_gemv`), as :func:`kernels.small_rows_linear` sends them. Where it applies the
+(:mod:`cpu_gemv`), through :func:`kernels.small_rows_linear`. Where it applies the
 runner keeps this layout instead of oneDNN's blocked copy, so it costs no memory.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from adapterctl.server.engine import cpu_build, cpu_gemv
+from adapterctl.server.engine import cpu_build, cpu_gemv, kernels
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,11 @@ def linear(x: torch.Tensor, part: Part) -> torch.Tensor:
     """Logits bf16 [rows, n] of ``x`` bf16 [rows, k] (unit last stride): 1-4 rows through the
     AVX512-BF16 GEMV on the plain rows, more through the AMX kernel."""
     lib = library()
-    if x.shape[0] <= cpu_gemv.AVX512_BF16.max_rows or lib is None or not _usable(x, part):
-        y = cpu_gemv.linear(x, part.plain, None, cpu_gemv.AVX512_BF16)
-        return y if y is not None else torch.nn.functional.linear(x, part.plain)
-    out = torch.empty(x.shape[0], part.plain.shape[0], dtype=torch.bfloat16)
-    if _run(lib, x, part, out, None, None) != 0:
-        return torch.nn.functional.linear(x, part.plain)
-    return out
+    if x.shape[0] > cpu_gemv.AVX512_BF16.max_rows and lib is not None and _usable(x, part):
+        out = torch.empty(x.shape[0], part.plain.shape[0], dtype=torch.bfloat16)
+        if _run(lib, x, part, out, None, None) == 0:
+            return out
+    return kernels.small_rows_linear(x, part.plain)  # the GEMV's rows (oneDNN on the plain rows otherwise)
 
 
 def first_max(x: torch.Tensor, part: Part) -> tuple[torch.Tensor, torch.Tensor] | None:

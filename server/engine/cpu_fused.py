@@ -133,8 +133,8 @@ def _first_max(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
 
 def first_max(x: torch.Tensor) -> torch.Tensor | None:
     """``x.argmax(-1)`` (int64 [rows]) for CPU ``x`` [rows, n] (bf16 or fp32, unit last stride, n >= 1),
-    the same index (first maximum; a row's first NaN where it has one); else None. ~0.1 ms on 64 x
-    32768 bf16 logits, where ATen's bf16 reductions took ~0.7 (AVX2 kernels, element by element)."""
+    the same index (first maximum; a row's first NaN where it has one); else None. ~0.4 ms on 64 x
+    32768 bf16 logits on the AMX Xeon, where ATen's bf16 amax + argmax took ~0.7."""
     lib = library()
     if lib is None or x.dim() != 2 or x.dtype not in DTYPES or x.device.type != "cpu" or x.shape[1] < 1:
         return None
