@@ -8,11 +8,13 @@ of three rounds. Random weights of the model's shapes; only the config is read.
 * bf16: ``pick_gemm("auto")`` (oneDNN bf16 where the CPU has bf16 arithmetic, else
   :func:`kernels.upcast_linear`: the C GEMV of ``cpu_gemv`` up to 32 rows, upcast weight
   blocks beyond) vs ``F.linear`` in bf16; where the C GEMV runs, also vs the upcast
-  (``kernels.upcast_blocks``) on the same rows.
+  (``kernels.upcast_blocks``) on the same rows, and where that GEMV is the AVX-512 one, vs the
+  AVX2 one.
 
 Every row prints the ms and GFLOP/s of both and ``auto`` ÷ ``F.linear`` time; the LAST line
 is one JSON object: ``gemm_speedup_<dtype>_<shape>_b<rows>`` (F.linear ÷ auto time),
-``gemm_gemv_over_upcast_bf16_<shape>_b<rows>`` (upcast ÷ C GEMV time, where it runs), the
+``gemm_gemv_over_upcast_bf16_<shape>_b<rows>`` (upcast ÷ C GEMV time, where it runs),
+``gemm_avx512_over_avx2_bf16_<shape>_b<rows>`` (AVX2 ÷ AVX-512 GEMV time, where the latter runs), the
 model's step totals ``gemm_step_ms_<dtype>_b<rows>`` (every projection x layers + the head,
 auto) and the CPU (lscpu model, ISA flags). Weights are reused across repetitions, so a
 shape that fits in the caches looks faster than it runs in a step: compare kernels, not
@@ -58,17 +60,20 @@ def measure(dtype: torch.dtype, name: str, out: int, inp: int, rows: int) -> dic
     auto = pick_gemm("auto", torch.device("cpu"), dtype)
     operand = prepare(auto, w)
     reps = max(1, min(30, int(2e9 / (2 * rows * out * inp + 1e7))))  # about a second of work per call
-    gemv = auto is upcast_linear and cpu_gemv.library() is not None and cpu_gemv.supports(x, w)
+    kernel = cpu_gemv.upcast_kernel()
+    gemv = auto is upcast_linear and cpu_gemv.library(kernel) is not None and cpu_gemv.supports(x, w, None, kernel)
     fns = {"auto": lambda: auto(x, operand, None), "aten": lambda: F.linear(x, w)}
     if gemv:
         fns["upcast"] = lambda: upcast_blocks(x, w)
+        if kernel is not cpu_gemv.AVX2 and cpu_gemv.supports(x, w):
+            fns["avx2"] = lambda: cpu_gemv.linear(x, w, None, cpu_gemv.AVX2)
     times = dict.fromkeys(fns, float("inf"))
     with torch.inference_mode():
         for _ in range(ROUNDS):  # alternating, so a noisy neighbour hits each
             for key, fn in fns.items():
                 times[key] = min(times[key], _best(fn, reps))
-    kernel = "cpu_gemv" if gemv else auto.__name__ + ("" if operand is w else "+prepacked")
-    return {**{f"{key}_ms": 1e3 * t for key, t in times.items()}, "gflop": 2 * rows * out * inp / 1e9, "kernel": kernel}
+    name = f"cpu_gemv {kernel.name.split()[0]}" if gemv else auto.__name__ + ("" if operand is w else "+prepacked")
+    return {**{f"{key}_ms": 1e3 * t for key, t in times.items()}, "gflop": 2 * rows * out * inp / 1e9, "kernel": name}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
                 if "upcast_ms" in m:
                     result[f"gemm_gemv_over_upcast_{short}_{name}_b{rows}"] = m["upcast_ms"] / m["auto_ms"]
                     upcast = f"   upcast {m['upcast_ms']:9.2f} ms, upcast/auto {m['upcast_ms'] / m['auto_ms']:.2f}"
+                if "avx2_ms" in m:
+                    result[f"gemm_avx512_over_avx2_{short}_{name}_b{rows}"] = m["avx2_ms"] / m["auto_ms"]
+                    upcast += f", AVX2 GEMV/auto {m['avx2_ms'] / m['auto_ms']:.2f}"
                 print(f"{short} rows {rows:4d} {name:8s} [{out:6d} x {inp:5d}] {m['kernel']:24s} "
                       f"{m['auto_ms']:9.2f} ms ({m['gflop'] / m['auto_ms'] * 1e3:5.1f} GFLOP/s)   F.linear "
                       f"{m['aten_ms']:9.2f} ms ({m['gflop'] / m['aten_ms'] * 1e3:5.1f} GFLOP/s)   "

@@ -121,7 +121,7 @@ def _gemv_kernel(gemm: kernels.Gemm) -> cpu_gemv.Kernel | None:
     if gemm is kernels.small_rows_linear:
         return cpu_gemv.AVX512_BF16
     if gemm is kernels.upcast_linear:
-        return cpu_gemv.AVX2
+        return cpu_gemv.upcast_kernel()
     return None
 
 

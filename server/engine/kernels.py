@@ -2,17 +2,19 @@
 inductor emits for CPU linears) measured 1.3-2.4x faster than ATen's default MKL sgemm
 for decode-sized inputs on this project's AMD host, with the same fp32 accuracy
 (max |diff| ~1e-4 on Gemma logits); elsewhere (CUDA, builds without oneDNN) F.linear.
-oneDNN has no bf16 inner product on CPUs without native bf16 (AVX2-only: "could not
-create a primitive descriptor"), so ``auto`` probes the dtype once. Where it cannot run
-bf16, bf16 GEMMs of 8+ rows upcast the weight a block at a time to fp32 in a scratch
-buffer that stays in cache and use oneDNN's fp32 GEMM (:func:`upcast_blocks`: 3-4x
-faster than ATen's bf16 GEMM at 32-64 rows here, which runs row by row); up to 32 rows
-stream the bf16 weights through the AVX2 GEMV of :mod:`cpu_gemv` instead (half the bytes,
-no scratch copies: 1.1-3.3x faster than the upcast at 8-32 rows), or, without that kernel,
-fewer than 8 rows use ATen's bf16 GEMV. Where oneDNN runs bf16 natively (AVX512-BF16, with or
-without AMX), 1-4 rows go to the AVX512-BF16 GEMV of :mod:`cpu_gemv` instead (:func:`small_rows_linear`),
-which streams the weights faster than oneDNN's GEMM does at those sizes (a one-row bf16 step
-1.3x faster on Zen 4, 1.5x on an AMX Xeon, with the planned layers it enables).
+oneDNN has no bf16 inner product on AVX2-only CPUs ("could not create a primitive
+descriptor"), and on AVX-512 CPUs without AVX512-BF16/AMX it runs bf16 emulated (Dec 6, an
+Intel Xeon without them: bf16 steps 2.0-3.0x slower at 1-64 rows than the path below), so
+``auto`` takes oneDNN for bf16 only where :func:`native_bf16`. Elsewhere bf16 GEMMs of up to
+32 rows stream the bf16 weights through the C GEMV of ``cpu_gemv.upcast_kernel()`` (AVX-512F
+where the CPU has it, else AVX2: half the bytes of fp32, no scratch copies), and more rows
+upcast the weight a block at a time to fp32 in a scratch buffer that stays in cache for
+oneDNN's fp32 GEMM (:func:`upcast_blocks`: 3-4x faster than ATen's bf16 GEMM at 32-64 rows,
+which runs row by row); without a C GEMV, fewer than 8 rows use ATen's bf16 GEMV. Where oneDNN
+runs bf16 natively (AVX512-BF16, with or without AMX), 1-4 rows go to the AVX512-BF16 GEMV of
+:mod:`cpu_gemv` instead (:func:`small_rows_linear`), which streams the weights faster than
+oneDNN's GEMM does at those sizes (a one-row bf16 step 1.3x faster on Zen 4, 1.5x on an AMX
+Xeon, with the planned layers it enables).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from adapterctl.server.engine import cpu_gemv
+from adapterctl.server.engine import cpu_build, cpu_gemv, dtypes
 
 GEMMS = ("auto", "onednn", "torch", "gemv")
 Gemm = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -72,12 +74,15 @@ UPCAST_BLOCK = 1024  # weight rows upcast at a time (fp32 scratch <= 8 MiB; 512-
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in ``x.dtype`` (bf16) for CPUs without bf16 arithmetic, ``x``
-    [..., in]: up to ``cpu_gemv.AVX2.max_rows`` rows through the C GEMV (which streams the bf16
-    weights), more through :func:`upcast_blocks`; without the C kernel, fewer than
-    ``UPCAST_MIN_ROWS`` rows use ATen's bf16 GEMV."""
+    [..., in]: up to ``max_rows`` rows through the C GEMV of ``cpu_gemv.upcast_kernel()`` (AVX-512
+    or AVX2; it streams the bf16 weights), more through :func:`upcast_blocks`; without a C kernel,
+    fewer than ``UPCAST_MIN_ROWS`` rows use ATen's bf16 GEMV."""
     if x.dim() != 2:
         return upcast_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
-    y = cpu_gemv.linear(x, weight, bias)  # None beyond cpu_gemv.AVX2.max_rows, or without the kernel
+    kernel = cpu_gemv.upcast_kernel()
+    y = cpu_gemv.linear(x, weight, bias, kernel)  # None beyond its max_rows, or without it
+    if y is None and kernel is not cpu_gemv.AVX2:  # a width the AVX-512 one does not take (k % 32)
+        y = cpu_gemv.linear(x, weight, bias, cpu_gemv.AVX2)
     if y is not None:
         return y
     if x.shape[0] < UPCAST_MIN_ROWS:
@@ -153,16 +158,27 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
     return True
 
 
+def native_bf16() -> bool:
+    """Whether oneDNN runs bf16 in hardware here: it runs bf16 at all (probe) and the CPU lists
+    one of ``dtypes.BF16_CPU_FLAGS`` (AVX512-BF16, AMX). Without them oneDNN may still run bf16
+    on AVX-512, emulated, which measured 2.2x slower per one-row step than :func:`upcast_linear`."""
+    return _onednn_runs(torch.bfloat16) and any(cpu_build.has_cpu_flag(f) for f in dtypes.BF16_CPU_FLAGS)
+
+
 def pick_gemm(name: str, device: torch.device, dtype: torch.dtype) -> Gemm:
-    """The GEMM for ``name``. "auto": oneDNN on CPU when it runs in ``dtype`` (bf16 where the
-    AVX512-BF16 GEMV loads: :func:`small_rows_linear`); bf16 on a CPU
-    where only its fp32 GEMM runs, :func:`upcast_linear`; else torch (CUDA, other dtypes).
-    "gemv": :func:`small_rows_linear` for bf16 wherever oneDNN runs bf16, and a clear error where
-    the AVX512-BF16 GEMV does not load; other dtypes and devices as "auto"."""
+    """The GEMM for ``name``. "auto": oneDNN on CPU for fp32 where it runs, and for bf16 where
+    :func:`native_bf16` (:func:`small_rows_linear` where the AVX512-BF16 GEMV loads); bf16 on
+    any other CPU where oneDNN's fp32 GEMM runs, :func:`upcast_linear`; else torch (CUDA, other
+    dtypes). "onednn": oneDNN wherever it runs ``dtype``, emulated bf16 included, else an error.
+    "gemv": :func:`small_rows_linear` for bf16 with native bf16, and a clear error where the
+    AVX512-BF16 GEMV does not load; other dtypes and devices as "auto"."""
     cpu = device.type == "cpu"
-    usable = cpu and dtype in (torch.float32, torch.bfloat16) and _onednn_runs(dtype)
-    if name == "onednn" and not usable:
-        raise ValueError(f"oneDNN GEMM is not available for {device.type}/{dtype}")
+    runs = cpu and dtype in (torch.float32, torch.bfloat16) and _onednn_runs(dtype)
+    if name == "onednn":
+        if not runs:
+            raise ValueError(f"oneDNN GEMM is not available for {device.type}/{dtype}")
+        return onednn_linear
+    usable = runs and (dtype != torch.bfloat16 or native_bf16())
     if name == "gemv":
         if not (usable and dtype == torch.bfloat16):
             return pick_gemm("auto", device, dtype)
@@ -171,7 +187,7 @@ def pick_gemm(name: str, device: torch.device, dtype: torch.dtype) -> Gemm:
         return small_rows_linear
     if usable and name == "auto" and dtype == torch.bfloat16 and _small_rows_pay():
         return small_rows_linear
-    if usable and name in ("auto", "onednn"):
+    if usable and name == "auto":
         return onednn_linear
     if name == "auto" and cpu and dtype == torch.bfloat16 and _onednn_runs(torch.float32):
         return upcast_linear

@@ -48,8 +48,11 @@ def test_gemm_bench_times_the_engine_kernel_against_aten(gemma_base):
     shapes = ("qkv", "o", "gate_up", "down", "head")
     assert all(last[f"gemm_speedup_bf16_{s}_b8"] > 0 for s in shapes) and last["gemm_step_ms_bf16_b8"] > 0
     auto = pick_gemm("auto", torch.device("cpu"), torch.bfloat16)
-    gemv = auto is upcast_linear and cpu_gemv.library() is not None
+    gemv = auto is upcast_linear and cpu_gemv.library(cpu_gemv.upcast_kernel()) is not None
     probe = torch.ones(16, 16, dtype=torch.bfloat16)
-    kernel = "cpu_gemv" if gemv else auto.__name__ + ("" if prepare(auto, probe) is probe else "+prepacked")
+    prepacked = "" if prepare(auto, probe) is probe else "+prepacked"
+    kernel = f"cpu_gemv {cpu_gemv.upcast_kernel().name.split()[0]}" if gemv else auto.__name__ + prepacked
     assert all(f" {kernel} " in line for line in done.stderr.splitlines() if line.startswith("bf16 rows"))
     assert all((f"gemm_gemv_over_upcast_bf16_{s}_b8" in last) == gemv for s in shapes)
+    avx512 = gemv and cpu_gemv.upcast_kernel() is cpu_gemv.AVX512
+    assert all((f"gemm_avx512_over_avx2_bf16_{s}_b8" in last) == avx512 for s in shapes)

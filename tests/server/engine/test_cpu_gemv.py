@@ -1,6 +1,7 @@
-"""The bf16 GEMVs (server/engine/gemv_bf16.c, AVX2, and gemv_bf16_avx512.c, AVX512-BF16, through
-cpu_gemv.py): built once per machine, correct to one bf16 ulp against exact arithmetic for every
-row count, and refused (None) for what they do not handle so callers fall back to ATen/oneDNN."""
+"""The bf16 GEMVs (server/engine/gemv_bf16.c, AVX2, gemv_bf16_avx512f.c, AVX-512F, and
+gemv_bf16_avx512.c, AVX512-BF16, through cpu_gemv.py): built once per machine, correct to one
+bf16 ulp against exact arithmetic for every row count, and refused (None) for what they do not
+handle so callers fall back to ATen/oneDNN."""
 from __future__ import annotations
 
 import shutil
@@ -13,7 +14,8 @@ from adapterctl.server.engine import cpu_build, cpu_gemv
 BUILDS_HERE = cpu_build.avx2_host() and shutil.which("cc") is not None
 
 
-KERNELS = [pytest.param(cpu_gemv.AVX2, id="avx2"), pytest.param(cpu_gemv.AVX512_BF16, id="avx512_bf16")]
+KERNELS = [pytest.param(cpu_gemv.AVX2, id="avx2"), pytest.param(cpu_gemv.AVX512, id="avx512"),
+           pytest.param(cpu_gemv.AVX512_BF16, id="avx512_bf16")]
 
 
 def _lib(kernel=cpu_gemv.AVX2):
@@ -90,6 +92,18 @@ def test_inf_and_nan_propagate(kernel):
     assert y[0, 0].item() == k and y[0, 1].item() == float("inf") and y[0, 2].isnan() and y[0, 3].item() == k
 
 
+def test_upcast_takes_the_avx512_gemv_where_it_loads_else_the_avx2_one(monkeypatch):
+    """``kernels.upcast_linear`` and its planned layers use :func:`cpu_gemv.upcast_kernel`: the
+    AVX-512F GEMV on CPUs with avx512f (twice the FMA width), the AVX2 one where it does not load."""
+    _lib()
+    want = cpu_gemv.AVX512 if cpu_build.has_cpu_flag("avx512f") else cpu_gemv.AVX2
+    assert cpu_gemv.upcast_kernel() is want
+    assert (cpu_gemv.library(cpu_gemv.AVX512) is not None) == (want is cpu_gemv.AVX512)
+    real = cpu_gemv.library
+    monkeypatch.setattr(cpu_gemv, "library", lambda kernel=None: None if kernel == cpu_gemv.AVX512 else real(kernel))
+    assert cpu_gemv.upcast_kernel() is cpu_gemv.AVX2
+
+
 def test_it_runs_on_torchs_openmp_runtime():
     """Loading the kernel adds no OpenMP runtime of its own (two pools would fight for the
     cores): its ``libgomp.so.1`` resolves to the one torch loaded. In a fresh interpreter, since
@@ -144,9 +158,9 @@ def test_every_kernel_builds_for_the_image(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ADAPTERCTL_KERNEL_CACHE", str(tmp_path / "k"))
     cpu_build.main()
     built = {p.name.rsplit("-", 1)[0] for p in (tmp_path / "k").iterdir()}
-    assert built == {"gemv_bf16", "gemv_bf16_avx512", "cpu_fused", "gemv_i8", "gemv_i8_amx", "gemv_i8_vnni",
-                     "decode_layer", "lora_cpu", "amx_head"}
-    assert len(capsys.readouterr().out.split()) == 9
+    assert built == {"gemv_bf16", "gemv_bf16_avx512f", "gemv_bf16_avx512", "cpu_fused", "gemv_i8", "gemv_i8_amx",
+                     "gemv_i8_vnni", "decode_layer", "lora_cpu", "amx_head"}
+    assert len(capsys.readouterr().out.split()) == 10
 
 
 def test_a_changed_header_rebuilds(tmp_path, monkeypatch):

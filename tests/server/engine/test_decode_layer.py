@@ -62,18 +62,18 @@ def test_a_planned_layer_writes_the_python_paths_kv_and_stays_as_close_to_fp32(t
     """Teacher-forced decode of both rows for 12 steps: every step's K/V of layer 0 (its inputs
     are the same) is bitwise the Python path's, and the planned logits are no further from fp32
     arithmetic on the same bf16 weights than the Python path's (attention and GELU in C). With
-    ``auto``'s GEMM here, and with ``kernels.upcast_linear`` (the AVX2 GEMV's, which hosts without
-    native bf16 pick) forced."""
+    ``auto``'s GEMM here, and with ``kernels.upcast_linear`` (the AVX-512 or AVX2 GEMV's, which
+    hosts without native bf16 pick) forced."""
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine import cpu_gemv, kernels, runner
 
     if gemm == "upcast":
-        if cpu_gemv.library(cpu_gemv.AVX2) is None:
+        if cpu_gemv.library(cpu_gemv.upcast_kernel()) is None:
             pytest.skip("no AVX2 bf16 GEMV here")
         monkeypatch.setattr(runner, "pick_gemm", lambda *a: kernels.upcast_linear)
     planned, python = _runner(tiny_base), _runner(tiny_base, planned_layers=False)
     if gemm == "upcast":
-        assert planned.planned.max_rows == min(cpu_gemv.AVX2.max_rows, 256 // planned.num_heads)
+        assert planned.planned.max_rows == min(cpu_gemv.upcast_kernel().max_rows, 256 // planned.num_heads)
     monkeypatch.undo()  # the fp32 reference keeps its own GEMM
     # fp32 arithmetic on the same bf16-rounded weights
     ref = _runner(tiny_base, dtype="float32", model=load_model(tiny_base, "cpu", "bfloat16").float())

@@ -95,8 +95,8 @@ def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
 
 
 def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch):
-    """On a CPU whose oneDNN has no bf16 GEMM, ``auto`` picks :func:`upcast_linear` for bf16:
-    up to ``cpu_gemv.AVX2.max_rows`` rows go to the AVX2 GEMV where it loads; more rows multiply the
+    """On a CPU without native bf16 (:func:`kernels.native_bf16`), ``auto`` picks :func:`upcast_linear` for bf16:
+    up to ``max_rows`` rows go to the C GEMV (AVX-512 or AVX2) where it loads; more rows multiply the
     bf16 values in fp32 (bf16 x bf16 products are exact there), block by block over every
     output column, and round once to bf16; without the GEMV, fewer than 8 rows use ATen's."""
     import torch
@@ -105,12 +105,13 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
     from adapterctl.server.engine import kernels
 
     native = kernels.small_rows_linear if kernels._small_rows_pay() else kernels.onednn_linear
-    want = native if kernels._onednn_runs(torch.bfloat16) else kernels.upcast_linear
+    want = native if kernels.native_bf16() else kernels.upcast_linear
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is want
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is kernels.onednn_linear
     monkeypatch.setattr(kernels, "UPCAST_BLOCK", 4)  # 11 output rows: blocks of 4, 4 and 3
     # so that 9 and 15 rows take the upcast path
-    monkeypatch.setattr(kernels.cpu_gemv, "AVX2", kernels.cpu_gemv.AVX2._replace(max_rows=2))
+    for name in ("AVX2", "AVX512"):
+        monkeypatch.setattr(kernels.cpu_gemv, name, getattr(kernels.cpu_gemv, name)._replace(max_rows=2))
     torch.manual_seed(0)
     w, b = torch.randn(11, 48).bfloat16(), torch.randn(11).bfloat16()
     for shape in ((9, 48), (3, 5, 48)):  # 9 and 15 rows: upcast path
@@ -123,9 +124,39 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
         assert (y.float() == exact.bfloat16().float()).float().mean() > 0.9  # mostly the correctly rounded value
     for rows in (2, kernels.UPCAST_MIN_ROWS - 1):  # the C GEMV where it applies, else ATen's
         few = torch.randn(rows, 48).bfloat16()
-        gemv = kernels.cpu_gemv.linear(few, w, b)
+        gemv = kernels.cpu_gemv.linear(few, w, b)  # k = 48: the AVX2 GEMV's width, not the AVX-512 one's
+        assert kernels.cpu_gemv.linear(few, w, b, kernels.cpu_gemv.AVX512) is None
         assert (gemv is None) == (rows > 2 or kernels.cpu_gemv.library() is None)
         assert torch.equal(kernels.upcast_linear(few, w, b), F.linear(few, w, b) if gemv is None else gemv)
+
+
+def test_bf16_without_avx512_bf16_or_amx_upcasts_even_where_onednn_emulates_it(monkeypatch):
+    """A CPU that lists neither avx512_bf16 nor amx_bf16 gets :func:`upcast_linear` for bf16 from
+    ``auto`` and ``gemv`` even where oneDNN runs bf16 (emulated on AVX-512: a one-row step measured
+    2.2x slower); an explicit "onednn" still runs it, and fp32 keeps oneDNN. With either flag,
+    ``auto`` is oneDNN's (or the small-rows GEMV's)."""
+    import torch
+
+    from adapterctl.server.engine import cpu_build, dtypes, kernels
+
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    real = cpu_build.has_cpu_flag
+    monkeypatch.setattr(kernels, "_onednn_runs", lambda dtype: True)  # as on an AVX-512 host
+    monkeypatch.setattr(cpu_build, "has_cpu_flag", lambda flag: flag not in dtypes.BF16_CPU_FLAGS and real(flag))
+    assert not kernels.native_bf16()
+    assert kernels.pick_gemm("auto", cpu, bf16) is kernels.upcast_linear
+    assert kernels.pick_gemm("gemv", cpu, bf16) is kernels.upcast_linear
+    assert kernels.pick_gemm("onednn", cpu, bf16) is kernels.onednn_linear
+    assert kernels.pick_gemm("auto", cpu, torch.float32) is kernels.onednn_linear
+    monkeypatch.setattr(kernels, "_small_rows_pay", lambda: False)
+    for flag in dtypes.BF16_CPU_FLAGS:
+        monkeypatch.setattr(cpu_build, "has_cpu_flag", lambda f, flag=flag: f == flag)
+        assert kernels.native_bf16()
+        assert kernels.pick_gemm("auto", cpu, bf16) is kernels.onednn_linear
+    monkeypatch.setattr(kernels, "_onednn_runs", lambda dtype: dtype == torch.float32)  # AVX2: no bf16 at all
+    assert not kernels.native_bf16() and kernels.pick_gemm("auto", cpu, bf16) is kernels.upcast_linear
+    with pytest.raises(ValueError, match="oneDNN"):
+        kernels.pick_gemm("onednn", cpu, bf16)
 
 
 def test_native_bf16_small_rows_take_the_avx512_gemv_and_more_rows_onednn():
@@ -137,7 +168,7 @@ def test_native_bf16_small_rows_take_the_avx512_gemv_and_more_rows_onednn():
 
     from adapterctl.server.engine import cpu_gemv, kernels
 
-    if not (kernels._onednn_runs(torch.bfloat16) and kernels._small_rows_pay()):
+    if not (kernels.native_bf16() and kernels._small_rows_pay()):
         assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is not kernels.small_rows_linear
         pytest.skip("needs native bf16 oneDNN with AVX512-BF16 and no AMX")
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is kernels.small_rows_linear
@@ -175,7 +206,7 @@ def test_bf16_takes_the_avx512_gemv_on_amx_hosts_too(monkeypatch, tiny_base):
     from adapterctl.server.engine.runner import ModelRunner
 
     cpu = torch.device("cpu")
-    if not kernels._onednn_runs(torch.bfloat16):  # no native bf16: "gemv" is auto's upcast
+    if not kernels.native_bf16():  # no native bf16: "gemv" is auto's upcast
         assert kernels.pick_gemm("gemv", cpu, torch.bfloat16) is kernels.pick_gemm("auto", cpu, torch.bfloat16)
         pytest.skip("needs native bf16 oneDNN")
     if cpu_gemv.library(cpu_gemv.AVX512_BF16) is None:

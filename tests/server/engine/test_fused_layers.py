@@ -260,7 +260,7 @@ def test_small_rows_gemv_step_keeps_the_packs_plain_and_matches_onednn(tiny_base
     bf16-close to oneDNN's everywhere."""
     from adapterctl.server.engine import kernels
 
-    if not (kernels._onednn_runs(torch.bfloat16) and kernels._small_rows_pay()):
+    if not (kernels.native_bf16() and kernels._small_rows_pay()):
         pytest.skip("needs native bf16 oneDNN with AVX512-BF16 and no AMX")
     runner, got = _step_logits(tiny_base, 2, True, dtype="bfloat16")
     assert runner.gemm is kernels.small_rows_linear
