@@ -9,7 +9,11 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 * ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
   MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV;
 * ``onednn``: the same step with every GEMM through oneDNN (``cpu_gemm="onednn"``), against
-  ``auto``'s choice (bf16 on AVX512-BF16, AMX or not: the AVX512-BF16 GEMV at 1-4 rows);
+  ``auto``'s choice (bf16 on AVX512-BF16, AMX or not: the AVX512-BF16 GEMV at 1-4 rows; on
+  other CPUs, where oneDNN may emulate bf16, ``upcast_linear``);
+* ``fp32``: the same step in fp32 (``--dtype float32``'s path) against bf16 (``--dtype bfloat16``
+  only): what bf16 buys on this CPU, which ``--dtype auto`` decides from its flags; the logits'
+  largest difference is then bf16's error;
 * ``aten_ops``: the same step with norms and RoPE in ATen ops (``fused_ops=False``), against one
   C call each (``cpu_fused``);
 * ``unplanned``: the same step with every layer through the Python path (``cpu_planned_layers=False``),
@@ -24,7 +28,7 @@ weights in both runners) instead of the base model.
 
 Prints per row count the median step time of each, ``step_fused_speedup_b<rows>``,
 ``step_prepack_speedup_b<rows>``, ``step_gemm_speedup_b<rows>``, ``step_gemv_speedup_b<rows>``,
-``step_ops_speedup_b<rows>``, ``step_plan_speedup_b<rows>`` or
+``step_ops_speedup_b<rows>``, ``step_plan_speedup_b<rows>``, ``step_dtype_speedup_b<rows>`` or
 ``step_head_speedup_b<rows>``
 (baseline ÷ engine), whether
 the logits of every step were bit-identical and their largest difference; the LAST line is one JSON object of those.
@@ -91,11 +95,13 @@ def _step(runner, rows: int, pos: int, whole_head: bool, argmax_only: bool = Fal
 def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused", lora: bool = False
             ) -> dict[str, Any]:
     unpacked, aten_ops = baseline == "unpacked", baseline == "aten_ops"
-    full_head, unplanned = baseline == "full_head", baseline == "unplanned"
+    full_head, unplanned, fp32 = baseline == "full_head", baseline == "unplanned", baseline == "fp32"
+    if fp32 and dtype != "bfloat16":
+        raise SystemExit("--baseline fp32 times fp32 against --dtype bfloat16")
     gemm = baseline if baseline in ("torch", "onednn") else "auto"
     # baselines that keep the engine's fused layers
-    same_layers = unpacked or gemm != "auto" or aten_ops or full_head or unplanned
-    unfused = _runner(base, dtype, rows, same_layers, prepack=not unpacked, gemm=gemm,
+    same_layers = unpacked or gemm != "auto" or aten_ops or full_head or unplanned or fp32
+    unfused = _runner(base, "float32" if fp32 else dtype, rows, same_layers, prepack=not unpacked, gemm=gemm,
                       fused_ops=not aten_ops, greedy_head=not full_head, planned=not unplanned)
     # against ATen's ops the engine keeps ATen's attention and GELU too (the bitwise check of the C ops)
     fused = _runner(base, dtype, rows, True, planned=not aten_ops)
@@ -122,7 +128,7 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused", 
             t_new.append(b)
     old, new = statistics.median(t_old), statistics.median(t_new)
     name = {"unpacked": "prepack", "torch": "gemm", "onednn": "gemv", "aten_ops": "ops", "unplanned": "plan",
-            "full_head": "head"}.get(baseline, "fused")
+            "full_head": "head", "fp32": "dtype"}.get(baseline, "fused")
     out = {f"step_ms_{baseline}_b{rows}": 1e3 * old, f"step_ms_engine_b{rows}": 1e3 * new,
            f"step_{name}_speedup_b{rows}": old / new, f"logits_identical_b{rows}": identical,
            f"logits_max_diff_b{rows}": diff}
@@ -146,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", default="1,64", help="comma-separated row counts")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per row count")
     parser.add_argument("--baseline", default="unfused",
-                        choices=("unfused", "unpacked", "torch", "onednn", "aten_ops", "unplanned", "full_head"))
+                        choices=("unfused", "unpacked", "torch", "onednn", "fp32", "aten_ops", "unplanned",
+                                 "full_head"))
     parser.add_argument("--lora", action="store_true", help="each row through its own rank-16 q/v adapter")
     args = parser.parse_args(argv)
     base = base_model()
