@@ -161,7 +161,8 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
 def native_bf16() -> bool:
     """Whether oneDNN runs bf16 in hardware here: it runs bf16 at all (probe) and the CPU lists
     one of ``dtypes.BF16_CPU_FLAGS`` (AVX512-BF16, AMX). Without them oneDNN may still run bf16
-    on AVX-512, emulated, which measured 2.2x slower per one-row step than :func:`upcast_linear`."""
+    on AVX-512, emulated: whole bf16 steps measured 2.0-3.0x slower (1-64 rows) than with
+    :func:`upcast_linear` and the AVX-512 GEMV."""
     return _onednn_runs(torch.bfloat16) and any(cpu_build.has_cpu_flag(f) for f in dtypes.BF16_CPU_FLAGS)
 
 

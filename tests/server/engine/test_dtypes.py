@@ -132,8 +132,8 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
 
 def test_bf16_without_avx512_bf16_or_amx_upcasts_even_where_onednn_emulates_it(monkeypatch):
     """A CPU that lists neither avx512_bf16 nor amx_bf16 gets :func:`upcast_linear` for bf16 from
-    ``auto`` and ``gemv`` even where oneDNN runs bf16 (emulated on AVX-512: a one-row step measured
-    2.2x slower); an explicit "onednn" still runs it, and fp32 keeps oneDNN. With either flag,
+    ``auto`` and ``gemv`` even where oneDNN runs bf16 (emulated on AVX-512: whole steps measured
+    2.0-3.0x slower); an explicit "onednn" still runs it, and fp32 keeps oneDNN. With either flag,
     ``auto`` is oneDNN's (or the small-rows GEMV's)."""
     import torch
 

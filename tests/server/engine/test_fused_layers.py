@@ -207,7 +207,7 @@ def test_prepared_weights_are_exact_from_8_rows_and_keep_the_plain_fallback():
     w, b = torch.randn(96, 48), torch.randn(96)
     assert kernels.prepare(torch_linear, w) is w
     wb = w.bfloat16()
-    if kernels._reorder_runs(torch.bfloat16):  # oneDNN runs bf16 natively (AVX512-BF16 / AMX)
+    if kernels._reorder_runs(torch.bfloat16):  # oneDNN runs bf16 (natively, or emulated on AVX-512)
         xb = torch.randn(5, 48).bfloat16()
         packed = kernels.prepare(kernels.onednn_linear, wb)
         assert packed is not wb and packed.is_mkldnn
