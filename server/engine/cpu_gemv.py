@@ -13,9 +13,10 @@ for oneDNN (kernels.upcast_blocks), which pays for the fp32 copies; beyond, oneD
 ``AVX512``, the same arithmetic for CPUs with AVX-512F but no bf16 arithmetic (:func:`upcast_kernel`
 takes it over ``AVX2`` where it loads): twice the FMA width, and each thread runs every group of
 four x rows over an L2-sized block of weight rows, so the weights stream from memory once per call.
-On an Intel Xeon without AVX512-BF16 (Dec 6, ``bench.gemm_bench``): 1.3-3.3x faster than the AVX2
-kernel on Gemma 3 270M's projections and head at 8-32 rows (1.0-2.1x at 1-4), 1.2-1.6x faster than
-the upcast at 32 rows; at 64 rows the two were even (0.7-1.07), so it stops at 32 too.
+On an Intel Xeon without AVX512-BF16 (Dec 6, ``bench.gemm_bench``, Gemma 3 270M's shapes): against
+the AVX2 kernel 1.4-1.7x on the layer projections at 32 rows, 2.1-3.3x on the LM head at 8-32 rows
+(0.88-2.1x across shapes at 1-16 rows); 1.2-1.6x faster than the upcast at 32 rows; at 64 rows
+the two were even (0.7-1.07), so it stops at 32 too.
 
 ``AVX512_BF16``, for CPUs with native bf16 dot products, AMX or not (kernels.small_rows_linear):
 oneDNN's prepacked bf16 GEMM streams the layer weights at ~25-35 GB/s at 1-4 rows on a 2-core
