@@ -83,10 +83,12 @@ def library(kernel: Kernel | None = None) -> ctypes.CDLL | None:
     return lib
 
 
-def upcast_kernel() -> Kernel:
+def upcast_kernel(*widths: int) -> Kernel:
     """The GEMV for bf16 on CPUs without bf16 arithmetic (``kernels.upcast_linear`` and its planned
-    layers): :data:`AVX512` where it loads, else :data:`AVX2`."""
-    return AVX512 if library(AVX512) is not None else AVX2
+    layers): :data:`AVX512` where it loads and takes every input width in ``widths`` (a multiple of
+    its ``k_multiple``), else :data:`AVX2`."""
+    fits = all(k % AVX512.k_multiple == 0 for k in widths)
+    return AVX512 if fits and library(AVX512) is not None else AVX2
 
 
 def _probe(lib: ctypes.CDLL, kernel: Kernel) -> bool:

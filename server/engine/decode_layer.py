@@ -116,12 +116,12 @@ def _gelu_agreement(lib: ctypes.CDLL) -> float:
     return float((gelu_mul(lib, gate_up) == want).float().mean())
 
 
-def _gemv_kernel(gemm: kernels.Gemm) -> cpu_gemv.Kernel | None:
-    """The C GEMV ``gemm`` sends small bf16 row counts to, or None."""
+def _gemv_kernel(gemm: kernels.Gemm, widths: tuple[int, ...]) -> cpu_gemv.Kernel | None:
+    """The C GEMV ``gemm`` sends small bf16 row counts of these input widths to, or None."""
     if gemm is kernels.small_rows_linear:
         return cpu_gemv.AVX512_BF16
     if gemm is kernels.upcast_linear:
-        return cpu_gemv.upcast_kernel()
+        return cpu_gemv.upcast_kernel(*widths)
     return None
 
 
@@ -157,16 +157,16 @@ class PlannedLayers:
     @classmethod
     def build(cls, runner: "ModelRunner") -> "PlannedLayers | None":
         """The runner's layers planned, or None where this does not apply (see the module docstring)."""
-        kernel = _gemv_kernel(runner.gemm)
         cfg, bank = runner.config, runner.bank
+        hidden, heads, kvh, d = cfg.hidden_size, runner.num_heads, runner.kv_heads, runner.head_dim
+        inter = cfg.intermediate_size
+        kernel = _gemv_kernel(runner.gemm, (hidden, heads * d, inter))
         if (kernel is None or runner.dtype != torch.bfloat16 or runner.device.type != "cpu" or not runner.sandwich
                 or getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh" or bank.max_rank > lora_cpu.MAX_RANK):
             return None
         lib, gemv, fused, lora_lib = library(), cpu_gemv.library(kernel), cpu_fused.library(), lora_cpu.library()
         if lib is None or gemv is None or fused is None or lora_lib is None:
             return None
-        hidden, heads, kvh, d = cfg.hidden_size, runner.num_heads, runner.kv_heads, runner.head_dim
-        inter = cfg.intermediate_size
         if any(k % kernel.k_multiple or k > lora_cpu.MAX_IN for k in (hidden, heads * d, inter)) or heads % kvh:
             return None  # (the LoRA kernel takes inputs of a multiple of 8 up to MAX_IN; k_multiple is 16 or 32)
         keep: list[torch.Tensor] = [bank.scale]

@@ -74,15 +74,12 @@ UPCAST_BLOCK = 1024  # weight rows upcast at a time (fp32 scratch <= 8 MiB; 512-
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` in ``x.dtype`` (bf16) for CPUs without bf16 arithmetic, ``x``
-    [..., in]: up to ``max_rows`` rows through the C GEMV of ``cpu_gemv.upcast_kernel()`` (AVX-512
+    [..., in]: up to ``max_rows`` rows through the C GEMV of ``cpu_gemv.upcast_kernel(in)`` (AVX-512
     or AVX2; it streams the bf16 weights), more through :func:`upcast_blocks`; without a C kernel,
     fewer than ``UPCAST_MIN_ROWS`` rows use ATen's bf16 GEMV."""
     if x.dim() != 2:
         return upcast_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
-    kernel = cpu_gemv.upcast_kernel()
-    y = cpu_gemv.linear(x, weight, bias, kernel)  # None beyond its max_rows, or without it
-    if y is None and kernel is not cpu_gemv.AVX2:  # a width the AVX-512 one does not take (k % 32)
-        y = cpu_gemv.linear(x, weight, bias, cpu_gemv.AVX2)
+    y = cpu_gemv.linear(x, weight, bias, cpu_gemv.upcast_kernel(x.shape[1]))  # None beyond max_rows, or none here
     if y is not None:
         return y
     if x.shape[0] < UPCAST_MIN_ROWS:

@@ -94,10 +94,12 @@ def test_inf_and_nan_propagate(kernel):
 
 def test_upcast_takes_the_avx512_gemv_where_it_loads_else_the_avx2_one(monkeypatch):
     """``kernels.upcast_linear`` and its planned layers use :func:`cpu_gemv.upcast_kernel`: the
-    AVX-512F GEMV on CPUs with avx512f (twice the FMA width), the AVX2 one where it does not load."""
+    AVX-512F GEMV on CPUs with avx512f (twice the FMA width), the AVX2 one where it does not load
+    or for input widths that are not a multiple of 32."""
     _lib()
     want = cpu_gemv.AVX512 if cpu_build.has_cpu_flag("avx512f") else cpu_gemv.AVX2
-    assert cpu_gemv.upcast_kernel() is want
+    assert cpu_gemv.upcast_kernel() is cpu_gemv.upcast_kernel(640, 2048) is want
+    assert cpu_gemv.upcast_kernel(640, 48) is cpu_gemv.AVX2  # a width the AVX-512 kernel does not take
     assert (cpu_gemv.library(cpu_gemv.AVX512) is not None) == (want is cpu_gemv.AVX512)
     real = cpu_gemv.library
     monkeypatch.setattr(cpu_gemv, "library", lambda kernel=None: None if kernel == cpu_gemv.AVX512 else real(kernel))

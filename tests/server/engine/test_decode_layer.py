@@ -68,7 +68,7 @@ def test_a_planned_layer_writes_the_python_paths_kv_and_stays_as_close_to_fp32(t
     from adapterctl.server.engine import cpu_gemv, kernels, runner
 
     if gemm == "upcast":
-        if cpu_gemv.library(cpu_gemv.upcast_kernel()) is None:
+        if cpu_gemv.library(cpu_gemv.AVX2) is None:
             pytest.skip("no AVX2 bf16 GEMV here")
         monkeypatch.setattr(runner, "pick_gemm", lambda *a: kernels.upcast_linear)
     planned, python = _runner(tiny_base), _runner(tiny_base, planned_layers=False)
