@@ -295,19 +295,16 @@ class BatchingEngine:
         policy = self.scheduler.policy
         decoding = all(len(c.tokens) == 1 for _, c in plan)
         outside = bool(self._prefill_outside(plan))  # recomputed only after serving newcomers
-        newcomers = outside or self.scheduler.has_arrivals
-        while fwd.step(whole_head=not newcomers):
-            if self._stopping.is_set():
-                break
+        # a decode step's greedy head stops between its slices for a newcomer (it would interleave)
+        interrupt = (lambda: self.scheduler.has_arrivals) if top and decoding else None
+        while not self._stopping.is_set():  # the policy is asked before every piece, the first included
             newcomers = outside or self.scheduler.has_arrivals
             piece = Piece(top=top, decoding=decoding, in_layers=fwd.in_layers, progress=fwd.progress, budget=budget,
                           newcomers=newcomers)
             action = policy.between_pieces(piece)
-            if action is Action.CONTINUE:
-                continue
             if action is Action.INTERLEAVE:
                 budget -= self._interleave(plan, budget, held)
-            else:  # MERGE
+            elif action is Action.MERGE:
                 extra = self._admit_prefills(plan, budget)
                 if extra:
                     joining = self.runner.start([c for _, c in extra], full_logits=full)
@@ -316,8 +313,11 @@ class BatchingEngine:
                     by_chunk = {id(c): (seq, c) for seq, c in plan + extra}
                     plan = [by_chunk[id(c)] for c in fwd.chunks]  # the forward's new order
                     budget -= sum(len(c.tokens) for _, c in extra)
-            outside = bool(self._prefill_outside(plan))
-            newcomers = outside or self.scheduler.has_arrivals
+            if action is not Action.CONTINUE:
+                outside = bool(self._prefill_outside(plan))
+                newcomers = outside or self.scheduler.has_arrivals
+            if not fwd.step(whole_head=not newcomers, interrupt=interrupt):
+                return plan, fwd
         while fwd.step(whole_head=True):  # only when stopping: finish without serving newcomers
             pass
         return plan, fwd

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -336,10 +336,13 @@ class Forward:
         return self.hs is None
 
     @torch.inference_mode()
-    def step(self, whole_head: bool = False) -> bool:
+    def step(self, whole_head: bool = False, interrupt: Callable[[], bool] | None = None) -> bool:
         """Advance one piece; False once ``logits`` (or, for argmax-only rows, ``tokens``) is
         ready. ``whole_head``: the rest of the LM head in one GEMM (no newcomer waits; one 262k-row
-        GEMV measured ~25 % faster at one row than eight slices copied into place)."""
+        GEMV measured ~25 % faster at one row than eight slices copied into place). The greedy
+        head's estimate runs in slices anyway: with ``whole_head`` it still stops after a slice
+        once ``interrupt()`` is true (a newcomer arrived meanwhile), so that one need not wait for
+        the rest of the head."""
         r = self.r
         if self.layer < len(r.layers):
             i = self.layer
@@ -353,9 +356,9 @@ class Forward:
             if self.hs.shape[0] == 0:
                 self.logits = self.hs.new_empty(0, r.config.vocab_size)
             return self.hs.shape[0] > 0
-        return self._head_piece(whole_head)
+        return self._head_piece(whole_head, interrupt)
 
-    def _head_piece(self, whole_head: bool) -> bool:
+    def _head_piece(self, whole_head: bool, interrupt: Callable[[], bool] | None = None) -> bool:
         """One piece of the LM head (the rest of it with ``whole_head``); False once done. Rows
         that only need their argmax take the greedy head's tokens where it applies, else each
         slice is reduced to its first maximum as it is computed (the full [rows, vocab] logits are
@@ -372,8 +375,8 @@ class Forward:
             self._greedy = r.greedy_head.pieces(hs, self.head_chunk) if takes else False  # type: ignore[union-attr]
         if self._greedy:
             got = next(self._greedy)
-            while got is False and whole_head:  # a slice of the estimate done; nobody waits
-                got = next(self._greedy)
+            while got is False and whole_head and not (interrupt is not None and interrupt()):
+                got = next(self._greedy)  # a slice of the estimate done; nobody waits
             if got is False:
                 return True  # newcomers may be served before the next slice
             self._greedy = False

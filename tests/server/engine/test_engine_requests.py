@@ -207,6 +207,55 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
     assert after == [first_after_arrival]
 
 
+def test_a_request_arriving_during_the_greedy_head_is_served_before_the_rest_of_it(run, make_engine, collect,
+                                                                                   request_for):
+    """Interleave mode: a request that arrives while a decode step runs its greedy LM head (an
+    estimate in vocabulary slices, started "whole" since nobody waited) is prefilled after the
+    current slice, so its first token comes before the running row's token of that step."""
+    import threading
+
+    engine = make_engine(None, prefill_mode="interleave")
+    head = engine.runner.greedy_head
+    assert head is not None  # the tiny model's head has Gemma's 262k rows: eight slices
+    order: list[str] = []
+    append, submit, pieces = engine._append, engine.scheduler.submit, head.pieces
+    arrived, armed = threading.Event(), threading.Event()
+
+    def record(seq, token, *args, **kwargs):
+        order.append(seq.request.request_id)
+        return append(seq, token, *args, **kwargs)
+
+    def submit_and_signal(seq):
+        submit(seq)
+        arrived.set()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        new: asyncio.Future = loop.create_future()
+
+        def slow_pieces(hs, chunk):
+            run_ = pieces(hs, chunk)
+            got = next(run_)  # the estimate's first slice
+            if armed.is_set():  # "long"'s decode step: the new request arrives now
+                armed.clear()
+                loop.call_soon_threadsafe(lambda: new.set_result(asyncio.ensure_future(
+                    collect(engine, request_for(PROMPT, 2, rid="new")))))
+                assert arrived.wait(30)
+                order.append("<arrived>")
+            yield got
+            yield from run_
+
+        engine._append, engine.scheduler.submit, head.pieces = record, submit_and_signal, slow_pieces
+        long = engine.generate(request_for(PROMPT, 50, rid="long"))
+        await long.__anext__()
+        armed.set()
+        await (await new)
+        await long.aclose()
+
+    run(scenario())
+    assert order[order.index("<arrived>") + 1] == "new"
+
+
 @pytest.mark.parametrize("mode,merge_until,after", [
     ("interleave", 1.0, ["a", "b"]),  # merged after "a"'s last layer: one LM-head pass for both
     ("interleave", 0.4, ["a"]),  # "a" is past 40 % of its layers: "b" waits for its own forward
