@@ -4,6 +4,7 @@ and refusals of adapters the slots cannot hold."""
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -164,22 +165,36 @@ def test_dora_and_modules_to_save_are_failed_precondition(feature, kwargs, run, 
         run(engine.generate(request_for(PROMPT, 4, feature)).__anext__())
 
 
+def _mid_forward_arrival(engine):
+    """Let a hook on the decode thread submit a request mid-forward: returns ``arrive(loop, into,
+    start, rid)``, which runs ``start()`` (a coroutine submitting request ``rid``) as a task on
+    ``loop``, gives that task to the future ``into`` and blocks until ``rid`` is queued."""
+    queued: dict[str, threading.Event] = {}
+    submit = engine.scheduler.submit
+
+    def submit_and_signal(seq):
+        submit(seq)
+        queued.setdefault(seq.request.request_id, threading.Event()).set()
+
+    def arrive(loop, into: asyncio.Future, start, rid: str) -> None:
+        event = queued.setdefault(rid, threading.Event())
+        loop.call_soon_threadsafe(lambda: into.set_result(asyncio.ensure_future(start())))
+        assert event.wait(30)
+
+    engine.scheduler.submit = submit_and_signal
+    return arrive
+
+
 @pytest.mark.parametrize("mode,first_after_arrival", [("interleave", "new"), ("separate", "long")])
 def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_after_arrival, run, make_engine,
                                                                   collect, request_for):
     """A request arriving mid-step is prefilled between that step's layers ("interleave"),
     so its first token comes before the running rows' token of that step."""
-    import threading
-
     engine = make_engine(None, prefill_mode=mode)
     sampled: list[list[str]] = []
     engine.logits_hook = lambda seqs, _: sampled.append(sorted(s.request.request_id for s in seqs))
-    arrived, armed = threading.Event(), threading.Event()
-    submit, layer = engine.scheduler.submit, engine.runner.decoder_layer
-
-    def submit_and_signal(seq):
-        submit(seq)
-        arrived.set()
+    armed, layer = threading.Event(), engine.runner.decoder_layer
+    arrive = _mid_forward_arrival(engine)
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -187,14 +202,11 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
 
         def slow_layer(i, *args):
             if i == 1 and armed.is_set() and not args[2].prefill:  # a decode step, paused after layer 0
-                armed.clear()
-                loop.call_soon_threadsafe(lambda: new.set_result(asyncio.ensure_future(
-                    collect(engine, request_for(PROMPT, 2, rid="new")))))
-                assert arrived.wait(30)  # the new request is queued while this step is mid-forward
+                armed.clear()  # the new request is queued while this step is mid-forward
+                arrive(loop, new, lambda: collect(engine, request_for(PROMPT, 2, rid="new")), "new")
                 sampled.append(["<arrived>"])
             return layer(i, *args)
 
-        engine.scheduler.submit = submit_and_signal
         engine.runner.decoder_layer = slow_layer
         long = engine.generate(request_for(PROMPT, 50, rid="long"))
         await long.__anext__()
@@ -212,22 +224,16 @@ def test_a_request_arriving_during_the_greedy_head_is_served_before_the_rest_of_
     """Interleave mode: a request that arrives while a decode step runs its greedy LM head (an
     estimate in vocabulary slices, started "whole" since nobody waited) is prefilled after the
     current slice, so its first token comes before the running row's token of that step."""
-    import threading
-
     engine = make_engine(None, prefill_mode="interleave")
     head = engine.runner.greedy_head
     assert head is not None  # the tiny model's head has Gemma's 262k rows: eight slices
     order: list[str] = []
-    append, submit, pieces = engine._append, engine.scheduler.submit, head.pieces
-    arrived, armed = threading.Event(), threading.Event()
+    append, pieces, armed = engine._append, head.pieces, threading.Event()
+    arrive = _mid_forward_arrival(engine)
 
     def record(seq, token, *args, **kwargs):
         order.append(seq.request.request_id)
         return append(seq, token, *args, **kwargs)
-
-    def submit_and_signal(seq):
-        submit(seq)
-        arrived.set()
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -238,14 +244,12 @@ def test_a_request_arriving_during_the_greedy_head_is_served_before_the_rest_of_
             got = next(run_)  # the estimate's first slice
             if armed.is_set():  # "long"'s decode step: the new request arrives now
                 armed.clear()
-                loop.call_soon_threadsafe(lambda: new.set_result(asyncio.ensure_future(
-                    collect(engine, request_for(PROMPT, 2, rid="new")))))
-                assert arrived.wait(30)
+                arrive(loop, new, lambda: collect(engine, request_for(PROMPT, 2, rid="new")), "new")
                 order.append("<arrived>")
             yield got
             yield from run_
 
-        engine._append, engine.scheduler.submit, head.pieces = record, submit_and_signal, slow_pieces
+        engine._append, head.pieces = record, slow_pieces
         long = engine.generate(request_for(PROMPT, 50, rid="long"))
         await long.__anext__()
         armed.set()
@@ -266,18 +270,10 @@ def test_prompt_arriving_during_a_prefill_merges_into_it(mode, merge_until, afte
     """On an idle engine, a prompt that arrives while another is in its layers rides along in
     it when that one is early enough (``prefill_merge_until``): both first tokens come out of
     one LM-head pass, and each is the token it gets alone."""
-    import threading
-
     engine = make_engine(None, prefill_mode=mode, prefill_merge_until=merge_until)
     sampled: list[list[str]] = []
     engine.logits_hook = lambda seqs, _: sampled.append(sorted(s.request.request_id for s in seqs))
-    arrived = threading.Event()
-    submit, layer = engine.scheduler.submit, engine.runner.decoder_layer
-
-    def submit_and_signal(seq):
-        submit(seq)
-        if seq.request.request_id == "b":
-            arrived.set()
+    layer, arrive = engine.runner.decoder_layer, _mid_forward_arrival(engine)
 
     async def scenario():
         loop = asyncio.get_running_loop()
@@ -285,13 +281,10 @@ def test_prompt_arriving_during_a_prefill_merges_into_it(mode, merge_until, afte
 
         def slow_layer(i, *args):
             if i == 1 and not second.done() and args[2].prefill:  # "a"'s prefill, after layer 0
-                loop.call_soon_threadsafe(lambda: second.set_result(asyncio.ensure_future(
-                    collect(engine, request_for(PROMPT[:5], 2, rid="b")))))
-                assert arrived.wait(30)
+                arrive(loop, second, lambda: collect(engine, request_for(PROMPT[:5], 2, rid="b")), "b")
                 sampled.append(["<arrived>"])
             return layer(i, *args)
 
-        engine.scheduler.submit = submit_and_signal
         engine.runner.decoder_layer = slow_layer
         first = await collect(engine, request_for(PROMPT, 2, rid="a"))
         joined = await (await second)
