@@ -103,10 +103,19 @@ async def p5(base, tok, model, templates: dict[str, Path], quick: bool, log,
         "p5_zipf_tok_s": n_req * new / zipf_s,
         "p5_hot_tok_s": n_req * new / hot_s,
         "p5_distinct_adapters": len(set(ks)),
+        "p5_zipf_min_steps": _min_steps(len(set(ks)), n_req, new, config.max_adapters, config.max_running_requests),
+        "p5_hot_min_steps": _min_steps(16, n_req, new, config.max_adapters, config.max_running_requests),
         "p5_requests": n_req,
         "p5_registry_adapters": n_zipf,
         "p5_hot_runs_s": hot,
     }
+
+
+def _min_steps(adapters: int, requests: int, new: int, slots: int, rows: int) -> int:
+    """Counted, not timed: the fewest decode steps for ``requests`` of ``new`` tokens each over
+    ``adapters`` distinct adapters. A slot holds one adapter for at least ``new`` steps, so some slot
+    serves ceil(adapters / slots) of them in turn; and a step decodes at most ``rows`` rows."""
+    return max(-(-adapters // slots) * new, -(-requests * new // rows))
 
 
 async def _promote_ms(engine, store, ref: str) -> float:
