@@ -185,6 +185,17 @@ def _mid_forward_arrival(engine):
     return arrive
 
 
+async def _while_long_decodes(engine, request_for, armed: threading.Event, new: asyncio.Future) -> None:
+    """Start a 50-token request "long"; once it has its first token set ``armed`` (a hook on the
+    decode thread then submits a request mid-step), await the task the hook puts in ``new``,
+    then close "long"."""
+    long = engine.generate(request_for(PROMPT, 50, rid="long"))
+    await long.__anext__()
+    armed.set()
+    await (await new)
+    await long.aclose()
+
+
 @pytest.mark.parametrize("mode,first_after_arrival", [("interleave", "new"), ("separate", "long")])
 def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_after_arrival, run, make_engine,
                                                                   collect, request_for):
@@ -208,11 +219,7 @@ def test_interleaved_prefill_answers_before_the_running_step_ends(mode, first_af
             return layer(i, *args)
 
         engine.runner.decoder_layer = slow_layer
-        long = engine.generate(request_for(PROMPT, 50, rid="long"))
-        await long.__anext__()
-        armed.set()
-        await (await new)
-        await long.aclose()
+        await _while_long_decodes(engine, request_for, armed, new)
 
     run(scenario())
     after = sampled[sampled.index(["<arrived>"]) + 1]
@@ -250,11 +257,7 @@ def test_a_request_arriving_during_the_greedy_head_is_served_before_the_rest_of_
             yield from run_
 
         engine._append, head.pieces = record, slow_pieces
-        long = engine.generate(request_for(PROMPT, 50, rid="long"))
-        await long.__anext__()
-        armed.set()
-        await (await new)
-        await long.aclose()
+        await _while_long_decodes(engine, request_for, armed, new)
 
     run(scenario())
     assert order[order.index("<arrived>") + 1] == "new"
