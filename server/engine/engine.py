@@ -295,10 +295,9 @@ class BatchingEngine:
         policy = self.scheduler.policy
         decoding = all(len(c.tokens) == 1 for _, c in plan)
         outside = bool(self._prefill_outside(plan))  # recomputed only after serving newcomers
-        # a decode step's greedy head stops between its slices for a newcomer, who is served there
-        # (interleave mode: other modes serve nobody inside a forward, so their heads run whole)
-        interrupts = top and decoding and policy.mode == "interleave"
-        interrupt = (lambda: self.scheduler.has_arrivals) if interrupts else None
+        # the greedy head stops between its slices for a newcomer where the policy serves one there
+        stops = policy.serves_during_head(top, decoding)
+        interrupt = (lambda: self.scheduler.has_arrivals) if stops else None
         while not self._stopping.is_set():  # the policy is asked before every piece, the first included
             newcomers = outside or self.scheduler.has_arrivals
             piece = Piece(top=top, decoding=decoding, in_layers=fwd.in_layers, progress=fwd.progress, budget=budget,

@@ -91,6 +91,12 @@ class PrefillPolicy:
         self._last_was_prefill = prefill_only
         return StepShape(decode=not prefill_only, prefill=prefill_only)
 
+    def serves_during_head(self, top: bool, decoding: bool) -> bool:
+        """Whether a newcomer arriving during this forward's LM head is served before the head ends
+        (:attr:`Action.INTERLEAVE` applies past the layers too), so the head should stop between its
+        slices for one rather than run whole."""
+        return self.mode == "interleave" and top and decoding
+
     def between_pieces(self, piece: Piece) -> Action:
         """What to do before the running forward's next piece."""
         if self.mode != "interleave" or piece.budget <= 0 or not piece.newcomers:

@@ -41,6 +41,21 @@ def test_between_pieces_in_interleave_mode(piece, action):
     assert PrefillPolicy("interleave", 0.4).between_pieces(piece) is action
 
 
+@pytest.mark.parametrize("mode, top, decoding, serves", [
+    ("interleave", True, True, True),  # a decode step pauses for newcomers, its LM head included
+    ("interleave", False, True, False),  # a forward inside a pause never pauses again
+    ("interleave", True, False, False),  # a prefill only merges newcomers, before its final norm
+    ("separate", True, True, False),
+    ("mixed", True, True, False),
+])
+def test_serves_during_head_matches_between_pieces(mode, top, decoding, serves):
+    """The LM head stops for a newcomer exactly where the policy would then serve one."""
+    policy = PrefillPolicy(mode, 0.4)
+    assert policy.serves_during_head(top, decoding) is serves
+    past_layers = _piece(top=top, decoding=decoding, in_layers=False, progress=1.0)
+    assert (policy.between_pieces(past_layers) is not Action.CONTINUE) is serves
+
+
 @pytest.mark.parametrize("merge_until, progress, action", [
     (0.0, 0.05, Action.CONTINUE),  # 0: never merge
     (1.0, 1.0, Action.MERGE),  # 1: up to the final norm (the forward is still in its layers)
