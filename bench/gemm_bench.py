@@ -3,13 +3,18 @@ engine's GEMM kernels against ATen's ``F.linear`` on the base model's projection
 (packed q/k/v, o, packed gate/up, down, the LM head), in one process, alternating, best
 of three rounds. Random weights of the model's shapes; only the config is read.
 
-* fp32: ``kernels.pick_gemm("auto")`` (oneDNN on CPU) on the weight the engine gives it
-  (``kernels.prepare``: oneDNN's blocked layout) vs ``F.linear`` (ATen's MKL sgemm).
+* fp32: ``kernels.pick_gemm("auto")`` (the panel GEMM on AVX-512F CPUs, else oneDNN) on the
+  weight the engine gives it (``kernels.prepare``: its panels, or oneDNN's blocked layout) vs
+  ``F.linear`` (ATen's MKL sgemm).
 * bf16: ``pick_gemm("auto")`` (oneDNN bf16 where the CPU has bf16 arithmetic, else
   :func:`kernels.upcast_linear`: the C GEMV of ``cpu_gemv`` up to 32 rows, upcast weight
   blocks beyond) vs ``F.linear`` in bf16; where the C GEMV runs, also vs the upcast
   (``kernels.upcast_blocks``) on the same rows, and where that GEMV is the AVX-512 one, vs the
   AVX2 one.
+
+* fp32 where ``auto`` is the panel GEMM (AVX-512F): also every layer's projections in one pass,
+  one set of weights per layer so they stream from memory as in a step, against oneDNN's
+  prepacked GEMM (``gemm_layers_streamed_over_onednn_fp32_b<rows>``: oneDNN ÷ panel time).
 
 Every row prints the ms and GFLOP/s of both and ``auto`` ÷ ``F.linear`` time; the LAST line
 is one JSON object: ``gemm_speedup_<dtype>_<shape>_b<rows>`` (F.linear ÷ auto time),
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -76,6 +82,35 @@ def measure(dtype: torch.dtype, name: str, out: int, inp: int, rows: int) -> dic
     return {**{f"{key}_ms": 1e3 * t for key, t in times.items()}, "gflop": 2 * rows * out * inp / 1e9, "kernel": name}
 
 
+def streamed(config, rows: int, rounds: int = 5) -> dict[str, float] | None:
+    """fp32, where ``auto`` is the panel GEMM: every layer's projections (random weights of the model's
+    shapes, one set per layer, so they stream from memory as in a step) through ``auto`` and through
+    oneDNN's prepacked GEMM, alternating pass by pass; the median ms of a pass each. None elsewhere."""
+    from adapterctl.server.engine.kernels import onednn_linear, panel_linear, pick_gemm, prepare
+
+    if pick_gemm("auto", torch.device("cpu"), torch.float32) is not panel_linear:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    layer_shapes = [(out, inp) for name, (out, inp, _) in shapes(config).items() if name != "head"]
+    passes: dict[str, list] = {"auto": [], "onednn": []}
+    for _ in range(config.num_hidden_layers):
+        weights = [torch.randn(out, inp, generator=gen) for out, inp in layer_shapes]
+        passes["auto"].append([prepare(panel_linear, w) for w in weights])
+        passes["onednn"].append([prepare(onednn_linear, w) for w in weights])
+    xs = [torch.randn(rows, inp, generator=gen) for _, inp in layer_shapes]
+    gemms = {"auto": panel_linear, "onednn": onednn_linear}
+    times: dict[str, list[float]] = {"auto": [], "onednn": []}
+    with torch.inference_mode():
+        for _ in range(rounds + 1):  # the first round warms up
+            for key, layers in passes.items():
+                began = time.perf_counter()
+                for ops in layers:
+                    for x, op in zip(xs, ops):
+                        gemms[key](x, op, None)
+                times[key].append(time.perf_counter() - began)
+    return {f"{key}_ms": 1e3 * statistics.median(t[1:]) for key, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoConfig
 
@@ -113,6 +148,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"{m['aten_ms']:9.2f} ms ({m['gflop'] / m['aten_ms'] * 1e3:5.1f} GFLOP/s)   "
                       f"auto/F.linear {m['auto_ms'] / m['aten_ms']:.2f}{upcast}", file=sys.stderr, flush=True)
             result[f"gemm_step_ms_{short}_b{rows}"] = step_ms
+            got = streamed(config, rows) if dtype == torch.float32 else None
+            if got is not None:
+                ratio = result[f"gemm_layers_streamed_over_onednn_fp32_b{rows}"] = got["onednn_ms"] / got["auto_ms"]
+                print(f"fp32 rows {rows:4d} all layers, weights streamed: panel GEMM {got['auto_ms']:8.2f} ms, "
+                      f"oneDNN prepacked {got['onednn_ms']:8.2f} ms, oneDNN/panel {ratio:.2f}",
+                      file=sys.stderr, flush=True)
     print(json.dumps(result, sort_keys=True))
 
 

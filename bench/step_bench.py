@@ -9,8 +9,9 @@ hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
 * ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
   MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV;
 * ``onednn``: the same step with every GEMM through oneDNN (``cpu_gemm="onednn"``), against
-  ``auto``'s choice (bf16 on AVX512-BF16, AMX or not: the AVX512-BF16 GEMV at 1-4 rows; on
-  other CPUs, where oneDNN may emulate bf16, ``upcast_linear``);
+  ``auto``'s choice (fp32 on AVX-512F: the panel GEMM of ``panel_gemm``; bf16 on AVX512-BF16,
+  AMX or not: the AVX512-BF16 GEMV at 1-4 rows; on other CPUs, where oneDNN may emulate bf16,
+  ``upcast_linear``);
 * ``fp32``: the same step in fp32 (``--dtype float32``'s path) against bf16 (``--dtype bfloat16``
   only): what bf16 buys on this CPU, which ``--dtype auto`` decides from its flags; the logits'
   largest difference is then bf16's error;

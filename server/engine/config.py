@@ -40,12 +40,14 @@ class EngineConfig:
                                         "layers (0: never, 1: up to its final norm); later ones wait for their "
                                         "own forward.")
     lora_backend: str = option("auto", "LoRA compute: auto | gather | segment.")
-    cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (oneDNN, measured faster than MKL; bf16 without "
+    cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (fp32 with AVX-512F: our panel GEMM, batch-invariant; "
+                           "else oneDNN, measured faster than MKL; bf16 without "
                            "native bf16: weight blocks upcast to fp32; bf16 with AVX512-BF16, AMX or not: 1-4 rows "
                            "through a C GEMV, which keeps a plain copy of the layer weights) | onednn | torch | "
                            "gemv (as auto, but an error where that GEMV does not load).")
     cpu_prepack: bool = option(True, "oneDNN (fp32, and bf16 where the CPU runs it natively): keep the weights in "
-                               "oneDNN's blocked layout (a copy replacing the loaded pages; fp32 10-25 % faster "
+                               "oneDNN's blocked layout, or the fp32 panel GEMM's panels (a copy replacing the "
+                               "loaded pages; fp32 10-25 % faster "
                                "GEMMs at 8-64 rows on AVX2, bf16 1.1-2.8x on AMX, measured); bf16 on AMX keeps the "
                                "LM head in amx_head's tile layout instead (1.19x a 32-row step).")
     cpu_greedy_head: bool = option(True, "CPU, fp32 or bf16: greedy rows (no logprobs, no grammar) take their token "

@@ -56,3 +56,22 @@ def test_gemm_bench_times_the_engine_kernel_against_aten(gemma_base):
     assert all((f"gemm_gemv_over_upcast_bf16_{s}_b8" in last) == gemv for s in shapes)
     avx512 = gemv and cpu_gemv.upcast_kernel() is cpu_gemv.AVX512
     assert all((f"gemm_avx512_over_avx2_bf16_{s}_b8" in last) == avx512 for s in shapes)
+
+
+def test_gemm_bench_streams_every_layer_through_the_panel_gemm_and_onednn():
+    """``gemm_bench.streamed`` (fp32, where ``auto`` is the panel GEMM): one pass over every layer's
+    projections, one weight set per layer, timed for both GEMMs; None where ``auto`` is another GEMM."""
+    import types
+
+    import torch
+
+    from adapterctl.server.engine.kernels import panel_linear, pick_gemm
+    from bench import gemm_bench
+
+    config = types.SimpleNamespace(head_dim=16, num_attention_heads=4, num_key_value_heads=1, hidden_size=64,
+                                   intermediate_size=128, num_hidden_layers=3, vocab_size=100)
+    got = gemm_bench.streamed(config, rows=5, rounds=1)
+    if pick_gemm("auto", torch.device("cpu"), torch.float32) is not panel_linear:
+        assert got is None
+        return
+    assert got is not None and set(got) == {"auto_ms", "onednn_ms"} and all(v > 0 for v in got.values())

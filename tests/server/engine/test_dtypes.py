@@ -94,6 +94,11 @@ def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
     torch.testing.assert_close(y.float(), (x.float() @ w.float().T + b.float()), atol=0.1, rtol=0.05)
 
 
+def _fp32_auto(kernels):
+    """fp32 "auto" on this CPU: the AVX-512 panel GEMM where it loads, else oneDNN."""
+    return kernels.panel_linear if kernels.panel_gemm.library() is not None else kernels.onednn_linear
+
+
 def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch):
     """On a CPU without native bf16 (:func:`kernels.native_bf16`), ``auto`` picks :func:`upcast_linear` for bf16:
     up to ``max_rows`` rows go to the C GEMV (AVX-512 or AVX2) where it loads; more rows multiply the
@@ -107,7 +112,7 @@ def test_bf16_gemm_without_native_bf16_upcasts_weight_blocks_exactly(monkeypatch
     native = kernels.small_rows_linear if kernels._small_rows_pay() else kernels.onednn_linear
     want = native if kernels.native_bf16() else kernels.upcast_linear
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.bfloat16) is want
-    assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is kernels.onednn_linear
+    assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is _fp32_auto(kernels)
     monkeypatch.setattr(kernels, "UPCAST_BLOCK", 4)  # 11 output rows: blocks of 4, 4 and 3
     # so that 9 and 15 rows take the upcast path
     for name in ("AVX2", "AVX512"):
@@ -147,7 +152,7 @@ def test_bf16_without_avx512_bf16_or_amx_upcasts_even_where_onednn_emulates_it(m
     assert kernels.pick_gemm("auto", cpu, bf16) is kernels.upcast_linear
     assert kernels.pick_gemm("gemv", cpu, bf16) is kernels.upcast_linear
     assert kernels.pick_gemm("onednn", cpu, bf16) is kernels.onednn_linear
-    assert kernels.pick_gemm("auto", cpu, torch.float32) is kernels.onednn_linear
+    assert kernels.pick_gemm("auto", cpu, torch.float32) is _fp32_auto(kernels)
     monkeypatch.setattr(kernels, "_small_rows_pay", lambda: False)
     for flag in dtypes.BF16_CPU_FLAGS:
         monkeypatch.setattr(cpu_build, "has_cpu_flag", lambda f, flag=flag: f == flag)

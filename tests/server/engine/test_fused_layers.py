@@ -253,6 +253,26 @@ def test_prepacked_step_matches_the_plain_layout(tiny_base, rows, monkeypatch):
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
+def test_fp32_runners_get_panels_and_step_as_onednn_does(tiny_base):
+    """``auto`` on an AVX-512 CPU: fp32 runners use :func:`kernels.panel_linear`; the packs, the
+    other projections and the LM head slices hold panels, and the steps' logits (a 4-token prefill,
+    then decode) are fp32-close to the oneDNN runner's."""
+    from adapterctl.server.engine import kernels, panel_gemm
+
+    if panel_gemm.library() is None:
+        pytest.skip("the fp32 panel GEMM does not load here (it needs avx512f and a C compiler)")
+    assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is kernels.panel_linear
+    assert kernels.pick_gemm("onednn", torch.device("cpu"), torch.float32) is kernels.onednn_linear
+    runner, got = _step_logits(tiny_base, 3, True)
+    assert runner.gemm is kernels.panel_linear
+    packs = [p for p in (*runner.qkv, *runner.gate_up) if p is not None]
+    assert packs and all(isinstance(p.weight, panel_gemm.Panels) for p in packs)
+    assert runner.head_parts and all(isinstance(op, panel_gemm.Panels) for _, _, op in runner.head_parts)
+    _, ref = _step_logits(tiny_base, 3, True, gemm="onednn")
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
 def test_small_rows_gemv_step_keeps_the_packs_plain_and_matches_onednn(tiny_base):
     """bf16 where ``auto`` is ``kernels.small_rows_linear`` (AVX512-BF16, no AMX): each pack keeps
     its plain weight beside oneDNN's blocked copy, with the projections' weights views of it (not a
