@@ -40,7 +40,8 @@ class EngineConfig:
                                         "layers (0: never, 1: up to its final norm); later ones wait for their "
                                         "own forward.")
     lora_backend: str = option("auto", "LoRA compute: auto | gather | segment.")
-    cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (fp32 with AVX-512F: our panel GEMM, batch-invariant; "
+    cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (fp32 with AVX-512F: our panel GEMM, each row's "
+                           "result independent of the batch; "
                            "else oneDNN, measured faster than MKL; bf16 without "
                            "native bf16: weight blocks upcast to fp32; bf16 with AVX512-BF16, AMX or not: 1-4 rows "
                            "through a C GEMV, which keeps a plain copy of the layer weights) | onednn | torch | "

@@ -144,8 +144,8 @@ def prepare(gemm: Gemm, weight: torch.Tensor) -> torch.Tensor:
 
 
 def native(gemm: Gemm) -> bool:
-    """Whether ``gemm`` runs its dtype in hardware (oneDNN, with or without the small-rows GEMV)
-    rather than upcasting bf16 to fp32 around the math."""
+    """Whether ``gemm`` runs its dtype in hardware (oneDNN, with or without the small-rows GEMV; the
+    fp32 panel GEMM) rather than upcasting bf16 to fp32 around the math."""
     return gemm in (onednn_linear, small_rows_linear, panel_linear)
 
 
