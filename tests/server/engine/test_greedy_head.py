@@ -1,7 +1,7 @@
 """The int8 greedy LM head (server/engine/greedy_head.py, int8_gemv.py, gemv_i8.c, gemv_i8_vnni.c,
 gemv_i8_amx.c):
 the token it gives is the full head's on every row, ties and near-ties included; where the head's
-GEMM is the C bf16 GEMV its logits are bitwise the full head's; the bound holds on every logit
+GEMM is the C bf16 GEMV or the fp32 panel GEMM its logits are bitwise the full head's; the bound holds on every logit
 with every estimator, in bf16 and fp32; it declines what it cannot bound; and the engine uses it
 only for argmax-only rows, with the same greedy tokens as without it."""
 from __future__ import annotations
@@ -80,6 +80,28 @@ def test_fp32_tokens_are_the_full_heads(est):
         tokens, logits = head.tokens(hs)
         assert torch.equal(tokens, full.argmax(-1)) and int(tokens[0]) == 3
         torch.testing.assert_close(logits, full.gather(1, tokens[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("est", ESTIMATORS)
+def test_fp32_logits_through_the_panel_gemm_are_the_full_heads_bitwise(est):
+    """fp32 where the head's GEMM is the AVX-512 panel GEMM: the candidates' logits (plain rows
+    gathered from the head) are bitwise the full head's through its panels, as the engine's
+    prepared head slices compute them, since each output is the same sum whichever rows and
+    outputs share the call."""
+    from adapterctl.server.engine import panel_gemm
+
+    if panel_gemm.library() is None:
+        pytest.skip("the fp32 panel GEMM does not load here (it needs avx512f and a C compiler)")
+    w = _head(8192 + 5, 640, 8, near=2 ** -12)  # Gemma 3 270M's width: a blocked GEMM sums it in another order
+    head, panels = GreedyHead(w, kernels.panel_linear, est), panel_gemm.pack(w)
+    g = torch.Generator().manual_seed(9)
+    for trial in range(20):
+        hs = torch.randn(1 + trial % 7, 640, generator=g) * (0.3 + trial)
+        hs[0] = w[3] * (1 + trial)
+        full = kernels.panel_linear(hs, panels)
+        tokens, logits = head.tokens(hs)
+        assert torch.equal(tokens, full.argmax(-1)) and int(tokens[0]) == 3
+        assert torch.equal(logits, full.gather(1, tokens[:, None])[:, 0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
