@@ -2,15 +2,14 @@
 
    y[r, n] = sum_k x[r, k] * w[n, k] (+ bias[n]): each sum in fp32, in order k = 0, 1, ..., one FMA
    per product, then the bias. So y[r] depends on x[r] and w only, bitwise: not on the other rows of
-   the call, their number, or the weight's layout (batch-invariant, unlike a blocked GEMM whose
-   summation order follows its tiling).
+   the call, their number, or the weight's layout (batch-invariant).
 
    Weights: panels of NR = 32 output rows, [n_pad / 32][k][32] (panel_gemm.pack), or plain rows
    [n_out][k] (row stride ldw), which are copied a chunk at a time into the same [KC][32] order.
 
-   Why: oneDNN's fp32 GEMM on a 2-core Xeon without bf16 units (Dec 6) ran a step's projections at
-   8-32 rows about as slowly as streaming the weights and then computing would (the two did not
-   overlap). Here a panel streams in chunks of KC inputs (8 KiB, prefetched one chunk ahead), and
+   Why: oneDNN's fp32 GEMM on a 2-core Xeon without bf16 units (Dec 6, scratch timings in
+   BENCHMARKS.md) ran a step's projections at 24 rows in about the time of streaming the weights
+   plus computing with them hot, as if the two did not overlap. Here a panel streams in chunks of KC inputs (8 KiB, prefetched one chunk ahead), and
    every row of x runs over a chunk while it is in L1, so the FMAs of all rows overlap the stream.
    The register block is R x 32 outputs (R <= 12: 24 accumulators): per input two weight vectors
    and one broadcast of x per row, so the FMAs, not the loads, bound it. */

@@ -50,7 +50,7 @@ def panel_linear(x: torch.Tensor, weight: "torch.Tensor | panel_gemm.Panels", bi
     y = panel_gemm.linear(x if x.stride(1) == 1 else x.contiguous(), weight, bias)
     if y is not None:
         return y
-    if isinstance(weight, panel_gemm.Panels):  # (the panels come from a loaded kernel: not reached)
+    if isinstance(weight, panel_gemm.Panels):  # only the kernel reads panels: an input it refuses is an error
         raise RuntimeError(f"panel GEMM does not take x {tuple(x.shape)} {x.dtype} against {weight.shape}")
     return onednn_linear(x, weight, bias)
 
@@ -134,7 +134,7 @@ def prepare(gemm: Gemm, weight: torch.Tensor) -> torch.Tensor:
     rows on the AMX host (``bench.gemm_bench``), since unpacked weights are reordered on every
     call. The result is only an operand of ``gemm``: it cannot be sliced or read as a tensor.
     For :func:`small_rows_linear`, a :class:`Dual` of that layout and ``weight`` itself; for
-    :func:`panel_linear`, fp32 weights in its panels (the same bytes as oneDNN's layout)."""
+    :func:`panel_linear`, fp32 weights in its panels (instead of oneDNN's layout, not beside it)."""
     if gemm is panel_linear and weight.dtype == torch.float32:
         return panel_gemm.pack(weight)  # type: ignore[return-value]
     if gemm in (onednn_linear, small_rows_linear) and _reorder_runs(weight.dtype):

@@ -267,6 +267,8 @@ def test_fp32_runners_get_panels_and_step_as_onednn_does(tiny_base):
     assert runner.gemm is kernels.panel_linear
     packs = [p for p in (*runner.qkv, *runner.gate_up) if p is not None]
     assert packs and all(isinstance(p.weight, panel_gemm.Panels) for p in packs)
+    others = [m for layer in runner.layers for m in (layer.self_attn.o_proj, layer.mlp.down_proj)]
+    assert all(isinstance(m.operand, panel_gemm.Panels) for m in others)
     assert runner.head_parts and all(isinstance(op, panel_gemm.Panels) for _, _, op in runner.head_parts)
     _, ref = _step_logits(tiny_base, 3, True, gemm="onednn")
     for a, b in zip(ref, got):
