@@ -55,10 +55,11 @@ class EngineConfig:
                                    "from an int8 copy of the LM head (AMX tiles, AVX512-VNNI or AVX2), computing only "
                                    "the candidates a rounding bound keeps (the full head's token; +1 byte per head "
                                    "weight of memory, 160 MiB for Gemma 3 270M).")
-    cpu_planned_layers: bool = option(True, "CPU, bf16 with a C GEMV (AVX512-BF16: 1-4 rows; AVX2: 1-32): each Gemma 3 "
-                                      "layer of a decode step (base or adapter rows) as one C call (norms, "
-                                      "projections, RoPE and K/V as the step's other path computes them; attention, "
-                                      "GELU and LoRA deltas in C, which may differ from ATen's by a bf16 ulp).")
+    cpu_planned_layers: bool = option(True, "CPU, bf16 with a C GEMV (AVX512-BF16: 1-4 rows; AVX2: 1-32) or fp32 with "
+                                      "the panel GEMM (AVX-512F: 1-64 rows): each Gemma 3 layer of a decode step "
+                                      "(base or adapter rows) as one C call (norms, projections, RoPE and K/V as the "
+                                      "step's other path computes them; attention, GELU and bf16 LoRA deltas in C, "
+                                      "which may differ from ATen's by a bf16 ulp, or in fp32 by a few fp32 ulps).")
     lora_modules: tuple[str, ...] = option(LORA_MODULE_TYPES, "Linear layers that accept LoRA.")
     device: str | None = option(None, "Torch device (default: cuda when available, else cpu).")
     dtype: str = option("auto", "Model, KV and adapter dtype. auto: bfloat16 on CPUs with AVX512-BF16 or AMX and "

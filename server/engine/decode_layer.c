@@ -14,7 +14,11 @@
    Adapter tokens take the same call: after each projection, a token whose LoRA slot targets it
    gets its delta in PEFT's bf16 rounding order, as the Python path's LoRA backends add it
    (h = bf16(x A^T), then bf16(h Bt), times the slot's scale, rounded, then added and rounded);
-   the sums are fp32 in another order than ATen's bmm, so a delta may differ by a bf16 ulp. */
+   the sums are fp32 in another order than ATen's bmm, so a delta may differ by a bf16 ulp.
+
+   decode_layer_f32 is the same layer in fp32 (the kernels' fp32 variants, the panel GEMM for the
+   projections): attention and GELU in fp32 without those roundings, within a few fp32 ulps of
+   ATen's; everything else bitwise the Python path's. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -38,14 +42,27 @@ typedef int (*prep_fn)(const uint16_t *q, long qn, long qh, const uint16_t *k, l
                        uint16_t *qout, uint16_t *kc, uint16_t *vc, long row_cap, long pos_cap, long c_row,
                        long c_head, long c_pos, const int64_t *rows, const int64_t *pos);
 
+/* fp32: the panel GEMM (gemm_f32_avx512.c): wp its panels, w/ldw plain rows (NULL here). */
+typedef void (*gemm_f32_fn)(const float *wp, const float *w, long ldw, long n_out, long k, const float *x, long ldx,
+                            const float *bias, long rows, float *y, long ldy, int threads);
+typedef void (*norm_f32_fn)(const float *x, long sn, long sh, const float *scale, long n, long heads, long dim,
+                            float eps, float *y);
+typedef void (*residual_f32_fn)(const float *a, const float *h, const float *scale1, float eps1,
+                                const float *scale2, float eps2, long n, long dim, float *h_out, float *x_out);
+typedef void (*lora_f32_fn)(const float *x, long ldx, float *y, long ldy, long m, const int64_t *tokens,
+                            const int64_t *slots, long in, long out, const float *a, const float *bt, long max_rank,
+                            const int64_t *ranks, const float *scale, int threads);
+typedef int (*prep_f32_fn)(const float *q, long qn, long qh, const float *k, long kn, long kh, const float *v,
+                           long vn, long vh, const float *qscale, float qeps, const float *kscale, float keps,
+                           const float *cos, const float *sin, long sc, long n, long heads, long kvh, long d,
+                           float *qout, float *kc, float *vc, long row_cap, long pos_cap, long c_row,
+                           long c_head, long c_pos, const int64_t *rows, const int64_t *pos);
+
 /* The model's shapes and the kernels, and the LoRA slot banks' scale [slots + 1] (fp32) and rank
-   capacity (decode_layer.py's _Plan mirrors this field for field). */
+   capacity (decode_layer.py's _Plan mirrors this field for field). The kernels are the dtype's:
+   the *_fn types above for decode_layer_bf16, the *_f32_fn ones for decode_layer_f32. */
 typedef struct {
-    gemv_fn gemv;
-    norm_fn norm;
-    residual_fn residual;
-    prep_fn prep;
-    lora_fn lora;
+    void *gemv, *norm, *residual, *prep, *lora;
     long hidden, heads, kvh, d, inter, max_rows;
     const float *lora_scale;
     long max_rank;
@@ -55,22 +72,23 @@ typedef struct {
    max_rank, out] (B transposed), ranks int64 [slots + 1] (0: the slot does not target it); a NULL:
    no adapter targets this projection (decode_layer.py's _Lora). */
 typedef struct {
-    const uint16_t *a, *bt;
+    const void *a, *bt; /* the layer function's dtype */
     const int64_t *ranks;
 } Lora;
 
 enum { L_Q, L_K, L_V, L_O, L_GATE, L_UP, L_DOWN, L_COUNT };
 
-/* One layer: plain bf16 weights [out, in] (qkv: q, k, v rows packed; gate_up: gate then up), the
+/* One layer: its weights [out, in] (qkv: q, k, v rows packed; gate_up: gate then up; bf16 plain
+   rows, or fp32 in the panel GEMM's panels), the
    fp32 norm scales with their eps, the sliding window (0: none), the attention scale, and the
    layer's K/V caches [row_cap, kvh, pos_cap, d] with their strides (decode_layer.py's _Layer). */
 typedef struct {
-    const uint16_t *qkv, *o, *gate_up, *down;
+    const void *qkv, *o, *gate_up, *down;
     const float *input_norm, *q_norm, *k_norm, *post_attn, *pre_ff, *post_ff;
     float input_eps, q_eps, k_eps, post_attn_eps, pre_ff_eps, post_ff_eps;
     long window;
     float scale;
-    uint16_t *kc, *vc;
+    void *kc, *vc; /* the layer function's dtype */
     long row_cap, pos_cap, c_row, c_head, c_pos;
     Lora lora[L_COUNT];
 } Layer;
@@ -79,17 +97,26 @@ typedef struct {
 #define LORA_MAX_RANK 1024 /* lora_cpu.c's MAX_RANK */
 /* y[t, :out] (row stride ldy) += the LoRA delta of x[t, :in] (row stride ldx) for every token t
    whose slot slots[t] targets this projection (lora_cpu.c's lora_bf16, in PEFT's bf16 order). */
-static void lora_add(const Plan *p, const Lora *m, long in, long out, long n, const uint16_t *x, long ldx,
+static void lora_add_bf16(const Plan *p, const Lora *m, long in, long out, long n, const uint16_t *x, long ldx,
                      uint16_t *y, long ldy, const int64_t *slots, int threads) {
     if (m->a && slots)
-        p->lora(x, ldx, y, ldy, n, NULL, slots, in, out, m->a, m->bt, p->max_rank, m->ranks, p->lora_scale, threads);
+        ((lora_fn)p->lora)(x, ldx, y, ldy, n, NULL, slots, in, out, m->a, m->bt, p->max_rank, m->ranks,
+                           p->lora_scale, threads);
+}
+
+/* lora_add_bf16 for fp32 tokens (lora_cpu.c's lora_fp32). */
+static void lora_add_f32(const Plan *p, const Lora *m, long in, long out, long n, const float *x, long ldx, float *y,
+                         long ldy, const int64_t *slots, int threads) {
+    if (m->a && slots)
+        ((lora_f32_fn)p->lora)(x, ldx, y, ldy, n, NULL, slots, in, out, m->a, m->bt, p->max_rank, m->ranks,
+                               p->lora_scale, threads);
 }
 
 /* out[t, h] = softmax(q[t, h] . K[rows[t], g] * scale) V[rows[t], g] over the positions
    lo..pos[t] (lo = pos[t] - window + 1 with a window), g = h / (heads / kvh). Scores and sums in
    fp32; each softmax weight rounds to bf16 before it weighs V (ATen's CPU flash attention does),
    the sum of weights does not; the output rounds once. q, out: contiguous [n, heads, d]. */
-static int attend(const Plan *p, const Layer *l, long n, const uint16_t *q, const int64_t *rows,
+static int attend_bf16(const Plan *p, const Layer *l, long n, const uint16_t *q, const int64_t *rows,
                   const int64_t *pos, uint16_t *out, int threads) {
     const long heads = p->heads, d = p->d, group = heads / p->kvh;
     long span = 1;
@@ -101,8 +128,8 @@ static int attend(const Plan *p, const Layer *l, long n, const uint16_t *q, cons
         const long t = th / heads, g = (th % heads) / group;
         const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
         const uint16_t *qr = q + th * d;
-        const uint16_t *kb = l->kc + rows[t] * l->c_row + g * l->c_head;
-        const uint16_t *vb = l->vc + rows[t] * l->c_row + g * l->c_head;
+        const uint16_t *kb = (const uint16_t *)l->kc + rows[t] * l->c_row + g * l->c_head;
+        const uint16_t *vb = (const uint16_t *)l->vc + rows[t] * l->c_row + g * l->c_head;
         float *s = scores + th * span, qf[MAX_D], acc[MAX_D], top = -INFINITY, sum = 0.0f;
         for (long i = 0; i < d; i++) {
             qf[i] = bf16_to_float(qr[i]);
@@ -174,44 +201,145 @@ void gelu_mul_bf16(const uint16_t *gate_up, long n, long inter, uint16_t *act) {
     }
 }
 
-/* h_out [n, hidden] = layer(h [n, hidden]) for n decode tokens (token t at cache row rows[t],
-   position pos[t]), writing their K/V into the layer's caches; cos, sin: [n, d] with row stride
-   sc; slots: int64 [n], each token's LoRA slot (0: base; NULL: all base); scratch: bf16,
-   decode_layer_scratch(p) elements. Returns 0, or -1 (h_out not written) where n is outside
-   1..max_rows, a row or position is outside the caches (nothing written then), d > MAX_D,
-   max_rank > LORA_MAX_RANK, or memory ran out. */
-int decode_layer_bf16(const Plan *p, const Layer *l, long n, const uint16_t *h, uint16_t *h_out,
-                      const uint16_t *cos, const uint16_t *sin, long sc, const int64_t *rows, const int64_t *pos,
-                      const int64_t *slots, uint16_t *scratch, int threads) {
-    const long hid = p->hidden, qw = p->heads * p->d, kvw = p->kvh * p->d, qkvw = qw + 2 * kvw, inter = p->inter;
-    if (n < 1 || n > p->max_rows || p->d > MAX_D || p->max_rank > LORA_MAX_RANK) return -1;
-    uint16_t *x = scratch, *qkv = x + n * hid, *q = qkv + n * qkvw, *att = q + n * qw, *a = att + n * qw;
-    uint16_t *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;
-    uint16_t *m = act + n * inter;
-    p->norm(h, hid, 0, l->input_norm, n, 1, hid, l->input_eps, x);
-    p->gemv(l->qkv, hid, x, hid, NULL, n, qkvw, hid, qkv, qkvw, threads);
-    lora_add(p, &l->lora[L_Q], hid, qw, n, x, hid, qkv, qkvw, slots, threads);
-    lora_add(p, &l->lora[L_K], hid, kvw, n, x, hid, qkv + qw, qkvw, slots, threads);
-    lora_add(p, &l->lora[L_V], hid, kvw, n, x, hid, qkv + qw + kvw, qkvw, slots, threads);
-    if (p->prep(qkv, qkvw, p->d, qkv + qw, qkvw, p->d, qkv + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps, l->k_norm,
-                l->k_eps, cos, sin, sc, n, p->heads, p->kvh, p->d, q, l->kc, l->vc, l->row_cap, l->pos_cap,
-                l->c_row, l->c_head, l->c_pos, rows, pos))
-        return -1;
-    if (attend(p, l, n, q, rows, pos, att, threads)) return -1;
-    p->gemv(l->o, qw, att, qw, NULL, n, hid, qw, a, hid, threads);
-    lora_add(p, &l->lora[L_O], qw, hid, n, att, qw, a, hid, slots, threads);
-    p->residual(a, h, l->post_attn, l->post_attn_eps, l->pre_ff, l->pre_ff_eps, n, hid, h1, x2);
-    p->gemv(l->gate_up, hid, x2, hid, NULL, n, 2 * inter, hid, gu, 2 * inter, threads);
-    lora_add(p, &l->lora[L_GATE], hid, inter, n, x2, hid, gu, 2 * inter, slots, threads);
-    lora_add(p, &l->lora[L_UP], hid, inter, n, x2, hid, gu + inter, 2 * inter, slots, threads);
-    gelu_mul_bf16(gu, n, inter, act);
-    p->gemv(l->down, inter, act, inter, NULL, n, hid, inter, m, hid, threads);
-    lora_add(p, &l->lora[L_DOWN], inter, hid, n, act, inter, m, hid, slots, threads);
-    p->residual(m, h1, l->post_ff, l->post_ff_eps, NULL, 0.0f, n, hid, h_out, NULL);
+/* fp32 attention as attend_bf16, without its roundings (scores, weights, sums and the output
+   in fp32), a token's query heads of one KV group together so each K/V row is read once for them
+   (at fewer tokens x groups than threads, each head apart). Returns -1 where group * d > MAX_GD. */
+#define MAX_GD 4096
+static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, const int64_t *rows, const int64_t *pos,
+                      float *out, int threads) {
+    const long heads = p->heads, d = p->d, kvh = p->kvh, group = heads / kvh;
+    const long split = n * kvh < threads ? group : 1, per = group / split; /* heads of a group per unit */
+    if (group * d > MAX_GD) return -1;
+    long span = 1;
+    for (long t = 0; t < n; t++) span = pos[t] + 1 > span ? pos[t] + 1 : span;
+    float *scores = malloc(sizeof(float) * (size_t)(n * heads * span));
+    if (!scores) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long u = 0; u < n * kvh * split; u++) {
+        const long t = u / (kvh * split), g = (u / split) % kvh, h0 = g * group + (u % split) * per;
+        const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
+        const float *kb = (const float *)l->kc + rows[t] * l->c_row + g * l->c_head;
+        const float *vb = (const float *)l->vc + rows[t] * l->c_row + g * l->c_head;
+        const float *qh = q + (t * heads + h0) * d;
+        float acc[MAX_GD], top[MAX_GD / 8], sum[MAX_GD / 8];
+        for (long e = 0; e < per; e++) top[e] = -INFINITY, sum[e] = 0.0f;
+        for (long i = 0; i < per * d; i++) acc[i] = 0.0f;
+        for (long j = lo; j < hi; j++) {
+            const float *kr = kb + j * l->c_pos;
+            for (long e = 0; e < per; e++) {
+                const float *qr = qh + e * d;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (long i = 0; i < d; i++) dot += qr[i] * kr[i];
+                const float sv = dot * l->scale;
+                scores[((t * heads + h0 + e) * span) + j - lo] = sv;
+                top[e] = sv > top[e] ? sv : top[e];
+            }
+        }
+        for (long j = lo; j < hi; j++) {
+            const float *vr = vb + j * l->c_pos;
+            for (long e = 0; e < per; e++) {
+                const float w = expf(scores[((t * heads + h0 + e) * span) + j - lo] - top[e]);
+                float *ae = acc + e * d;
+                sum[e] += w;
+#pragma omp simd
+                for (long i = 0; i < d; i++) ae[i] += w * vr[i];
+            }
+        }
+        for (long e = 0; e < per; e++)
+            for (long i = 0; i < d; i++) out[(t * heads + h0 + e) * d + i] = acc[e * d + i] / sum[e];
+    }
+    free(scores);
     return 0;
 }
 
-/* bf16 elements of scratch decode_layer_bf16 needs at p->max_rows rows. */
+/* act[t, i] = gelu_tanh(gate[t, i]) * up[t, i] in fp32, gate_up [n, 2 * inter] (gate columns
+   first): gelu_mul_bf16's arithmetic without its roundings to bf16 (its tanh from e^x, so the last
+   fp32 bits may differ from ATen's), rows split over ``threads`` (at 64 rows a single thread's
+   GELU cost ~2.7 ms a Gemma 3 270M step). Exported for decode_layer.py's probe. */
+void gelu_mul_f32(const float *gate_up, long n, long inter, float *act, int threads) {
+    const __m256 beta = _mm256_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
+    const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+#pragma omp parallel for schedule(static) num_threads(threads) if (n > 1)
+    for (long t = 0; t < n; t++) {
+        const float *g = gate_up + t * 2 * inter, *u = g + inter;
+        for (long i = 0; i < inter; i += 8) {
+            float lanes[8] = {0}, ups[8] = {0}, res[8];
+            const long m = inter - i < 8 ? inter - i : 8;
+            memcpy(lanes, g + i, sizeof(float) * (size_t)m);
+            memcpy(ups, u + i, sizeof(float) * (size_t)m);
+            const __m256 x = _mm256_loadu_ps(lanes);
+            const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+            const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
+            const __m256 sign = _mm256_and_ps(inner, _mm256_set1_ps(-0.0f));
+            const __m256 d = _mm256_sub_ps(exp8(_mm256_mul_ps(two, _mm256_xor_ps(inner, sign))), one);
+            const __m256 th = _mm256_xor_ps(_mm256_div_ps(d, _mm256_add_ps(d, two)), sign);
+            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, th));
+            _mm256_storeu_ps(res, _mm256_mul_ps(gelu, _mm256_loadu_ps(ups)));
+            memcpy(act + t * inter + i, res, sizeof(float) * (size_t)m);
+        }
+    }
+}
+
+static inline void gelu_bf16(const uint16_t *gate_up, long n, long inter, uint16_t *act, int threads) {
+    (void)threads; /* at the bf16 plan's 1-32 rows one thread is enough */
+    gelu_mul_bf16(gate_up, n, inter, act);
+}
+static inline void gelu_f32(const float *gate_up, long n, long inter, float *act, int threads) {
+    gelu_mul_f32(gate_up, n, inter, act, threads);
+}
+
+/* A projection y [n, n_out] = x [n, k] W^T through the dtype's GEMM (bf16: plain rows; fp32: panels). */
+static inline void proj_bf16(const Plan *p, const void *w, long n_out, long k, long n, const uint16_t *x,
+                             uint16_t *y, int threads) {
+    ((gemv_fn)p->gemv)(w, k, x, k, NULL, n, n_out, k, y, n_out, threads);
+}
+static inline void proj_f32(const Plan *p, const void *w, long n_out, long k, long n, const float *x, float *y,
+                            int threads) {
+    ((gemm_f32_fn)p->gemv)(w, NULL, 0, n_out, k, x, k, NULL, n, y, n_out, threads);
+}
+
+/* h_out [n, hidden] = layer(h [n, hidden]) for n decode tokens (token t at cache row rows[t],
+   position pos[t]), writing their K/V into the layer's caches; cos, sin: [n, d] with row stride
+   sc; slots: int64 [n], each token's LoRA slot (0: base; NULL: all base); scratch: of the dtype,
+   decode_layer_scratch(p) elements. Returns 0, or -1 (h_out not written) where n is outside
+   1..max_rows, a row or position is outside the caches (nothing written then), d > MAX_D,
+   max_rank > LORA_MAX_RANK, or memory ran out. One body for both dtypes (T, and SFX naming the
+   helpers above and the kernel types). */
+#define DECODE_LAYER(NAME, T, SFX, NORM, RESIDUAL, PREP)                                                           \
+int NAME(const Plan *p, const Layer *l, long n, const T *h, T *h_out, const T *cos, const T *sin, long sc,         \
+         const int64_t *rows, const int64_t *pos, const int64_t *slots, T *scratch, int threads) {                \
+    const long hid = p->hidden, qw = p->heads * p->d, kvw = p->kvh * p->d, qkvw = qw + 2 * kvw, inter = p->inter;  \
+    if (n < 1 || n > p->max_rows || p->d > MAX_D || p->max_rank > LORA_MAX_RANK) return -1;                        \
+    T *x = scratch, *qkv = x + n * hid, *q = qkv + n * qkvw, *att = q + n * qw, *a = att + n * qw;                 \
+    T *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;                        \
+    T *m = act + n * inter;                                                                                        \
+    ((NORM)p->norm)(h, hid, 0, l->input_norm, n, 1, hid, l->input_eps, x);                                        \
+    proj_##SFX(p, l->qkv, qkvw, hid, n, x, qkv, threads);                                                          \
+    lora_add_##SFX(p, &l->lora[L_Q], hid, qw, n, x, hid, qkv, qkvw, slots, threads);                               \
+    lora_add_##SFX(p, &l->lora[L_K], hid, kvw, n, x, hid, qkv + qw, qkvw, slots, threads);                         \
+    lora_add_##SFX(p, &l->lora[L_V], hid, kvw, n, x, hid, qkv + qw + kvw, qkvw, slots, threads);                   \
+    if (((PREP)p->prep)(qkv, qkvw, p->d, qkv + qw, qkvw, p->d, qkv + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps,    \
+                        l->k_norm, l->k_eps, cos, sin, sc, n, p->heads, p->kvh, p->d, q, l->kc, l->vc,             \
+                        l->row_cap, l->pos_cap, l->c_row, l->c_head, l->c_pos, rows, pos))                         \
+        return -1;                                                                                                 \
+    if (attend_##SFX(p, l, n, q, rows, pos, att, threads)) return -1;                                              \
+    proj_##SFX(p, l->o, hid, qw, n, att, a, threads);                                                              \
+    lora_add_##SFX(p, &l->lora[L_O], qw, hid, n, att, qw, a, hid, slots, threads);                                 \
+    ((RESIDUAL)p->residual)(a, h, l->post_attn, l->post_attn_eps, l->pre_ff, l->pre_ff_eps, n, hid, h1, x2);      \
+    proj_##SFX(p, l->gate_up, 2 * inter, hid, n, x2, gu, threads);                                                 \
+    lora_add_##SFX(p, &l->lora[L_GATE], hid, inter, n, x2, hid, gu, 2 * inter, slots, threads);                    \
+    lora_add_##SFX(p, &l->lora[L_UP], hid, inter, n, x2, hid, gu + inter, 2 * inter, slots, threads);              \
+    gelu_##SFX(gu, n, inter, act, threads);                                                                        \
+    proj_##SFX(p, l->down, hid, inter, n, act, m, threads);                                                        \
+    lora_add_##SFX(p, &l->lora[L_DOWN], inter, hid, n, act, inter, m, hid, slots, threads);                        \
+    ((RESIDUAL)p->residual)(m, h1, l->post_ff, l->post_ff_eps, NULL, 0.0f, n, hid, h_out, NULL);                  \
+    return 0;                                                                                                      \
+}
+DECODE_LAYER(decode_layer_bf16, uint16_t, bf16, norm_fn, residual_fn, prep_fn)
+DECODE_LAYER(decode_layer_f32, float, f32, norm_f32_fn, residual_f32_fn, prep_f32_fn)
+
+/* Elements of scratch (of the layer's dtype) decode_layer_bf16 or decode_layer_f32 needs at p->max_rows rows. */
 long decode_layer_scratch(const Plan *p) {
     const long qw = p->heads * p->d, qkvw = qw + 2 * p->kvh * p->d;
     return p->max_rows * (5 * p->hidden + qkvw + 2 * qw + 3 * p->inter);

@@ -1,4 +1,4 @@
-"""A Gemma 3 decoder layer of a small bf16 decode step as one C call (``decode_layer.c``).
+"""A Gemma 3 decoder layer of a decode step (bf16 or fp32) as one C call (``decode_layer.c``).
 
 At one row the kernels of a bf16 step (the C GEMVs of :mod:`cpu_gemv`, the norms of
 :mod:`cpu_fused`) stream the weights at the memory's pace, and the Python between them was the
@@ -10,13 +10,20 @@ are bitwise the Python path's; attention and GELU are computed in C in fp32, rou
 rounds them, and may differ from ATen's by a bf16 ulp (``decode_layer.c``).
 
 It applies where the runner is bf16 on CPU with a C GEMV for its GEMM (``kernels.small_rows_linear``:
-1-4 rows; ``kernels.upcast_linear``: 1-32), the model is Gemma 3's layout (sandwich norms, q/k
-norms, tanh GELU, no biases) with every norm on the C kernel, and the step's tokens are decode
-tokens (no prompt chunk; ``runner.Forward`` decides). Adapter tokens take it too: after each
+1-4 rows; ``kernels.upcast_linear``: 1-32), or fp32 with the panel GEMM of :mod:`panel_gemm`
+(AVX-512F; 1-64 rows, the fused kernels' limit at Gemma 3 270M's 4 heads), the model is Gemma 3's
+layout (sandwich norms, q/k norms, tanh GELU, no biases) with every norm on the C kernel, and the
+step's tokens are decode tokens (no prompt chunk; ``runner.Forward`` decides). Adapter tokens take it too: after each
 projection the C call adds each token's LoRA delta from its slot's bank (:class:`~.slots.SlotBank`,
 re-pointed when a bank is allocated), rounded in PEFT's bf16 order as :mod:`~.lora` adds it (a
 delta's fp32 sums may differ from ATen's bmm by a bf16 ulp). Elsewhere :meth:`PlannedLayers.build`
 is None and every layer runs as before.
+
+In fp32 the same kernels' fp32 variants run (norms, RoPE, the K/V writes, the panel GEMM and the
+LoRA kernel, so those are bitwise the Python path's); attention (a token's query heads of a KV
+group read each K/V row once) and GELU are fp32 in C, within a few fp32 ulps of ATen's. On the
+2-core Xeon without bf16 units (``bench.step_bench --baseline unplanned``, full head) a step took
+1.19-1.22x less time at 1 row, 1.12x at 16, 1.04-1.05x at 32 and 1.03x at 64.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapterctl.server.engine import cpu_build, cpu_fused, cpu_gemv, kernels, lora_cpu
+from adapterctl.server.engine import cpu_build, cpu_fused, cpu_gemv, kernels, lora_cpu, panel_gemm
 
 if TYPE_CHECKING:
     from adapterctl.server.engine.lora import LoraLinear
@@ -79,12 +86,15 @@ def library() -> ctypes.CDLL | None:
     lib.decode_layer_bf16.restype = ctypes.c_int
     lib.decode_layer_scratch.argtypes = [_P]
     lib.decode_layer_scratch.restype = _L
+    lib.decode_layer_f32.argtypes = lib.decode_layer_bf16.argtypes
+    lib.decode_layer_f32.restype = ctypes.c_int
     lib.gelu_mul_bf16.argtypes = [_P, _L, _L, _P]
-    lib.gelu_mul_bf16.restype = None
-    agree = _gelu_agreement(lib)
-    if agree < GELU_AGREEMENT:
-        log.warning("planned decode layer: its GELU matches ATen's on %.4f of the probe (< %s); not using it",
-                    agree, GELU_AGREEMENT)
+    lib.gelu_mul_f32.argtypes = [_P, _L, _L, _P, ctypes.c_int]
+    lib.gelu_mul_bf16.restype = lib.gelu_mul_f32.restype = None
+    agree, err = _gelu_agreement(lib), _gelu_f32_error(lib)
+    if agree < GELU_AGREEMENT or not err <= GELU_F32_ERROR:
+        log.warning("planned decode layer: its GELU matches ATen's on %.4f of the probe in bf16 (< %s) or is %.3g "
+                    "off in fp32 (> %s); not using it", agree, GELU_AGREEMENT, err, GELU_F32_ERROR)
         return None
     return lib
 
@@ -93,11 +103,21 @@ def library() -> ctypes.CDLL | None:
 GELU_AGREEMENT = 0.995
 
 
+# fp32: the largest |C - ATen| / (|ATen| + 2^-23 |gate| |up|) on the probe: the second term is an fp32 ulp of
+# 1 + tanh where it cancels (gates below ~-2), so this bounds the error to a few ulps of what the product could
+# round to (measured 0.5; a GELU off by a factor of 2 would be ~1)
+GELU_F32_ERROR = 0.75
+
+
 def gelu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
-    """The C ``bf16(gelu_tanh(gate)) * up`` of ``gate_up`` [n, 2 * inter] (contiguous bf16) -> [n, inter]."""
+    """The C ``gelu_tanh(gate) * up`` of ``gate_up`` [n, 2 * inter] (contiguous bf16, each product
+    rounded as ATen rounds it, or fp32) -> [n, inter]."""
     n, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((n, inter), dtype=torch.bfloat16)
-    lib.gelu_mul_bf16(gate_up.data_ptr(), n, inter, out.data_ptr())
+    out = torch.empty((n, inter), dtype=gate_up.dtype)
+    if gate_up.dtype == torch.float32:
+        lib.gelu_mul_f32(gate_up.data_ptr(), n, inter, out.data_ptr(), torch.get_num_threads())
+    else:
+        lib.gelu_mul_bf16(gate_up.data_ptr(), n, inter, out.data_ptr())
     return out
 
 
@@ -106,6 +126,19 @@ def probe_gate_up() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     gate = torch.linspace(-12, 12, 3 * 1003).view(3, 1003)
     return torch.cat([gate, torch.randn(3, 1003, generator=gen) * 3], dim=1).bfloat16()
+
+
+def gelu_f32_error(got: torch.Tensor, gate_up: torch.Tensor) -> float:
+    """The largest ``|got - ATen| / (|ATen| + 2^-23 |gate| |up|)`` of fp32 ``got`` against ATen's
+    ``gelu_tanh(gate) * up`` of ``gate_up`` (fp32)."""
+    gate, up = gate_up.chunk(2, dim=1)
+    want = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    return float(((got - want).abs() / (want.abs() + 2.0 ** -23 * gate.abs() * up.abs())).max())
+
+
+def _gelu_f32_error(lib: ctypes.CDLL) -> float:
+    gate_up = probe_gate_up().float()
+    return gelu_f32_error(gelu_mul(lib, gate_up), gate_up)
 
 
 def _gelu_agreement(lib: ctypes.CDLL) -> float:
@@ -125,10 +158,21 @@ def _gemv_kernel(gemm: kernels.Gemm, widths: tuple[int, ...]) -> cpu_gemv.Kernel
     return None
 
 
-def _plain(lin) -> torch.Tensor | None:
-    """The plain bf16 [out, in] weight a LoraLinear's GEMM reads (None: biased, or not plain)."""
-    w = kernels.plain(lin.operand if lin.operand is not None else lin.base.weight)
-    return w if lin.base.bias is None and w.dtype == torch.bfloat16 and w.is_contiguous() else None
+def _operand(lin) -> Any:
+    """The operand a LoraLinear's GEMM reads (None: its base is biased)."""
+    return None if lin.base.bias is not None else lin.operand if lin.operand is not None else lin.base.weight
+
+
+def _weight(operand: Any, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
+    """The tensor the C layer reads for a GEMM ``operand`` of ``shape`` [out, in]: bf16 its plain
+    contiguous rows, fp32 its panel GEMM panels; None where it has neither."""
+    if operand is None:
+        return None
+    if dtype == torch.float32:
+        ok = isinstance(operand, panel_gemm.Panels) and operand.shape == shape and operand.data.is_contiguous()
+        return operand.data if ok else None
+    w = kernels.plain(operand)
+    return w if w.dtype == torch.bfloat16 and tuple(w.shape) == shape and w.is_contiguous() else None
 
 
 class PlannedLayers:
@@ -136,12 +180,13 @@ class PlannedLayers:
     base decode tokens (:meth:`run`)."""
 
     def __init__(self, lib: ctypes.CDLL, plan: _Plan, layers: list[_Layer], keep: list[torch.Tensor],
-                 bank: "SlotBank", lora: list[list["LoraLinear"]]) -> None:
-        self.lib, self.plan, self.layers = lib, plan, layers
+                 bank: "SlotBank", lora: list[list["LoraLinear"]], dtype: torch.dtype = torch.bfloat16) -> None:
+        self.lib, self.plan, self.layers, self.dtype = lib, plan, layers, dtype
+        self._call = lib.decode_layer_f32 if dtype == torch.float32 else lib.decode_layer_bf16
         self.max_rows, self.hidden = plan.max_rows, plan.hidden
         self._keep = keep  # the runner's weights and norm scales the plan points into, kept alive with it
         self._caches: list[tuple[int, ...] | None] = [None] * len(layers)  # (kc, vc, shape) each plan points at
-        self.scratch = torch.empty(lib.decode_layer_scratch(ctypes.byref(plan)), dtype=torch.bfloat16)
+        self.scratch = torch.empty(lib.decode_layer_scratch(ctypes.byref(plan)), dtype=dtype)
         # per layer, its projections in LORA_ORDER; their slot banks are pointed at as the bank allocates them
         self.bank, self._lora, self._generation = bank, lora, -1
 
@@ -160,15 +205,15 @@ class PlannedLayers:
         cfg, bank = runner.config, runner.bank
         hidden, heads, kvh, d = cfg.hidden_size, runner.num_heads, runner.kv_heads, runner.head_dim
         inter = cfg.intermediate_size
-        kernel = _gemv_kernel(runner.gemm, (hidden, heads * d, inter))
-        if (kernel is None or runner.dtype != torch.bfloat16 or runner.device.type != "cpu" or not runner.sandwich
-                or getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh" or bank.max_rank > lora_cpu.MAX_RANK):
+        if (runner.device.type != "cpu" or not runner.sandwich or heads % kvh or bank.max_rank > lora_cpu.MAX_RANK
+                or getattr(cfg, "hidden_activation", None) != "gelu_pytorch_tanh"
+                or any(k > lora_cpu.MAX_IN for k in (hidden, heads * d, inter))):
             return None
-        lib, gemv, fused, lora_lib = library(), cpu_gemv.library(kernel), cpu_fused.library(), lora_cpu.library()
-        if lib is None or gemv is None or fused is None or lora_lib is None:
+        kernels_ = cls._kernels(runner, (hidden, heads * d, inter))
+        lib = library()
+        if kernels_ is None or lib is None:
             return None
-        if any(k % kernel.k_multiple or k > lora_cpu.MAX_IN for k in (hidden, heads * d, inter)) or heads % kvh:
-            return None  # (the LoRA kernel takes inputs of a multiple of 8 up to MAX_IN; k_multiple is 16 or 32)
+        fns, max_rows = kernels_
         keep: list[torch.Tensor] = [bank.scale]
         layers, lora = [], []
         for i, layer in enumerate(runner.layers):
@@ -178,13 +223,33 @@ class PlannedLayers:
                 return None
             layers.append(planned)
             lora.append(mods)
-        fns = (gemv.gemv_bf16, fused.rms_norm_bf16, fused.residual_norm_bf16, fused.attention_prep_bf16,
-               lora_lib.lora_bf16)
         plan = _Plan(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns), hidden, heads, kvh, d, inter,
-                     min(kernel.max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.max_rank)
-        log.info("decoder layers planned as one C call each for 1-%d bf16 decode rows (base or adapter)",
-                 plan.max_rows)
-        return cls(lib, plan, layers, keep, bank, lora)
+                     min(max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.max_rank)
+        log.info("decoder layers planned as one C call each for 1-%d %s decode rows (base or adapter)",
+                 plan.max_rows, str(runner.dtype).rsplit(".", 1)[-1])
+        return cls(lib, plan, layers, keep, bank, lora, runner.dtype)
+
+    @staticmethod
+    def _kernels(runner: "ModelRunner", widths: tuple[int, ...]) -> tuple[tuple[Any, ...], int] | None:
+        """(the GEMM, norm, residual norm, attention prep and LoRA kernels of the runner's dtype, the
+        most rows its GEMM takes), or None where its dtype and GEMM have none here: bf16 with a C
+        GEMV (its ``k_multiple``; the LoRA kernel wants inputs of a multiple of 8), fp32 with the
+        panel GEMM."""
+        fused, lora_lib = cpu_fused.library(), lora_cpu.library()
+        if fused is None or lora_lib is None:
+            return None
+        if runner.dtype == torch.float32 and runner.gemm is kernels.panel_linear:
+            panel = panel_gemm.library()
+            if panel is None:
+                return None
+            return (panel.gemm_f32, fused.rms_norm_f32, fused.residual_norm_f32, fused.attention_prep_f32,
+                    lora_lib.lora_fp32), cpu_fused.MAX_ROWS
+        kernel = _gemv_kernel(runner.gemm, widths)
+        gemv = None if kernel is None or runner.dtype != torch.bfloat16 else cpu_gemv.library(kernel)
+        if kernel is None or gemv is None or any(k % kernel.k_multiple for k in widths):
+            return None
+        return (gemv.gemv_bf16, fused.rms_norm_bf16, fused.residual_norm_bf16, fused.attention_prep_bf16,
+                lora_lib.lora_bf16), kernel.max_rows
 
     @staticmethod
     def _lora_modules(runner: "ModelRunner", i: int) -> list["LoraLinear"] | None:
@@ -207,10 +272,10 @@ class PlannedLayers:
         if qkv is None or gate_up is None or not qk or res is None or qkv.bias is not None or gate_up.bias is not None:
             return None
         norm = layer.input_layernorm.c_params() if hasattr(layer.input_layernorm, "c_params") else None
-        weights = [kernels.plain(qkv.weight), _plain(attn.o_proj), kernels.plain(gate_up.weight), _plain(mlp.down_proj)]
         shapes = [(heads * d + 2 * kvh * d, hidden), (hidden, heads * d), (2 * inter, hidden), (hidden, inter)]
-        if norm is None or any(w is None or w.dtype != torch.bfloat16 or tuple(w.shape) != s or not w.is_contiguous()
-                               for w, s in zip(weights, shapes)):
+        ops = [qkv.weight, _operand(attn.o_proj), gate_up.weight, _operand(mlp.down_proj)]
+        weights = [_weight(w, s, runner.dtype) for w, s in zip(ops, shapes)]
+        if norm is None or any(w is None for w in weights):
             return None
         scales = [norm, *qk, *res]  # input, q, k, post-attention, pre- and post-feedforward: (fp32 scale, eps)
         keep += [*weights, *(s for s, _ in scales)]
@@ -225,7 +290,8 @@ class PlannedLayers:
         contiguous, 0: base; None: all base), ``cos``/``sin`` [n, 1, d] -> [n, hidden], having written
         their K/V into ``kc``/``vc`` [row_cap, kvh, pos_cap, d]; None (nothing written) where a row or
         position is outside the caches, or ``h``, ``cos``, ``sin``, ``slots`` are not as described."""
-        if not h.is_contiguous() or cos.dtype != torch.bfloat16 or sin.stride() != cos.stride():
+        if (not h.is_contiguous() or h.dtype != self.dtype or cos.dtype != self.dtype
+                or sin.stride() != cos.stride()):
             return None
         if slots is not None:
             if slots.dtype != torch.int64 or not slots.is_contiguous() or slots.device.type != "cpu":
@@ -240,8 +306,8 @@ class PlannedLayers:
                 *kc.stride()[:3]
             self._caches[i] = cache
         n = h.shape[0]
-        out = torch.empty((n, self.hidden), dtype=torch.bfloat16)
-        rc = self.lib.decode_layer_bf16(ctypes.addressof(self.plan), ctypes.addressof(layer), n, h.data_ptr(),
+        out = torch.empty((n, self.hidden), dtype=self.dtype)
+        rc = self._call(ctypes.addressof(self.plan), ctypes.addressof(layer), n, h.data_ptr(),
                                         out.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.stride(0), rows.data_ptr(),
                                         pos.data_ptr(), None if slots is None else slots.data_ptr(),
                                         self.scratch.data_ptr(), torch.get_num_threads())
