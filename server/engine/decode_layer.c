@@ -21,6 +21,7 @@
    ATen's; everything else bitwise the Python path's. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -255,28 +256,32 @@ static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, con
 
 /* act[t, i] = gelu_tanh(gate[t, i]) * up[t, i] in fp32, gate_up [n, 2 * inter] (gate columns
    first): gelu_mul_bf16's arithmetic without its roundings to bf16 (its tanh from e^x, so the last
-   fp32 bits may differ from ATen's), rows split over ``threads`` (at 64 rows a single thread's
-   GELU cost ~2.7 ms a Gemma 3 270M step). Exported for decode_layer.py's probe. */
-void gelu_mul_f32(const float *gate_up, long n, long inter, float *act, int threads) {
+   fp32 bits may differ from ATen's), rows split over ``threads``. Exported for decode_layer.py's probe. */
+static inline __m256 gelu_up8(__m256 x, __m256 up) {
     const __m256 beta = _mm256_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
     const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
+    const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+    const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
+    const __m256 sign = _mm256_and_ps(inner, _mm256_set1_ps(-0.0f));
+    const __m256 d = _mm256_sub_ps(exp8(_mm256_mul_ps(two, _mm256_xor_ps(inner, sign))), one);
+    const __m256 th = _mm256_xor_ps(_mm256_div_ps(d, _mm256_add_ps(d, two)), sign);
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, th)), up);
+}
+
+void gelu_mul_f32(const float *gate_up, long n, long inter, float *act, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n > 1)
     for (long t = 0; t < n; t++) {
         const float *g = gate_up + t * 2 * inter, *u = g + inter;
-        for (long i = 0; i < inter; i += 8) {
+        float *y = act + t * inter;
+        long i = 0;
+        for (; i + 8 <= inter; i += 8)
+            _mm256_storeu_ps(y + i, gelu_up8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+        if (i < inter) { /* the ragged end through zero-padded lanes */
             float lanes[8] = {0}, ups[8] = {0}, res[8];
-            const long m = inter - i < 8 ? inter - i : 8;
-            memcpy(lanes, g + i, sizeof(float) * (size_t)m);
-            memcpy(ups, u + i, sizeof(float) * (size_t)m);
-            const __m256 x = _mm256_loadu_ps(lanes);
-            const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-            const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
-            const __m256 sign = _mm256_and_ps(inner, _mm256_set1_ps(-0.0f));
-            const __m256 d = _mm256_sub_ps(exp8(_mm256_mul_ps(two, _mm256_xor_ps(inner, sign))), one);
-            const __m256 th = _mm256_xor_ps(_mm256_div_ps(d, _mm256_add_ps(d, two)), sign);
-            const __m256 gelu = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, th));
-            _mm256_storeu_ps(res, _mm256_mul_ps(gelu, _mm256_loadu_ps(ups)));
-            memcpy(act + t * inter + i, res, sizeof(float) * (size_t)m);
+            memcpy(lanes, g + i, sizeof(float) * (size_t)(inter - i));
+            memcpy(ups, u + i, sizeof(float) * (size_t)(inter - i));
+            _mm256_storeu_ps(res, gelu_up8(_mm256_loadu_ps(lanes), _mm256_loadu_ps(ups)));
+            memcpy(y + i, res, sizeof(float) * (size_t)(inter - i));
         }
     }
 }
@@ -306,6 +311,15 @@ static inline void proj_f32(const Plan *p, const void *w, long n_out, long k, lo
    1..max_rows, a row or position is outside the caches (nothing written then), d > MAX_D,
    max_rank > LORA_MAX_RANK, or memory ran out. One body for both dtypes (T, and SFX naming the
    helpers above and the kernel types). */
+/* CALL over this thread's part t0..t0 + nn - 1 of the n tokens, the parts split over nt threads (the
+   row-wise kernels, single-threaded, measured ~3 ms of a 64-row fp32 step run on one core). */
+#define ROW_SPLIT_MIN 8
+#define BY_ROWS(nt, CALL)                                                                                          \
+    _Pragma("omp parallel num_threads(nt) if (nt > 1)") {                                                          \
+        const long part = omp_get_thread_num(), parts = omp_get_num_threads();                                     \
+        const long t0 = n * part / parts, nn = n * (part + 1) / parts - t0;                                        \
+        if (nn > 0) CALL;                                                                                          \
+    }
 #define DECODE_LAYER(NAME, T, SFX, NORM, RESIDUAL, PREP)                                                           \
 int NAME(const Plan *p, const Layer *l, long n, const T *h, T *h_out, const T *cos, const T *sin, long sc,         \
          const int64_t *rows, const int64_t *pos, const int64_t *slots, T *scratch, int threads) {                \
@@ -314,26 +328,31 @@ int NAME(const Plan *p, const Layer *l, long n, const T *h, T *h_out, const T *c
     T *x = scratch, *qkv = x + n * hid, *q = qkv + n * qkvw, *att = q + n * qw, *a = att + n * qw;                 \
     T *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;                        \
     T *m = act + n * inter;                                                                                        \
-    ((NORM)p->norm)(h, hid, 0, l->input_norm, n, 1, hid, l->input_eps, x);                                        \
+    const int nt = n >= ROW_SPLIT_MIN ? threads : 1;                                                               \
+    BY_ROWS(nt, ((NORM)p->norm)(h + t0 * hid, hid, 0, l->input_norm, nn, 1, hid, l->input_eps, x + t0 * hid));    \
     proj_##SFX(p, l->qkv, qkvw, hid, n, x, qkv, threads);                                                          \
     lora_add_##SFX(p, &l->lora[L_Q], hid, qw, n, x, hid, qkv, qkvw, slots, threads);                               \
     lora_add_##SFX(p, &l->lora[L_K], hid, kvw, n, x, hid, qkv + qw, qkvw, slots, threads);                         \
     lora_add_##SFX(p, &l->lora[L_V], hid, kvw, n, x, hid, qkv + qw + kvw, qkvw, slots, threads);                   \
-    if (((PREP)p->prep)(qkv, qkvw, p->d, qkv + qw, qkvw, p->d, qkv + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps,    \
-                        l->k_norm, l->k_eps, cos, sin, sc, n, p->heads, p->kvh, p->d, q, l->kc, l->vc,             \
-                        l->row_cap, l->pos_cap, l->c_row, l->c_head, l->c_pos, rows, pos))                         \
-        return -1;                                                                                                 \
+    for (long t = 0; t < n; t++) /* checked here, so a part's kernel call cannot fail after another wrote */       \
+        if (rows[t] < 0 || rows[t] >= l->row_cap || pos[t] < 0 || pos[t] >= l->pos_cap) return -1;                \
+    BY_ROWS(nt, ((PREP)p->prep)(qkv + t0 * qkvw, qkvw, p->d, qkv + t0 * qkvw + qw, qkvw, p->d,                     \
+                                qkv + t0 * qkvw + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps, l->k_norm, l->k_eps,  \
+                                cos + t0 * sc, sin + t0 * sc, sc, nn, p->heads, p->kvh, p->d, q + t0 * qw, l->kc,  \
+                                l->vc, l->row_cap, l->pos_cap, l->c_row, l->c_head, l->c_pos, rows + t0, pos + t0)); \
     if (attend_##SFX(p, l, n, q, rows, pos, att, threads)) return -1;                                              \
     proj_##SFX(p, l->o, hid, qw, n, att, a, threads);                                                              \
     lora_add_##SFX(p, &l->lora[L_O], qw, hid, n, att, qw, a, hid, slots, threads);                                 \
-    ((RESIDUAL)p->residual)(a, h, l->post_attn, l->post_attn_eps, l->pre_ff, l->pre_ff_eps, n, hid, h1, x2);      \
+    BY_ROWS(nt, ((RESIDUAL)p->residual)(a + t0 * hid, h + t0 * hid, l->post_attn, l->post_attn_eps, l->pre_ff,    \
+                                        l->pre_ff_eps, nn, hid, h1 + t0 * hid, x2 + t0 * hid));                    \
     proj_##SFX(p, l->gate_up, 2 * inter, hid, n, x2, gu, threads);                                                 \
     lora_add_##SFX(p, &l->lora[L_GATE], hid, inter, n, x2, hid, gu, 2 * inter, slots, threads);                    \
     lora_add_##SFX(p, &l->lora[L_UP], hid, inter, n, x2, hid, gu + inter, 2 * inter, slots, threads);              \
     gelu_##SFX(gu, n, inter, act, threads);                                                                        \
     proj_##SFX(p, l->down, hid, inter, n, act, m, threads);                                                        \
     lora_add_##SFX(p, &l->lora[L_DOWN], inter, hid, n, act, inter, m, hid, slots, threads);                        \
-    ((RESIDUAL)p->residual)(m, h1, l->post_ff, l->post_ff_eps, NULL, 0.0f, n, hid, h_out, NULL);                  \
+    BY_ROWS(nt, ((RESIDUAL)p->residual)(m + t0 * hid, h1 + t0 * hid, l->post_ff, l->post_ff_eps, NULL, 0.0f, nn,   \
+                                        hid, h_out + t0 * hid, NULL));                                             \
     return 0;                                                                                                      \
 }
 DECODE_LAYER(decode_layer_bf16, uint16_t, bf16, norm_fn, residual_fn, prep_fn)

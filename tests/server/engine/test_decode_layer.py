@@ -16,6 +16,7 @@ pytestmark = pytest.mark.skipif(not (cpu_build.avx2_host() and shutil.which("cc"
                                 reason="the planned layer needs Linux x86-64 with AVX2 and a C compiler")
 
 PROMPTS = [[2, 40, 7, 300, 12, 9], [2, 41, 8, 301, 13, 10, 77], [2, 42, 9, 302]]
+PROMPTS += [[2, 43 + i, 10 + i, 303 + i, *range(20, 20 + i)] for i in range(6)]  # up to 9 rows
 
 
 def _runner(tiny_base, dtype="bfloat16", rows=2, max_positions=64, model=None, max_rank=8,
@@ -255,11 +256,12 @@ def test_the_c_fp32_gelu_is_within_a_few_ulps_of_atens():
         assert decode_layer.gelu_f32_error(2 * want, gate_up) > decode_layer.GELU_F32_ERROR
 
 
-@pytest.mark.parametrize("slots", [[0, 0], [1, 2]])
+@pytest.mark.parametrize("rows,slots", [(2, [0, 0]), (2, [1, 2]), (9, [0, 0, 0, 1, 1, 1, 2, 2, 2])])
 def test_fp32_with_the_panel_gemm_takes_the_planned_layer_close_to_the_python_path(tiny_base, loaded_adapters,
-                                                                                     slots):
+                                                                                     rows, slots):
     """fp32 where the panel GEMM loads (AVX-512F): every layer of 12 teacher-forced decode steps
-    of two rows (base, or each its adapter: rank 8 on q/k/v/o, rank 16 on every projection) takes
+    of two rows, or nine (whose row-wise kernels the layer splits over threads), base or each
+    row its adapter (rank 8 on q/k/v/o, rank 16 on every projection), takes
     the C call, writes layer 0's K/V bitwise as the Python path does (the same norm, GEMM, LoRA and
     RoPE kernels), and its logits are within fp32 rounding of that path's (attention and GELU in
     C) with the same argmax."""
@@ -269,7 +271,7 @@ def test_fp32_with_the_panel_gemm_takes_the_planned_layer_close_to_the_python_pa
         pytest.skip("no AVX-512F panel GEMM here")
     args = dict(max_rank=16, lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                            "down_proj"), dtype="float32")
-    planned, python = _runner(tiny_base, **args), _runner(tiny_base, planned_layers=False, **args)
+    planned, python = _runner(tiny_base, rows=rows, **args), _runner(tiny_base, rows=rows, planned_layers=False, **args)
     assert planned.gemm is kernels.panel_linear and planned.planned is not None
     assert planned.planned.max_rows == 256 // planned.num_heads and planned.planned.scratch.dtype == torch.float32
     for slot, name in ((1, "r8-qkvo"), (2, "r16-all-rslora")):
@@ -278,14 +280,14 @@ def test_fp32_with_the_panel_gemm_takes_the_planned_layer_close_to_the_python_pa
     calls = _counting(planned)
     worst = 0.0
     for step in range(12):
-        pos = [len(p) + step for p in PROMPTS[:2]]
-        tokens = [100 + 7 * step, 900 + 3 * step]
-        got, want = (_decode(r, 2, pos, tokens, slots) for r in (planned, python))
+        pos = [len(p) + step for p in PROMPTS[:rows]]
+        tokens = [100 + 7 * step + 50 * i for i in range(rows)]
+        got, want = (_decode(r, rows, pos, tokens, slots) for r in (planned, python))
         for row, p in enumerate(pos):
             assert torch.equal(planned.kv.k[0][row, :, p], python.kv.k[0][row, :, p])
             assert torch.equal(planned.kv.v[0][row, :, p], python.kv.v[0][row, :, p])
         assert torch.equal(got.argmax(-1), want.argmax(-1))
         worst = max(worst, float((got - want).abs().max() / want.abs().max()))
     assert calls == [0, 1] * 12
-    print(f"slots {slots}: largest |planned - python| logit over the largest |logit|: {worst:.2e}")
+    print(f"{rows} rows, slots {slots}: largest |planned - python| logit over the largest |logit|: {worst:.2e}")
     assert worst <= 1e-5
