@@ -202,9 +202,41 @@ void gelu_mul_bf16(const uint16_t *gate_up, long n, long inter, uint16_t *act) {
     }
 }
 
+static inline float hsum8(__m256 v) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+/* s[j] = scale * q . k_j for the keys k_j (row stride c_pos) j = 0..m-1, d a multiple of 8: four
+   keys at a time, so four independent FMA chains run (one chain was bound by its add latency). */
+static void scores_f32(const float *q, const float *k, long c_pos, long m, long d, float scale, float *s) {
+    long j = 0;
+    for (; j + 4 <= m; j += 4) {
+        const float *k0 = k + j * c_pos, *k1 = k0 + c_pos, *k2 = k1 + c_pos, *k3 = k2 + c_pos;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (long i = 0; i < d; i += 8) {
+            const __m256 qv = _mm256_loadu_ps(q + i);
+            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
+        }
+        s[j] = hsum8(a0) * scale, s[j + 1] = hsum8(a1) * scale, s[j + 2] = hsum8(a2) * scale;
+        s[j + 3] = hsum8(a3) * scale;
+    }
+    for (; j < m; j++) {
+        const float *kj = k + j * c_pos;
+        __m256 a = _mm256_setzero_ps();
+        for (long i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i), a);
+        s[j] = hsum8(a) * scale;
+    }
+}
+
 /* fp32 attention as attend_bf16, without its roundings (scores, weights, sums and the output
-   in fp32), a token's query heads of one KV group together so each K/V row is read once for them
-   (at fewer tokens x groups than threads, each head apart). Returns -1 where group * d > MAX_GD. */
+   in fp32, products fused into FMAs), a token's query heads of one KV group together so each
+   K/V row is read once for them (at fewer tokens x groups than threads, each head apart).
+   d a multiple of 8 (the layer checks). Returns -1 where group * d > MAX_GD. */
 #define MAX_GD 4096
 static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, const int64_t *rows, const int64_t *pos,
                       float *out, int threads) {
@@ -219,32 +251,27 @@ static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, con
     for (long u = 0; u < n * kvh * split; u++) {
         const long t = u / (kvh * split), g = (u / split) % kvh, h0 = g * group + (u % split) * per;
         const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
-        const float *kb = (const float *)l->kc + rows[t] * l->c_row + g * l->c_head;
-        const float *vb = (const float *)l->vc + rows[t] * l->c_row + g * l->c_head;
-        const float *qh = q + (t * heads + h0) * d;
-        float acc[MAX_GD], top[MAX_GD / 8], sum[MAX_GD / 8];
-        for (long e = 0; e < per; e++) top[e] = -INFINITY, sum[e] = 0.0f;
+        const float *kb = (const float *)l->kc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
+        const float *vb = (const float *)l->vc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
+        float acc[MAX_GD] __attribute__((aligned(32))), top[MAX_GD / 8], sum[MAX_GD / 8];
         for (long i = 0; i < per * d; i++) acc[i] = 0.0f;
-        for (long j = lo; j < hi; j++) {
-            const float *kr = kb + j * l->c_pos;
-            for (long e = 0; e < per; e++) {
-                const float *qr = qh + e * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (long i = 0; i < d; i++) dot += qr[i] * kr[i];
-                const float sv = dot * l->scale;
-                scores[((t * heads + h0 + e) * span) + j - lo] = sv;
-                top[e] = sv > top[e] ? sv : top[e];
+        for (long e = 0; e < per; e++) {
+            float *s = scores + (t * heads + h0 + e) * span;
+            scores_f32(q + (t * heads + h0 + e) * d, kb, l->c_pos, hi - lo, d, l->scale, s);
+            top[e] = -INFINITY, sum[e] = 0.0f;
+            for (long j = 0; j < hi - lo; j++) top[e] = s[j] > top[e] ? s[j] : top[e];
+            for (long j = 0; j < hi - lo; j++) {
+                s[j] = expf(s[j] - top[e]);
+                sum[e] += s[j];
             }
         }
-        for (long j = lo; j < hi; j++) {
+        for (long j = 0; j < hi - lo; j++) { /* each V row once for the unit's heads */
             const float *vr = vb + j * l->c_pos;
             for (long e = 0; e < per; e++) {
-                const float w = expf(scores[((t * heads + h0 + e) * span) + j - lo] - top[e]);
+                const __m256 w = _mm256_set1_ps(scores[(t * heads + h0 + e) * span + j]);
                 float *ae = acc + e * d;
-                sum[e] += w;
-#pragma omp simd
-                for (long i = 0; i < d; i++) ae[i] += w * vr[i];
+                for (long i = 0; i < d; i += 8)
+                    _mm256_store_ps(ae + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + i), _mm256_load_ps(ae + i)));
             }
         }
         for (long e = 0; e < per; e++)
@@ -314,6 +341,7 @@ static inline void proj_f32(const Plan *p, const void *w, long n_out, long k, lo
 /* CALL over this thread's part t0..t0 + nn - 1 of the n tokens, the parts split over nt threads (the
    row-wise kernels, single-threaded, measured ~3 ms of a 64-row fp32 step run on one core). */
 #define ROW_SPLIT_MIN 8
+enum { D_MULTIPLE_bf16 = 1, D_MULTIPLE_f32 = 8 }; /* head sizes each attention takes */
 #define BY_ROWS(nt, CALL)                                                                                          \
     _Pragma("omp parallel num_threads(nt) if (nt > 1)") {                                                          \
         const long part = omp_get_thread_num(), parts = omp_get_num_threads();                                     \
@@ -324,7 +352,8 @@ static inline void proj_f32(const Plan *p, const void *w, long n_out, long k, lo
 int NAME(const Plan *p, const Layer *l, long n, const T *h, T *h_out, const T *cos, const T *sin, long sc,         \
          const int64_t *rows, const int64_t *pos, const int64_t *slots, T *scratch, int threads) {                \
     const long hid = p->hidden, qw = p->heads * p->d, kvw = p->kvh * p->d, qkvw = qw + 2 * kvw, inter = p->inter;  \
-    if (n < 1 || n > p->max_rows || p->d > MAX_D || p->max_rank > LORA_MAX_RANK) return -1;                        \
+    if (n < 1 || n > p->max_rows || p->d > MAX_D || p->d % D_MULTIPLE_##SFX || p->max_rank > LORA_MAX_RANK)        \
+        return -1;                                                                                                 \
     T *x = scratch, *qkv = x + n * hid, *q = qkv + n * qkvw, *att = q + n * qw, *a = att + n * qw;                 \
     T *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;                        \
     T *m = act + n * inter;                                                                                        \
