@@ -281,9 +281,7 @@ static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, con
     return 0;
 }
 
-/* act[t, i] = gelu_tanh(gate[t, i]) * up[t, i] in fp32, gate_up [n, 2 * inter] (gate columns
-   first): gelu_mul_bf16's arithmetic without its roundings to bf16 (its tanh from e^x, so the last
-   fp32 bits may differ from ATen's), rows split over ``threads``. Exported for decode_layer.py's probe. */
+/* gelu_tanh(x) * up for 8 fp32 lanes (gelu_mul_f32's arithmetic). */
 static inline __m256 gelu_up8(__m256 x, __m256 up) {
     const __m256 beta = _mm256_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
     const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
@@ -295,6 +293,9 @@ static inline __m256 gelu_up8(__m256 x, __m256 up) {
     return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, th)), up);
 }
 
+/* act[t, i] = gelu_tanh(gate[t, i]) * up[t, i] in fp32, gate_up [n, 2 * inter] (gate columns
+   first): gelu_mul_bf16's arithmetic without its roundings to bf16 (its tanh from e^x, so the last
+   fp32 bits may differ from ATen's), rows split over ``threads``. Exported for decode_layer.py's probe. */
 void gelu_mul_f32(const float *gate_up, long n, long inter, float *act, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (n > 1)
     for (long t = 0; t < n; t++) {

@@ -308,8 +308,7 @@ class PlannedLayers:
             self._caches[i] = cache
         n = h.shape[0]
         out = torch.empty((n, self.hidden), dtype=self.dtype)
-        rc = self._call(ctypes.addressof(self.plan), ctypes.addressof(layer), n, h.data_ptr(),
-                                        out.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.stride(0), rows.data_ptr(),
-                                        pos.data_ptr(), None if slots is None else slots.data_ptr(),
-                                        self.scratch.data_ptr(), torch.get_num_threads())
+        rc = self._call(ctypes.addressof(self.plan), ctypes.addressof(layer), n, h.data_ptr(), out.data_ptr(),
+                        cos.data_ptr(), sin.data_ptr(), cos.stride(0), rows.data_ptr(), pos.data_ptr(),
+                        None if slots is None else slots.data_ptr(), self.scratch.data_ptr(), torch.get_num_threads())
         return out if rc == 0 else None
