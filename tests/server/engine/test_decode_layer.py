@@ -291,3 +291,13 @@ def test_fp32_with_the_panel_gemm_takes_the_planned_layer_close_to_the_python_pa
     assert calls == [0, 1] * 12
     print(f"{rows} rows, slots {slots}: largest |planned - python| logit over the largest |logit|: {worst:.2e}")
     assert worst <= 1e-5
+
+
+def test_fp32_on_onednn_keeps_the_python_path(tiny_base):
+    """The fp32 plan needs the panel GEMM's panels: with ``cpu_gemm="onednn"`` (its blocked
+    layout) there is no plan, and decode steps run the Python layers."""
+    from adapterctl.server.engine import kernels
+
+    r = _runner(tiny_base, dtype="float32", gemm="onednn")
+    assert r.gemm is kernels.onednn_linear and r.planned is None
+    _decode(r, 2, [len(p) for p in PROMPTS[:2]], [5, 6])  # steps still run
