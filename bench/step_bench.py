@@ -1,8 +1,8 @@
-"""``python -m bench.step_bench [--dtype float32] [--rows 1,64] [--steps 30] [--baseline unfused]``:
+"""``python -m bench.step_bench [--dtype float32] [--rows 1,64] [--steps 30] [--baseline unfused] [--prompt 20]``:
 one decode step of the runner as the engine builds it (one-op RMSNorms, packed q/k/v and
 gate/up, the LM head in one piece, weights in the GEMM's layout) against a baseline, both
 in this process on the real base model, alternating step by step so a noisy neighbour
-hits both. Base rows, prompts of 20 tokens, then decode. Baselines:
+hits both. Base rows, prompts of ``--prompt`` tokens (20), then decode. Baselines:
 
 * ``unfused``: HF norm modules, seven GEMMs per layer, the LM head in vocab slices;
 * ``unpacked``: the same step with the weights in their plain layout (``prepack=False``);
@@ -47,18 +47,20 @@ import torch
 
 
 def _runner(base, dtype: str, rows: int, fuse: bool, prepack: bool = True, gemm: str = "auto",
-            fused_ops: bool = True, greedy_head: bool = True, planned: bool = True):
+            fused_ops: bool = True, greedy_head: bool = True, planned: bool = True, prompt: int = 20):
     from adapterctl.basemodel import load_model
     from adapterctl.server.engine.runner import Chunk, ModelRunner
 
-    runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=512, num_slots=max(4, rows),
+    runner = ModelRunner(load_model(base, "cpu", dtype), max_rows=rows, max_positions=max(512, prompt + 256),
+                         num_slots=max(4, rows),
                          max_rank=16,
                          lora_modules=("q_proj", "v_proj"), fuse=fuse, prepack=prepack, gemm=gemm,
                          fused_ops=fused_ops, greedy_head=greedy_head, planned_layers=planned)
     with torch.inference_mode():
         for i in range(rows):
-            runner.kv.alloc_row(256)
-        fwd = runner.start([Chunk(i, 0, [2] + list(range(1000 + 20 * i, 1019 + 20 * i)), 0, True) for i in range(rows)])
+            runner.kv.alloc_row(prompt + 236)
+        fwd = runner.start([Chunk(i, 0, [2] + list(range(1000 + 20 * i, 999 + 20 * i + prompt)), 0, True)
+                            for i in range(rows)])
         while fwd.step():
             pass
     return runner
@@ -93,8 +95,8 @@ def _step(runner, rows: int, pos: int, whole_head: bool, argmax_only: bool = Fal
     return time.perf_counter() - began, fwd.tokens if argmax_only else fwd.logits
 
 
-def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused", lora: bool = False
-            ) -> dict[str, Any]:
+def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused", lora: bool = False,
+            prompt: int = 20) -> dict[str, Any]:
     unpacked, aten_ops = baseline == "unpacked", baseline == "aten_ops"
     full_head, unplanned, fp32 = baseline == "full_head", baseline == "unplanned", baseline == "fp32"
     if fp32 and dtype != "bfloat16":
@@ -103,9 +105,9 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused", 
     # baselines that keep the engine's fused layers
     same_layers = unpacked or gemm != "auto" or aten_ops or full_head or unplanned or fp32
     unfused = _runner(base, "float32" if fp32 else dtype, rows, same_layers, prepack=not unpacked, gemm=gemm,
-                      fused_ops=not aten_ops, greedy_head=not full_head, planned=not unplanned)
+                      fused_ops=not aten_ops, greedy_head=not full_head, planned=not unplanned, prompt=prompt)
     # against ATen's ops the engine keeps ATen's attention and GELU too (the bitwise check of the C ops)
-    fused = _runner(base, dtype, rows, True, planned=not aten_ops)
+    fused = _runner(base, dtype, rows, True, planned=not aten_ops, prompt=prompt)
     if lora:
         _adapters([unfused, fused], rows)
     kept: list[int] = []  # the most candidates a row kept, per greedy step
@@ -117,8 +119,8 @@ def measure(base, dtype: str, rows: int, steps: int, baseline: str = "unfused", 
         fused.greedy_head.select = lambda *a: _counted(real(*a), kept)
     t_old, t_new, identical, diff = [], [], True, 0.0
     for k in range(steps + 3):
-        a, la = _step(unfused, rows, 20 + k, whole_head=same_layers, argmax_only=full_head, lora=lora)
-        b, lb = _step(fused, rows, 20 + k, whole_head=True, argmax_only=full_head, lora=lora)
+        a, la = _step(unfused, rows, prompt + k, whole_head=same_layers, argmax_only=full_head, lora=lora)
+        b, lb = _step(fused, rows, prompt + k, whole_head=True, argmax_only=full_head, lora=lora)
         if full_head:  # both are token lists
             identical &= la == lb
         else:
@@ -156,12 +158,13 @@ def main(argv: list[str] | None = None) -> None:
                         choices=("unfused", "unpacked", "torch", "onednn", "fp32", "aten_ops", "unplanned",
                                  "full_head"))
     parser.add_argument("--lora", action="store_true", help="each row through its own rank-16 q/v adapter")
+    parser.add_argument("--prompt", type=int, default=20, help="prompt tokens per row before the timed decode steps")
     args = parser.parse_args(argv)
     base = base_model()
     out: dict[str, Any] = {"dtype": args.dtype, "threads": torch.get_num_threads(), "baseline": args.baseline,
-                           "lora": args.lora}
+                           "lora": args.lora, "prompt": args.prompt}
     for rows in (int(r) for r in args.rows.split(",")):
-        out.update(measure(base, args.dtype, rows, args.steps, args.baseline, args.lora))
+        out.update(measure(base, args.dtype, rows, args.steps, args.baseline, args.lora, args.prompt))
         old, new = out[f"step_ms_{args.baseline}_b{rows}"], out[f"step_ms_engine_b{rows}"]
         print(f"{rows} rows: {args.baseline} {old:.1f} ms, engine {new:.1f} ms, speedup {old / new:.3f}, logits "
               f"identical {out[f'logits_identical_b{rows}']} (max diff {out[f'logits_max_diff_b{rows}']:.2e})",

@@ -28,40 +28,35 @@
 
 #include "bf16.h"
 
+/* The row-wise kernels of cpu_fused.c and lora_cpu.c for T (uint16_t: bf16; float: fp32), named
+   norm_SFX_fn etc. */
+#define KERNEL_TYPES(T, SFX)                                                                                       \
+    typedef void (*norm_##SFX##_fn)(const T *x, long sn, long sh, const float *scale, long n, long heads,          \
+                                    long dim, float eps, T *y);                                                    \
+    typedef void (*residual_##SFX##_fn)(const T *a, const T *h, const float *scale1, float eps1,                   \
+                                        const float *scale2, float eps2, long n, long dim, T *h_out, T *x_out);   \
+    typedef void (*lora_##SFX##_fn)(const T *x, long ldx, T *y, long ldy, long m, const int64_t *tokens,           \
+                                    const int64_t *slots, long in, long out, const T *a, const T *bt,            \
+                                    long max_rank, const int64_t *ranks, const float *scale, int threads);        \
+    typedef int (*prep_##SFX##_fn)(const T *q, long qn, long qh, const T *k, long kn, long kh, const T *v, long vn, \
+                                   long vh, const float *qscale, float qeps, const float *kscale, float keps,     \
+                                   const T *cos, const T *sin, long sc, long n, long heads, long kvh, long d,     \
+                                   T *qout, T *kc, T *vc, long row_cap, long pos_cap, long c_row, long c_head,    \
+                                   long c_pos, const int64_t *rows, const int64_t *pos);
+KERNEL_TYPES(uint16_t, bf16)
+KERNEL_TYPES(float, f32)
+
+/* bf16: a C GEMV of cpu_gemv (plain rows); fp32: the panel GEMM (gemm_f32_avx512.c): wp its
+   panels, w/ldw plain rows (NULL here). */
 typedef int (*gemv_fn)(const uint16_t *w, long ldw, const uint16_t *x, long ldx, const uint16_t *bias, long rows,
                        long n_out, long k, uint16_t *y, long ldy, int threads);
-typedef void (*norm_fn)(const uint16_t *x, long sn, long sh, const float *scale, long n, long heads, long dim,
-                        float eps, uint16_t *y);
-typedef void (*residual_fn)(const uint16_t *a, const uint16_t *h, const float *scale1, float eps1,
-                            const float *scale2, float eps2, long n, long dim, uint16_t *h_out, uint16_t *x_out);
-typedef void (*lora_fn)(const uint16_t *x, long ldx, uint16_t *y, long ldy, long m, const int64_t *tokens,
-                        const int64_t *slots, long in, long out, const uint16_t *a, const uint16_t *bt, long max_rank,
-                        const int64_t *ranks, const float *scale, int threads);
-typedef int (*prep_fn)(const uint16_t *q, long qn, long qh, const uint16_t *k, long kn, long kh, const uint16_t *v,
-                       long vn, long vh, const float *qscale, float qeps, const float *kscale, float keps,
-                       const uint16_t *cos, const uint16_t *sin, long sc, long n, long heads, long kvh, long d,
-                       uint16_t *qout, uint16_t *kc, uint16_t *vc, long row_cap, long pos_cap, long c_row,
-                       long c_head, long c_pos, const int64_t *rows, const int64_t *pos);
-
-/* fp32: the panel GEMM (gemm_f32_avx512.c): wp its panels, w/ldw plain rows (NULL here). */
 typedef void (*gemm_f32_fn)(const float *wp, const float *w, long ldw, long n_out, long k, const float *x, long ldx,
                             const float *bias, long rows, float *y, long ldy, int threads);
-typedef void (*norm_f32_fn)(const float *x, long sn, long sh, const float *scale, long n, long heads, long dim,
-                            float eps, float *y);
-typedef void (*residual_f32_fn)(const float *a, const float *h, const float *scale1, float eps1,
-                                const float *scale2, float eps2, long n, long dim, float *h_out, float *x_out);
-typedef void (*lora_f32_fn)(const float *x, long ldx, float *y, long ldy, long m, const int64_t *tokens,
-                            const int64_t *slots, long in, long out, const float *a, const float *bt, long max_rank,
-                            const int64_t *ranks, const float *scale, int threads);
-typedef int (*prep_f32_fn)(const float *q, long qn, long qh, const float *k, long kn, long kh, const float *v,
-                           long vn, long vh, const float *qscale, float qeps, const float *kscale, float keps,
-                           const float *cos, const float *sin, long sc, long n, long heads, long kvh, long d,
-                           float *qout, float *kc, float *vc, long row_cap, long pos_cap, long c_row,
-                           long c_head, long c_pos, const int64_t *rows, const int64_t *pos);
 
 /* The model's shapes and the kernels, and the LoRA slot banks' scale [slots + 1] (fp32) and rank
    capacity (decode_layer.py's _Plan mirrors this field for field). The kernels are the dtype's:
-   the *_fn types above for decode_layer_bf16, the *_f32_fn ones for decode_layer_f32. */
+   gemv_fn and the *_bf16_fn types above for decode_layer_bf16, gemm_f32_fn and the *_f32_fn ones for
+   decode_layer_f32. */
 typedef struct {
     void *gemv, *norm, *residual, *prep, *lora;
     long hidden, heads, kvh, d, inter, max_rows;
@@ -98,20 +93,15 @@ typedef struct {
 #define LORA_MAX_RANK 1024 /* lora_cpu.c's MAX_RANK */
 /* y[t, :out] (row stride ldy) += the LoRA delta of x[t, :in] (row stride ldx) for every token t
    whose slot slots[t] targets this projection (lora_cpu.c's lora_bf16, in PEFT's bf16 order). */
-static void lora_add_bf16(const Plan *p, const Lora *m, long in, long out, long n, const uint16_t *x, long ldx,
-                     uint16_t *y, long ldy, const int64_t *slots, int threads) {
-    if (m->a && slots)
-        ((lora_fn)p->lora)(x, ldx, y, ldy, n, NULL, slots, in, out, m->a, m->bt, p->max_rank, m->ranks,
-                           p->lora_scale, threads);
-}
-
-/* lora_add_bf16 for fp32 tokens (lora_cpu.c's lora_fp32). */
-static void lora_add_f32(const Plan *p, const Lora *m, long in, long out, long n, const float *x, long ldx, float *y,
-                         long ldy, const int64_t *slots, int threads) {
-    if (m->a && slots)
-        ((lora_f32_fn)p->lora)(x, ldx, y, ldy, n, NULL, slots, in, out, m->a, m->bt, p->max_rank, m->ranks,
-                               p->lora_scale, threads);
-}
+#define LORA_ADD(T, SFX)                                                                                           \
+    static void lora_add_##SFX(const Plan *p, const Lora *m, long in, long out, long n, const T *x, long ldx, T *y, \
+                               long ldy, const int64_t *slots, int threads) {                                       \
+        if (m->a && slots)                                                                                         \
+            ((lora_##SFX##_fn)p->lora)(x, ldx, y, ldy, n, NULL, slots, in, out, m->a, m->bt, p->max_rank,          \
+                                       m->ranks, p->lora_scale, threads);                                          \
+    }
+LORA_ADD(uint16_t, bf16)
+LORA_ADD(float, f32) /* lora_cpu.c's lora_fp32 */
 
 /* out[t, h] = softmax(q[t, h] . K[rows[t], g] * scale) V[rows[t], g] over the positions
    lo..pos[t] (lo = pos[t] - window + 1 with a window), g = h / (heads / kvh). Scores and sums in
@@ -349,7 +339,7 @@ enum { D_MULTIPLE_bf16 = 1, D_MULTIPLE_f32 = 8 }; /* head sizes each attention t
         const long t0 = n * part / parts, nn = n * (part + 1) / parts - t0;                                        \
         if (nn > 0) CALL;                                                                                          \
     }
-#define DECODE_LAYER(NAME, T, SFX, NORM, RESIDUAL, PREP)                                                           \
+#define DECODE_LAYER(NAME, T, SFX)                                                           \
 int NAME(const Plan *p, const Layer *l, long n, const T *h, T *h_out, const T *cos, const T *sin, long sc,         \
          const int64_t *rows, const int64_t *pos, const int64_t *slots, T *scratch, int threads) {                \
     const long hid = p->hidden, qw = p->heads * p->d, kvw = p->kvh * p->d, qkvw = qw + 2 * kvw, inter = p->inter;  \
@@ -359,34 +349,37 @@ int NAME(const Plan *p, const Layer *l, long n, const T *h, T *h_out, const T *c
     T *h1 = a + n * hid, *x2 = h1 + n * hid, *gu = x2 + n * hid, *act = gu + n * 2 * inter;                        \
     T *m = act + n * inter;                                                                                        \
     const int nt = n >= ROW_SPLIT_MIN ? threads : 1;                                                               \
-    BY_ROWS(nt, ((NORM)p->norm)(h + t0 * hid, hid, 0, l->input_norm, nn, 1, hid, l->input_eps, x + t0 * hid));    \
+    const norm_##SFX##_fn norm = (norm_##SFX##_fn)p->norm;                                                         \
+    const residual_##SFX##_fn residual = (residual_##SFX##_fn)p->residual;                                         \
+    const prep_##SFX##_fn prep = (prep_##SFX##_fn)p->prep;                                                         \
+    BY_ROWS(nt, norm(h + t0 * hid, hid, 0, l->input_norm, nn, 1, hid, l->input_eps, x + t0 * hid));                \
     proj_##SFX(p, l->qkv, qkvw, hid, n, x, qkv, threads);                                                          \
     lora_add_##SFX(p, &l->lora[L_Q], hid, qw, n, x, hid, qkv, qkvw, slots, threads);                               \
     lora_add_##SFX(p, &l->lora[L_K], hid, kvw, n, x, hid, qkv + qw, qkvw, slots, threads);                         \
     lora_add_##SFX(p, &l->lora[L_V], hid, kvw, n, x, hid, qkv + qw + kvw, qkvw, slots, threads);                   \
     for (long t = 0; t < n; t++) /* checked here, so a part's kernel call cannot fail after another wrote */       \
-        if (rows[t] < 0 || rows[t] >= l->row_cap || pos[t] < 0 || pos[t] >= l->pos_cap) return -1;                \
-    BY_ROWS(nt, ((PREP)p->prep)(qkv + t0 * qkvw, qkvw, p->d, qkv + t0 * qkvw + qw, qkvw, p->d,                     \
-                                qkv + t0 * qkvw + qw + kvw, qkvw, p->d, l->q_norm, l->q_eps, l->k_norm, l->k_eps,  \
-                                cos + t0 * sc, sin + t0 * sc, sc, nn, p->heads, p->kvh, p->d, q + t0 * qw, l->kc,  \
-                                l->vc, l->row_cap, l->pos_cap, l->c_row, l->c_head, l->c_pos, rows + t0, pos + t0)); \
+        if (rows[t] < 0 || rows[t] >= l->row_cap || pos[t] < 0 || pos[t] >= l->pos_cap) return -1;                 \
+    BY_ROWS(nt, prep(qkv + t0 * qkvw, qkvw, p->d, qkv + t0 * qkvw + qw, qkvw, p->d, qkv + t0 * qkvw + qw + kvw,    \
+                     qkvw, p->d, l->q_norm, l->q_eps, l->k_norm, l->k_eps, cos + t0 * sc, sin + t0 * sc, sc, nn,   \
+                     p->heads, p->kvh, p->d, q + t0 * qw, l->kc, l->vc, l->row_cap, l->pos_cap, l->c_row,          \
+                     l->c_head, l->c_pos, rows + t0, pos + t0));                                                   \
     if (attend_##SFX(p, l, n, q, rows, pos, att, threads)) return -1;                                              \
     proj_##SFX(p, l->o, hid, qw, n, att, a, threads);                                                              \
     lora_add_##SFX(p, &l->lora[L_O], qw, hid, n, att, qw, a, hid, slots, threads);                                 \
-    BY_ROWS(nt, ((RESIDUAL)p->residual)(a + t0 * hid, h + t0 * hid, l->post_attn, l->post_attn_eps, l->pre_ff,    \
-                                        l->pre_ff_eps, nn, hid, h1 + t0 * hid, x2 + t0 * hid));                    \
+    BY_ROWS(nt, residual(a + t0 * hid, h + t0 * hid, l->post_attn, l->post_attn_eps, l->pre_ff, l->pre_ff_eps, nn, \
+                         hid, h1 + t0 * hid, x2 + t0 * hid));                                                      \
     proj_##SFX(p, l->gate_up, 2 * inter, hid, n, x2, gu, threads);                                                 \
     lora_add_##SFX(p, &l->lora[L_GATE], hid, inter, n, x2, hid, gu, 2 * inter, slots, threads);                    \
     lora_add_##SFX(p, &l->lora[L_UP], hid, inter, n, x2, hid, gu + inter, 2 * inter, slots, threads);              \
     gelu_##SFX(gu, n, inter, act, threads);                                                                        \
     proj_##SFX(p, l->down, hid, inter, n, act, m, threads);                                                        \
     lora_add_##SFX(p, &l->lora[L_DOWN], inter, hid, n, act, inter, m, hid, slots, threads);                        \
-    BY_ROWS(nt, ((RESIDUAL)p->residual)(m + t0 * hid, h1 + t0 * hid, l->post_ff, l->post_ff_eps, NULL, 0.0f, nn,   \
-                                        hid, h_out + t0 * hid, NULL));                                             \
+    BY_ROWS(nt, residual(m + t0 * hid, h1 + t0 * hid, l->post_ff, l->post_ff_eps, NULL, 0.0f, nn, hid,             \
+                         h_out + t0 * hid, NULL));                                                                 \
     return 0;                                                                                                      \
 }
-DECODE_LAYER(decode_layer_bf16, uint16_t, bf16, norm_fn, residual_fn, prep_fn)
-DECODE_LAYER(decode_layer_f32, float, f32, norm_f32_fn, residual_f32_fn, prep_f32_fn)
+DECODE_LAYER(decode_layer_bf16, uint16_t, bf16)
+DECODE_LAYER(decode_layer_f32, float, f32)
 
 /* Elements of scratch (of the layer's dtype) decode_layer_bf16 or decode_layer_f32 needs at p->max_rows rows. */
 long decode_layer_scratch(const Plan *p) {

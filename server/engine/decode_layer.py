@@ -21,8 +21,7 @@ is None and every layer runs as before.
 
 In fp32 the same kernels' fp32 variants run (norms, RoPE, the K/V writes, the panel GEMM and the
 LoRA kernel, so those are bitwise the Python path's); attention (a token's query heads of a KV
-group read each K/V row once, q.k in four FMA chains; at 2000 positions and 8 rows on par with
-ATen's, both bound by K/V reads) and GELU are fp32 in C, within a few fp32 ulps of ATen's. On the
+group read each K/V row once, q.k in four FMA chains) and GELU are fp32 in C, within a few fp32 ulps of ATen's. On the
 2-core Xeon without bf16 units (``bench.step_bench --baseline unplanned``, full head) steps ran
 1.25-1.30x faster at 1 row, 1.20-1.22x at 16, 1.09-1.13x at 32 and 1.07-1.10x at 64 (three runs).
 """
