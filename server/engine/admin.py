@@ -66,7 +66,8 @@ class AdapterAdmin:
 
         def load() -> AdapterStatus:
             if self.slots.ensure(adapter) is None:
-                raise ResourceExhausted("every device slot is pinned or in use; retry when requests finish")
+                raise ResourceExhausted("the device pages an adapter of this rank needs are pinned or in use; "
+                                        "retry when requests finish")
             status = self._device_status(served)
             assert status is not None  # just ensured, on the decode thread
             return status

@@ -17,10 +17,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 class EngineConfig:
     """Limits and knobs of :class:`~adapterctl.server.engine.engine.BatchingEngine`."""
 
-    max_adapters: int = option(8, "Adapters resident on the device at once: device slots, i.e. distinct "
-                               "adapters in one batch (LRU).")
+    max_adapters: int = option(8, "Device slots for adapters (LRU): the LoRA memory is max_adapters x "
+                               "max_lora_rank rank rows, paged (--lora-page-rank), so this many max-rank adapters "
+                               "are resident at once, or more of lower rank.")
     max_lora_rank: int = option(64, "Largest LoRA rank accepted; a slot holds this rank (higher -> "
                                 "FAILED_PRECONDITION).")
+    lora_page_rank: int = option(8, "Rank rows per page of the device LoRA memory: an adapter of rank r takes "
+                                 "ceil(r / page) pages, so a slot's memory holds max_lora_rank / page adapters of "
+                                 "rank <= page (>= max_lora_rank: one adapter per slot, whatever its rank).")
     max_running_requests: int = option(64, "Sequences decoded together (KV rows).")
     max_waiting: int = option(64, "Requests allowed to wait for admission; more -> RESOURCE_EXHAUSTED.")
     max_batch_tokens: int = option(2048, "Tokens per forward step (decode rows + prefill chunk tokens).")
@@ -74,8 +78,8 @@ class EngineConfig:
     idle_poll_s: float = option(0.5, "Longest the decode thread sleeps with nothing to do (it is woken on work).")
 
     def __post_init__(self) -> None:
-        positive = ("max_adapters", "max_lora_rank", "max_running_requests", "max_batch_tokens", "max_kv_tokens",
-                    "max_new_tokens_limit", "max_prompt_tokens")
+        positive = ("max_adapters", "max_lora_rank", "lora_page_rank", "max_running_requests", "max_batch_tokens",
+                    "max_kv_tokens", "max_new_tokens_limit", "max_prompt_tokens")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -61,12 +61,13 @@ typedef struct {
     void *gemv, *norm, *residual, *prep, *lora;
     long hidden, heads, kvh, d, inter, max_rows;
     const float *lora_scale;
-    long max_rank;
+    long max_rank; /* the banks' rows per page (slots.SlotBank.page_rank): a slot's rank rows start there */
 } Plan;
 
-/* One projection's LoRA slot bank (slots.SlotBank): a [slots + 1, max_rank, in], bt [slots + 1,
-   max_rank, out] (B transposed), ranks int64 [slots + 1] (0: the slot does not target it); a NULL:
-   no adapter targets this projection (decode_layer.py's _Lora). */
+/* One projection's LoRA page bank (slots.SlotBank): a [pages + 1, page_rank, in], bt [pages + 1,
+   page_rank, out] (B transposed), ranks int64 [pages + 1] (per first page; 0: the adapter does not
+   target it); an adapter's r rows run on over its next pages; a NULL: no adapter targets this
+   projection (decode_layer.py's _Lora). */
 typedef struct {
     const void *a, *bt; /* the layer function's dtype */
     const int64_t *ranks;

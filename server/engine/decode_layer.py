@@ -224,7 +224,7 @@ class PlannedLayers:
             layers.append(planned)
             lora.append(mods)
         plan = _Plan(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns), hidden, heads, kvh, d, inter,
-                     min(max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.max_rank)
+                     min(max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.page_rank)
         log.info("decoder layers planned as one C call each for 1-%d %s decode rows (base or adapter)",
                  plan.max_rows, str(runner.dtype).rsplit(".", 1)[-1])
         return cls(lib, plan, layers, keep, bank, lora, runner.dtype)

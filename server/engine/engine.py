@@ -131,7 +131,8 @@ class BatchingEngine:
         self.runner = ModelRunner(model, max_rows=cfg.max_running_requests, max_positions=max_len,
                                   num_slots=cfg.max_adapters, max_rank=cfg.max_lora_rank, lora_modules=cfg.lora_modules,
                                   backend=cfg.lora_backend, gemm=cfg.cpu_gemm, prepack=cfg.cpu_prepack,
-                                  greedy_head=cfg.cpu_greedy_head, planned_layers=cfg.cpu_planned_layers)
+                                  greedy_head=cfg.cpu_greedy_head, planned_layers=cfg.cpu_planned_layers,
+                                  page_rank=cfg.lora_page_rank)
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, self.runner.max_positions - 1)
         self.slots = DeviceSlots(self.runner.bank, self.observer)
         self.grammars = Grammars(self.tokenizer, self.runner.config.vocab_size)

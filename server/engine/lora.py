@@ -5,11 +5,12 @@ Semantics every backend implements, for each token ``t`` with slot ``s = token_s
 
     y[t] += scale[s] * (x[t] @ A[s].T) @ Bt[s]          # Bt[s] = B[s].T
 
-``A[s]`` is ``[max_rank, in]`` and ``Bt[s]`` is ``[max_rank, out]``, zero beyond the
-adapter's rank, so adapters of different ranks share one bank exactly; slicing a rank
-prefix ``[:, :r]`` keeps each slot's block contiguous. In fp32 the scale is applied to
-the rank-``r`` product (a segment's delta is fused into ``y`` by ``addmm``, gathered rows'
-delta added after one ``bmm``); in bf16/fp16 the delta is rounded as PEFT rounds it
+The banks are paged (:class:`~.slots.SlotBank`): ``A`` is ``[pages + 1, page_rank, in]``
+and ``Bt`` ``[pages + 1, page_rank, out]``; the adapter in slot ``s`` (its first page) has its
+``r`` rank rows at flat rows ``s * page_rank .. s * page_rank + r - 1``, so ``A[s]`` above reads
+``r`` rows that may run over into its next pages, and its pages' rows beyond ``r`` are zero.
+In fp32 the scale is applied to the rank-``r`` product (a segment's delta is fused into ``y``
+by ``addmm``, gathered rows' delta added after one ``bmm``); in bf16/fp16 the delta is rounded as PEFT rounds it
 (``B(A(x))``, times the fp32 scale as PEFT's Python float, then added), so greedy tokens agree with
 PEFT run in the same dtype.
 """
@@ -30,11 +31,11 @@ from adapterctl.server.engine.kernels import Gemm, torch_linear
 class LoraWeights:
     """The slot bank of one targeted linear (slot 0 = no adapter, always zero)."""
 
-    A: torch.Tensor  # [num_slots + 1, max_rank, in_features]
-    Bt: torch.Tensor  # [num_slots + 1, max_rank, out_features]  (B transposed)
-    scale: torch.Tensor  # [num_slots + 1] fp32 (whatever the bank's dtype), shared by all modules (per adapter)
-    ranks: list[int] = field(default_factory=list)  # [num_slots + 1] rank written per slot; 0 = not targeted
-    # ``ranks`` as int64 [num_slots + 1] on the CPU, for the C kernels (lora_cpu); :meth:`set_rank` keeps both
+    A: torch.Tensor  # [num_pages + 1, page_rank, in_features]
+    Bt: torch.Tensor  # [num_pages + 1, page_rank, out_features]  (B transposed)
+    scale: torch.Tensor  # [num_pages + 1] fp32 (whatever the bank's dtype), shared by all modules (per adapter)
+    ranks: list[int] = field(default_factory=list)  # [num_pages + 1] rank written per first page; 0 = none
+    # ``ranks`` as int64 [num_pages + 1] on the CPU, for the C kernels (lora_cpu); :meth:`set_rank` keeps both
     rank_table: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -43,6 +44,28 @@ class LoraWeights:
     def set_rank(self, slot: int, rank: int) -> None:
         self.ranks[slot] = rank
         self.rank_table[slot] = rank
+
+    @property
+    def page(self) -> int:
+        """Rank rows per page."""
+        return self.A.shape[1]
+
+    def rows(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [rank, in], Bt [rank, out]) of the adapter in ``slot``: views, no copy."""
+        lo = slot * self.page
+        return self.A.view(-1, self.A.shape[-1])[lo: lo + rank], self.Bt.view(-1, self.Bt.shape[-1])[lo: lo + rank]
+
+    def gathered(self, slots: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [n, rank, in], Bt [n, rank, out]): each slot's first ``rank`` rows, zero beyond its own
+        rank (copies; rows past a page read on into the next pages, so they are masked)."""
+        if rank <= self.page:  # within one page: zero past each adapter's rank already
+            return self.A[:, :rank].index_select(0, slots), self.Bt[:, :rank].index_select(0, slots)
+        a, bt = self.A.view(-1, self.A.shape[-1]), self.Bt.view(-1, self.Bt.shape[-1])
+        j = torch.arange(rank, device=slots.device)
+        idx = (slots.unsqueeze(1) * self.page + j).clamp_(max=a.shape[0] - 1)  # [n, rank]
+        own = torch.tensor(self.ranks, device=slots.device).index_select(0, slots)  # [n]
+        past = (j >= own.unsqueeze(1)).unsqueeze(2)  # [n, rank, 1]
+        return a[idx].masked_fill_(past, 0), bt[idx].masked_fill_(past, 0)
 
     def batch_rank(self, batch: LoraBatch) -> int:
         """Largest rank this module has among the slots of ``batch`` (0: nothing to add)."""
@@ -62,11 +85,12 @@ class LoraBackend(ABC):
 def _segment(y: torch.Tensor, x: torch.Tensor, w: LoraWeights, slot: int, lo: int, hi: int) -> None:
     rank = w.ranks[slot]
     if rank:
-        h = x[lo:hi] @ w.A[slot, :rank].T  # [n, r]
+        a, bt = w.rows(slot, rank)
+        h = x[lo:hi] @ a.T  # [n, r]
         if y.dtype == torch.float32:
-            y[lo:hi].addmm_(h.mul_(w.scale[slot]), w.Bt[slot, :rank])  # [n, out]
+            y[lo:hi].addmm_(h.mul_(w.scale[slot]), bt)  # [n, out]
         else:  # half precision: PEFT's rounding order, (B(A(x)) * scale) then add
-            y[lo:hi].add_((h @ w.Bt[slot, :rank]).mul_(w.scale[slot]))
+            y[lo:hi].add_((h @ bt).mul_(w.scale[slot]))
 
 
 class SegmentBackend(LoraBackend):
@@ -96,19 +120,18 @@ class GatherBackend(LoraBackend):
         if rank == 0:
             return
         full = meta.all_tokens_lora
-        if y.device.type == "cpu" and lora_cpu.add(y, x, w.A, w.Bt, w.rank_table, w.scale,
+        if y.device.type == "cpu" and rank <= lora_cpu.MAX_RANK and lora_cpu.add(y, x, w.A, w.Bt, w.rank_table, w.scale,
                                                    meta.token_slots if full else meta.lora_token_slots,
                                                    None if full else meta.lora_tokens):
             return
         slots = meta.token_slots if full else meta.lora_token_slots
         xs = x if full else x.index_select(0, meta.lora_tokens)
-        first = meta.slot_run_start if full else None
-        if first is not None:  # zero-copy views of consecutive slots
+        first = meta.slot_run_start if full and rank <= w.page else None
+        if first is not None:  # zero-copy views of consecutive one-page slots
             n = xs.shape[0]
             a, bt, sc = w.A[first: first + n, :rank], w.Bt[first: first + n, :rank], w.scale[first: first + n]
         else:
-            a = w.A[:, :rank].index_select(0, slots)  # [n, r, in]
-            bt = w.Bt[:, :rank].index_select(0, slots)  # [n, r, out]
+            a, bt = w.gathered(slots, rank)  # [n, r, in], [n, r, out]
             sc = w.scale.index_select(0, slots)
         h = torch.bmm(xs.unsqueeze(1), a.transpose(1, 2))  # [n, 1, r]
         if y.dtype == torch.float32:

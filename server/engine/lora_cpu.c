@@ -2,8 +2,8 @@
 
    For each listed token t (row tokens[i] of x and y, or row i without a list) with slot s =
    slots[i] and rank r = ranks[s] > 0:  y[t] += scale[s] * (x[t] A[s, :r]^T) Bt[s, :r], with the
-   slot banks A [slots + 1, max_rank, in] and Bt [slots + 1, max_rank, out] (lora.py's LoraWeights)
-   read in place: no gathered copies, no per-token ATen ops. The roundings are those of lora.py's
+   paged banks A [pages + 1, max_rank, in] and Bt [pages + 1, max_rank, out] (lora.py's LoraWeights;
+   max_rank here is the rows per page, and a slot's r rows may run on into its next pages) read in place: no gathered copies, no per-token ATen ops. The roundings are those of lora.py's
    backends (bf16: PEFT's order, h = bf16(x A^T), bf16(h Bt), times the fp32 scale, rounded, added,
    rounded; fp32: h = x A^T times the scale, then y + h Bt). Sums in fp32, in another order than
    ATen's bmm. Tokens are split between threads (each token's rows of y are its own). Built without

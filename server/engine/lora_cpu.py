@@ -42,8 +42,9 @@ def add(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ran
         scale: torch.Tensor, slots: torch.Tensor, tokens: torch.Tensor | None = None) -> bool:
     """``y[t] += delta(x[t])`` for the tokens ``tokens`` [m] (rows of ``x`` [N, in] and ``y`` [N, out];
     None: rows 0..m-1) with slots ``slots`` [m] (int64; 0 or a slot of rank 0: nothing added), from
-    the banks ``a`` [slots + 1, max_rank, in], ``bt`` [slots + 1, max_rank, out], ``ranks`` int64
-    [slots + 1] and ``scale`` fp32 [slots + 1]; False (nothing written) where the kernel does not
+    the paged banks ``a`` [pages + 1, page_rank, in], ``bt`` [pages + 1, page_rank, out] (a slot's rows
+    run on into its next pages), ``ranks`` int64 [pages + 1] (each at most ``MAX_RANK``: the caller's check;
+    the kernel skips a larger one) and ``scale`` fp32 [pages + 1]; False (nothing written) where the kernel does not
     load or the tensors are not so (CPU, fp32 or bf16, unit column strides, contiguous banks; bf16:
     ``in`` a multiple of 8 up to ``MAX_IN``)."""
     lib = library()

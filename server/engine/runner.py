@@ -56,7 +56,7 @@ class ModelRunner:
     def __init__(self, model: nn.Module, *, max_rows: int, max_positions: int, num_slots: int, max_rank: int,
                  lora_modules: tuple[str, ...], backend: str = "auto", gemm: str = "auto", fuse: bool = True,
                  prepack: bool = True, fused_ops: bool = True, greedy_head: bool = True,
-                 planned_layers: bool = True) -> None:
+                 planned_layers: bool = True, page_rank: int | None = None) -> None:
         cfg = model.config
         model_type = getattr(cfg, "model_type", "?")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -93,7 +93,7 @@ class ModelRunner:
         # Every projection is wrapped (for the fast GEMM); only ``lora_modules`` get slot banks.
         wrapped = self._wrap(LORA_MODULE_TYPES)
         self.lora_modules = {p: m for p, m in wrapped.items() if p.rsplit(".", 1)[-1] in lora_modules}
-        self.bank = SlotBank(self.lora_modules, num_slots, max_rank, self.device, self.dtype)
+        self.bank = SlotBank(self.lora_modules, num_slots, max_rank, self.device, self.dtype, page_rank)
         no_pack = [None] * len(self.layers)
         self.qkv = [self._pack(layer.self_attn, ("q_proj", "k_proj", "v_proj"), prepack) for layer in self.layers] \
             if fuse else no_pack

@@ -4,10 +4,11 @@ limits with a fairness bound, and the chunk list of each forward step.
 Fairness: admission walks the queue oldest first. A request that cannot be admitted
 may be overtaken by at most ``max_bypass`` later admissions. Then, if it waits for
 rows or KV, nothing behind it is admitted until running sequences (each bounded by
-max_new_tokens) free enough; if it waits for a device slot, one resident adapter (the
-one whose rows finish soonest) is *drained*: it gets no new rows, its slot frees
-within max_new_tokens steps and goes to the waiting request, while every other
-admission continues so the batch stays full. Waiting time is therefore bounded for
+max_new_tokens) free enough; if it waits for device pages (:mod:`~.slots`), the resident
+adapters of the run of pages that frees soonest are *drained*: they get no new rows, their
+pages free within max_new_tokens steps and go to the waiting request, while every other
+admission of a resident adapter continues so the batch stays full (no other adapter loads
+meanwhile, so the freed pages are not taken). Waiting time is therefore bounded for
 every adapter, unlike "skip what does not fit", which can starve a cold adapter.
 """
 from __future__ import annotations
@@ -102,7 +103,7 @@ class Scheduler:
         self._rejected: list[tuple[Sequence, Exception]] = []
         self.submitted = 0  # requests ever queued
         self._seen = 0  # ``submitted`` when admission last looked at the queue
-        self.draining: ServedAdapter | None = None  # adapter whose slot is being freed for a waiter
+        self.draining: frozenset[ServedAdapter] = frozenset()  # adapters whose pages are freed for a waiter
 
     # ---- any thread ----------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -140,7 +141,7 @@ class Scheduler:
         and the bypass bound (see module docstring). Returns the admitted ones."""
         admitted: list[Sequence] = []
         blocked: list[tuple[Sequence, str]] = []  # (sequence, what it waits for)
-        draining: ServedAdapter | None = None
+        draining: frozenset[ServedAdapter] = frozenset()
         with self._lock:
             queue = list(self.waiting)
             self._seen = self.submitted
@@ -150,19 +151,22 @@ class Scheduler:
             if blocked and blocked[0][0].bypassed >= self.config.max_bypass:
                 if blocked[0][1] != "slot":
                     break  # rows/KV: let the running set shrink until the oldest fits
-                draining = draining or self._pick_drain()
-                if draining is None:
+                draining = draining or self._pick_drain(blocked[0][0])
+                if not draining:
                     break
-                if seq.served == draining:
-                    continue  # no new rows for the adapter whose slot is being freed
+                if seq.served in draining:
+                    continue  # no new rows for the adapters whose pages are being freed
+                if seq.served is not None and seq.served not in self.slots.lru:
+                    continue  # nor new loads: pages freed for the starving request are its own
             reason = self._try_admit(seq)
             if not reason:
                 admitted.append(seq)
                 for b, _ in blocked:
                     b.bypassed += 1
-            elif reason == "slot" and seq.served is not None and self._all_slots_pinned(seq.served):
+            elif reason == "slot" and seq.adapter is not None and self.slots.blocked_by_pins(seq.adapter):
                 self._rejected.append((seq, ResourceExhausted(
-                    f"every device slot is pinned; adapter {seq.served.name}:{seq.served.version} cannot be loaded")))
+                    f"pinned adapters hold the device pages; adapter {seq.served.name}:{seq.served.version} "
+                    f"cannot be loaded until one is unpinned")))
             else:
                 blocked.append((seq, reason))
         self.draining = draining
@@ -174,23 +178,23 @@ class Scheduler:
                         self.waiting.remove(seq)
         return admitted
 
-    def _pick_drain(self) -> ServedAdapter | None:
-        """The unpinned resident adapter whose running rows finish soonest (None if none)."""
+    def _pick_drain(self, starving: Sequence) -> frozenset[ServedAdapter]:
+        """The adapters to drain for ``starving``'s adapter: the occupants of the run of device
+        pages (none pinned) whose running rows finish soonest (empty if there is none)."""
+        if starving.adapter is None:
+            return frozenset()
         remaining: dict[ServedAdapter, int] = {}
         for s in self.running:
-            if s.served is not None and not self.slots.lru.is_pinned(s.served):
+            if s.served is not None:
                 left = len(s.prompt) - min(s.computed, len(s.prompt)) + s.params.max_new_tokens - len(s.output)
                 remaining[s.served] = max(remaining.get(s.served, 0), left)
-        return min(remaining, key=remaining.__getitem__) if remaining else None
+        runs = self.slots.unpinned_runs(starving.adapter)
+        return min(runs, key=lambda held: max((remaining.get(o, 0) for o in held), default=0), default=frozenset())
 
     def take_rejected(self) -> list[tuple[Sequence, Exception]]:
         """Sequences refused for good at admission, with the error to deliver."""
         rejected, self._rejected = self._rejected, []
         return rejected
-
-    def _all_slots_pinned(self, served: ServedAdapter) -> bool:
-        lru = self.slots.lru
-        return served not in lru and lru.pinned_count >= self.slots.bank.num_slots
 
     def _try_admit(self, seq: Sequence) -> str:
         """Admit ``seq`` if it fits; else return what it waits for ("rows", "kv", "slot")."""
@@ -203,7 +207,7 @@ class Scheduler:
             resident = self.slots.lookup(seq.served)
             if resident is None:
                 assert seq.adapter is not None  # host weights travel with a sequence until it has a slot
-                resident = self.slots.ensure(seq.adapter) if self.slots.can_load() else None
+                resident = self.slots.ensure(seq.adapter) if self.slots.can_load(seq.adapter) else None
                 if resident is None:
                     return "slot"
             self.slots.acquire(seq.served)

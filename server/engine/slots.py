@@ -1,7 +1,10 @@
 """Device adapter slots: preallocated (A, B, scale) banks per LoRA-targeted linear, and
-the device tier (one :class:`LRUCache` over slot numbers) that decides which adapter
-lives in which slot. Only the decode thread mutates banks, so a forward never sees a
-half-written slot; an acquired (in-use) adapter is never evicted.
+the device tier (one :class:`LRUCache` plus a page map) that decides which adapter lives
+where. The banks are paged: ``num_slots x max_rank`` rank rows (rounded up to whole pages of
+``page_rank`` rows), and an adapter of rank ``r`` takes ``ceil(r / page_rank)`` contiguous pages,
+so low-rank adapters share what one max-rank slot would reserve (S-LoRA's unified paging, for
+LoRA weights). An adapter's slot number is its first page. Only the decode thread mutates banks,
+so a forward never sees a half-written slot; an acquired (in-use) adapter is never evicted.
 """
 from __future__ import annotations
 
@@ -24,19 +27,24 @@ def short_name(path: str) -> str:
 
 
 class SlotBank:
-    """Slot tensors for every wrapped linear. Banks of a module type (``q_proj``…) are
-    allocated the first time an adapter targets that type, so a q/v-only fleet never
-    pays for MLP banks. Slot 0 stays zero (rows without adapter)."""
+    """Page tensors for every wrapped linear: ``A`` [num_pages + 1, page_rank, in] and ``Bt``
+    [num_pages + 1, page_rank, out]. Banks of a module type (``q_proj``…) are allocated the first
+    time an adapter targets that type, so a q/v-only fleet never pays for MLP banks. Page 0 stays
+    zero (rows without adapter). Invariant: the rows of an adapter's pages beyond its rank (per
+    module) are zero, so a page read up to ``page_rank`` rows adds nothing past the rank.
+    ``page_rank`` None (or >= ``max_rank``): one page per slot, i.e. one adapter per slot."""
 
     def __init__(self, modules: dict[str, LoraLinear], num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+                 device: torch.device, dtype: torch.dtype, page_rank: int | None = None) -> None:
         self.modules = modules
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.page_rank = min(page_rank or max_rank, max_rank)
+        self.num_pages = num_slots * self.pages_for(max_rank)
         self.device, self.dtype = device, dtype
-        # [num_slots + 1] fp32 in every dtype: PEFT multiplies a bf16/fp16 delta by its Python float scaling
+        # [num_pages + 1] fp32 in every dtype: PEFT multiplies a bf16/fp16 delta by its Python float scaling
         # (fp32 arithmetic), which a bf16 scale (e.g. 16/12 -> 1.3359) would change on ~1/3 of the values
-        self.scale = torch.zeros(num_slots + 1, dtype=torch.float32, device=device)
+        self.scale = torch.zeros(self.num_pages + 1, dtype=torch.float32, device=device)
         self.generation = 0  # counts bank allocations (decode_layer re-points its plan when it moves)
         self._by_type: dict[str, list[str]] = {}
         for path in modules:
@@ -45,6 +53,14 @@ class SlotBank:
     @property
     def module_types(self) -> tuple[str, ...]:
         return tuple(self._by_type)
+
+    def pages_for(self, rank: int) -> int:
+        """Pages an adapter of ``rank`` takes (at least one, for its scale)."""
+        return max(1, -(-rank // self.page_rank))
+
+    def pages_of(self, adapter: HostAdapter) -> int:
+        """Pages ``adapter`` takes: its largest module rank (``rank_pattern`` may vary it) rounded up."""
+        return self.pages_for(max([adapter.rank, *(a.shape[0] for a, _ in adapter.weights.values())]))
 
     def check(self, adapter: HostAdapter) -> None:
         """FailedPrecondition naming the problem if ``adapter`` cannot live in a slot."""
@@ -62,36 +78,42 @@ class SlotBank:
                                          f"{tuple(b.shape)}, expected [r, {mod.in_features}] / [{mod.out_features}, r]")
 
     def write(self, slot: int, adapter: HostAdapter) -> None:
-        """Copy ``adapter`` into ``slot`` and zero what it does not target (only the
-        previously written rank range is touched, so loads cost O(adapter + old rank))."""
+        """Copy ``adapter`` into the pages ``slot .. slot + pages_for(rank) - 1`` (the caller owns
+        them) and zero the rest of those pages' rows, in every allocated bank; the pages after the
+        first get rank 0, so a stale rank never outlives the adapter that wrote it."""
         self.check(adapter)
+        pages = self.pages_of(adapter)
+        if slot < 1 or slot + pages - 1 > self.num_pages:
+            raise ValueError(f"pages {slot}..{slot + pages - 1} are outside 1..{self.num_pages}")
         for t in {short_name(p) for p in adapter.weights}:
             self._allocate(t)
+        lo, span = slot * self.page_rank, pages * self.page_rank
         with torch.no_grad():
             for path, mod in self.modules.items():
                 w = mod.weights
                 if w is None:
                     continue
-                old = w.ranks[slot]
+                a, bt = w.A.view(-1, w.A.shape[-1]), w.Bt.view(-1, w.Bt.shape[-1])  # [pages * page_rank, in|out]
                 pair = adapter.weights.get(path)
                 r = 0 if pair is None else pair[0].shape[0]
                 if pair is not None:
-                    w.A[slot, :r].copy_(pair[0])
-                    w.Bt[slot, :r].copy_(pair[1].T)
-                if old > r:
-                    w.A[slot, r:old].zero_()
-                    w.Bt[slot, r:old].zero_()
+                    a[lo: lo + r].copy_(pair[0])
+                    bt[lo: lo + r].copy_(pair[1].T)
+                a[lo + r: lo + span].zero_()
+                bt[lo + r: lo + span].zero_()
                 w.set_rank(slot, r)
-            self.scale[slot] = float(adapter.scale)
+                for page in range(slot + 1, slot + pages):
+                    w.set_rank(page, 0)
+            self.scale[slot: slot + pages] = float(adapter.scale)
 
     def _allocate(self, module_type: str) -> None:
         for path in self._by_type.get(module_type, ()):
             mod = self.modules[path]
             if mod.weights is None:
-                n = self.num_slots + 1
+                n, page = self.num_pages + 1, self.page_rank
                 mod.weights = LoraWeights(
-                    A=torch.zeros(n, self.max_rank, mod.in_features, dtype=self.dtype, device=self.device),
-                    Bt=torch.zeros(n, self.max_rank, mod.out_features, dtype=self.dtype, device=self.device),
+                    A=torch.zeros(n, page, mod.in_features, dtype=self.dtype, device=self.device),
+                    Bt=torch.zeros(n, page, mod.out_features, dtype=self.dtype, device=self.device),
                     scale=self.scale,
                     ranks=[0] * n,
                 )
@@ -103,9 +125,10 @@ class Resident:
     """An adapter resident in a device slot."""
 
     served: ServedAdapter
-    slot: int
+    slot: int  # its first page
     rank: int
     nbytes: int
+    pages: int = 1
 
     @property
     def label(self) -> str:
@@ -113,48 +136,59 @@ class Resident:
 
 
 class DeviceSlots:
-    """The device tier: ServedAdapter -> :class:`Resident`, an LRU bounded by slot count.
-    Eviction (LRU, never pinned or acquired entries) returns the slot to the free list."""
+    """The device tier: ServedAdapter -> :class:`Resident`, an LRU over the bank's pages. An
+    adapter takes the first run of free pages that fits it; where none is free, the window of pages
+    whose evictable occupants were used least recently is freed (never pinned or acquired ones)."""
 
     def __init__(self, bank: SlotBank, observer: EngineObserver | None = None) -> None:
         self.bank = bank
         self.observer = observer or EngineObserver()
-        self._free = list(range(bank.num_slots, 0, -1))  # pop() hands out 1, 2, ...
-        self.lru: LRUCache[ServedAdapter, Resident] = LRUCache(
-            max_items=bank.num_slots, sizeof=lambda r: r.nbytes, on_evict=self._on_evict)
+        self._owner: list[ServedAdapter | None] = [None] * (bank.num_pages + 1)  # page -> occupant; page 0 unused
+        self.lru: LRUCache[ServedAdapter, Resident] = LRUCache(sizeof=lambda r: r.nbytes, on_evict=self._on_evict)
+        # page counts known not to fit until something is released, unpinned or evicted (the scheduler asks
+        # once per waiting request and step; loads and acquires only take pages, so a "no" stays true)
+        self._no_fit: set[int] = set()
 
     def lookup(self, served: ServedAdapter) -> Resident | None:
         """The resident entry (marked recently used) or None."""
         return self.lru.get(served)
 
-    def can_load(self) -> bool:
-        """A slot is free or held by an evictable adapter."""
-        return bool(self._free) or any(self.lru.refcount(k) == 0 and not self.lru.is_pinned(k) for k in self.lru.keys())
+    def can_load(self, adapter: HostAdapter | None = None) -> bool:
+        """``adapter`` (None: a one-page adapter) would find pages, free or held by evictable adapters."""
+        pages = 1 if adapter is None else self.bank.pages_of(adapter)
+        if pages in self._no_fit:
+            return False
+        if self._window(pages, evictable_only=True) is None:
+            self._no_fit.add(pages)
+            return False
+        return True
+
+    def blocked_by_pins(self, adapter: HostAdapter) -> bool:
+        """No run of pages for ``adapter`` avoids pinned adapters: it cannot load until one is unpinned."""
+        return self._window(self.bank.pages_of(adapter), evictable_only=False) is None
 
     def ensure(self, adapter: HostAdapter) -> Resident | None:
-        """Resident entry for ``adapter``, loading it into a free (or evicted LRU) slot on
-        a miss; None when every slot is pinned or in use. Does not acquire."""
+        """Resident entry for ``adapter``, loading it into free pages (evicting LRU adapters if
+        need be) on a miss; None when no run of pages can be freed for it. Does not acquire."""
         hit = self.lru.get(adapter.served)
         label = f"{adapter.served.name}:{adapter.served.version}"
         if hit is not None:
             self.observer.on_cache("device", "hit", label)
             return hit
         self.bank.check(adapter)
-        if not self._free and not self._evict_one():
+        pages = self.bank.pages_of(adapter)
+        first = self._window(pages, evictable_only=True)
+        if first is None or not self._evict_range(first, pages):
             return None
         self.observer.on_cache("device", "miss", label)
-        slot = self._free.pop()
         started = time.perf_counter()
-        try:
-            self.bank.write(slot, adapter)
-        except Exception:
-            self._free.append(slot)
-            raise
+        self.bank.write(first, adapter)  # a failed write leaves the pages free (no owner set yet)
         self.observer.on_load("host", time.perf_counter() - started, label)
-        entry = Resident(adapter.served, slot, adapter.rank, adapter.nbytes)
+        entry = Resident(adapter.served, first, adapter.rank, adapter.nbytes, pages)
+        self._owner[first: first + pages] = [adapter.served] * pages
         self.lru.put(adapter.served, entry)
         self._report()
-        log.debug("adapter %s loaded into device slot %d", label, slot)
+        log.debug("adapter %s loaded into device pages %d-%d", label, first, first + pages - 1)
         return entry
 
     def acquire(self, served: ServedAdapter) -> Resident:
@@ -162,9 +196,11 @@ class DeviceSlots:
 
     def release(self, served: ServedAdapter) -> None:
         self.lru.release(served)
+        self._no_fit.clear()
 
     def pin(self, served: ServedAdapter, pinned: bool) -> None:
         (self.lru.pin if pinned else self.lru.unpin)(served)
+        self._no_fit.clear()
         self._report()
 
     def unload(self, served: ServedAdapter) -> None:
@@ -176,18 +212,51 @@ class DeviceSlots:
         self.lru.pop(served)
         self._report()
 
-    def _evict_one(self) -> bool:
-        for key in self.lru.keys():  # LRU first
-            if self.lru.refcount(key) == 0 and not self.lru.is_pinned(key):
-                try:
-                    self.lru.pop(key)
-                except (FailedPrecondition, ResourceExhausted):  # raced with an acquire
-                    continue
-                return True
-        return False
+    def unpinned_runs(self, adapter: HostAdapter) -> list[frozenset[ServedAdapter]]:
+        """The occupants of every run of pages that would fit ``adapter`` and holds no pinned adapter."""
+        return [held for _, held in self._runs(self.bank.pages_of(adapter)) if not self._any_pinned(held)]
+
+    def _runs(self, pages: int) -> list[tuple[int, frozenset[ServedAdapter]]]:
+        """(first page, occupants) of every run of ``pages`` pages."""
+        owner = self._owner
+        return [(lo, frozenset(o for o in owner[lo: lo + pages] if o is not None))
+                for lo in range(1, self.bank.num_pages - pages + 2)]
+
+    def _any_pinned(self, held: frozenset[ServedAdapter]) -> bool:
+        return any(self.lru.is_pinned(o) for o in held)
+
+    def _window(self, pages: int, evictable_only: bool) -> int | None:
+        """First page of the best run of ``pages`` pages: a free run first; else (``evictable_only``)
+        the run whose occupants are all evictable and were used least recently (oldest last use,
+        then fewest to evict), or (not ``evictable_only``) any run free of pinned occupants; None if none."""
+        run = 0
+        for page in range(1, self.bank.num_pages + 1):  # a free run first (no sets built)
+            run = run + 1 if self._owner[page] is None else 0
+            if run == pages:
+                return page - pages + 1
+        runs = self._runs(pages)
+        order = {k: i for i, k in enumerate(self.lru.keys())}  # LRU first
+        best: tuple[tuple[int, int], int] | None = None
+        for lo, held in runs:
+            if self._any_pinned(held) or (evictable_only and any(self.lru.refcount(o) for o in held)):
+                continue
+            score = (max(order.get(o, -1) for o in held), len(held))
+            if best is None or score < best[0]:
+                best = (score, lo)
+        return None if best is None else best[1]
+
+    def _evict_range(self, first: int, pages: int) -> bool:
+        """Evict the occupants of pages ``first .. first + pages - 1``; False if one was acquired meanwhile."""
+        for served in {o for o in self._owner[first: first + pages] if o is not None}:
+            try:
+                self.lru.pop(served)
+            except (FailedPrecondition, ResourceExhausted):  # raced with an acquire
+                return False
+        return True
 
     def _on_evict(self, served: ServedAdapter, entry: Resident) -> None:
-        self._free.append(entry.slot)
+        self._owner[entry.slot: entry.slot + entry.pages] = [None] * entry.pages
+        self._no_fit.clear()
         self.observer.on_cache("device", "evict", entry.label)
 
     def _report(self) -> None:

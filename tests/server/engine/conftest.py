@@ -143,3 +143,20 @@ def dict_store(loaded_adapters):
     from adapterctl.server.cache.memory import MemoryStore
 
     return MemoryStore(loaded_adapters)
+
+
+@pytest.fixture(params=["c", "aten"])
+def kernel(request, monkeypatch):
+    """"c": the CPU LoRA kernel where it loads (lora_cpu; the calls that took it are counted in the
+    returned list), "aten": it made unavailable, so the backends' ATen ops (CUDA's path) run."""
+    from adapterctl.server.engine import lora_cpu
+
+    if request.param == "aten":
+        monkeypatch.setattr(lora_cpu, "library", lambda: None)
+        return None
+    if lora_cpu.library() is None:
+        pytest.skip("no CPU LoRA kernel here (needs x86-64 with AVX2 and a C compiler)")
+    calls: list[bool] = []
+    real = lora_cpu.add
+    monkeypatch.setattr(lora_cpu, "add", lambda *a: calls.append(real(*a)) or calls[-1])
+    return calls

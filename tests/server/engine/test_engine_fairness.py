@@ -12,11 +12,16 @@ PROMPT = [2, 651, 7344, 691, 1590]
 ROWS = 6  # max_running_requests: the most rows that can be admitted while a slot drains
 
 
-def _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass: int) -> int:
+# (max_adapters, lora_page_rank): two slots of one adapter each, or one slot (max rank 64) in pages of 8,
+# where the hot r4 and r8 take a page each and the cold r64 needs every page: both hot adapters drain for it
+LAYOUTS = {"slots": (2, 64), "pages": (1, 8)}
+
+
+def _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass: int, layout: str) -> int:
     """How many requests queued after the cold one got their first token before it."""
-    engine = make_engine(
-        dict_store, max_adapters=2, max_running_requests=ROWS, max_batch_tokens=32, max_bypass=max_bypass
-    )
+    slots, page = LAYOUTS[layout]
+    engine = make_engine(dict_store, max_adapters=slots, lora_page_rank=page, max_running_requests=ROWS,
+                         max_batch_tokens=32, max_bypass=max_bypass)
     hot = ["r4-qv", "r8-qkvo"]
     first_step: dict[str, int] = {}  # request id -> index of the step that sampled its first token
     steps = iter(range(10**9))
@@ -44,10 +49,12 @@ def _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass: 
     return sum(1 for rid, step in first_step.items() if rid.startswith("late") and step < first_step["cold"])
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("max_bypass", [0, 4])
-def test_cold_adapter_waits_a_bounded_time(max_bypass, run, make_engine, dict_store, collect, request_for):
-    assert _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass) <= max_bypass + ROWS
+def test_cold_adapter_waits_a_bounded_time(max_bypass, layout, run, make_engine, dict_store, collect, request_for):
+    assert _overtakers(run, make_engine, dict_store, collect, request_for, max_bypass, layout) <= max_bypass + ROWS
 
 
-def test_unbounded_skipping_starves_the_cold_adapter(run, make_engine, dict_store, collect, request_for):
-    assert _overtakers(run, make_engine, dict_store, collect, request_for, 10_000) == 24  # all of the flood
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unbounded_skipping_starves_the_cold_adapter(layout, run, make_engine, dict_store, collect, request_for):
+    assert _overtakers(run, make_engine, dict_store, collect, request_for, 10_000, layout) == 24  # all of the flood

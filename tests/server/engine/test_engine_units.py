@@ -24,23 +24,6 @@ def _bank(num_slots=4, max_rank=16, d_in=24, d_out=40, ranks=(0, 4, 16, 0, 8)) -
     return LoraWeights(a, b.transpose(1, 2).contiguous(), scale, list(ranks))
 
 
-@pytest.fixture(params=["c", "aten"])
-def kernel(request, monkeypatch):
-    """"c": the CPU LoRA kernel where it loads (lora_cpu; the calls that took it are counted in the
-    returned list), "aten": it made unavailable, so the backends' ATen ops (CUDA's path) run."""
-    from adapterctl.server.engine import lora_cpu
-
-    if request.param == "aten":
-        monkeypatch.setattr(lora_cpu, "library", lambda: None)
-        return None
-    if lora_cpu.library() is None:
-        pytest.skip("no CPU LoRA kernel here (needs x86-64 with AVX2 and a C compiler)")
-    calls: list[bool] = []
-    real = lora_cpu.add
-    monkeypatch.setattr(lora_cpu, "add", lambda *a: calls.append(real(*a)) or calls[-1])
-    return calls
-
-
 def _took_the_kernel(calls, backend, token_slots) -> None:
     """With the C kernel, "gather" took it for every call and "auto" for its decode tokens."""
     if calls is None:
