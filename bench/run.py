@@ -78,7 +78,8 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str) -> dict[str, Any]:
+async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str,
+                  lora_page_rank: int | None = None) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
@@ -94,7 +95,9 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str) -> di
     tok = load_tokenizer(base)
     plain = load_model(base, device=device)
 
-    def engine_config(**fields: Any) -> EngineConfig:  # every engine of this run: same device, gemm, fp32
+    def engine_config(**fields: Any) -> EngineConfig:  # every engine of this run: same device, gemm, fp32, pages
+        if lora_page_rank is not None:
+            fields.setdefault("lora_page_rank", lora_page_rank)
         return EngineConfig(device=device, dtype="float32", cpu_gemm=cpu_gemm, **fields)
 
     out: dict[str, Any] = {
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the engine's dense matmul (baselines always use stock torch)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="torch device of the engine and the in-process baselines (EngineConfig.device)")
+    parser.add_argument("--lora-page-rank", type=int, default=None,
+                        help="EngineConfig.lora_page_rank of the engines (default: its default; 64, the default max "
+                             "rank: one adapter per device slot, the layout before paging)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
@@ -193,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device (is this a CUDA build of torch?)")
-    results = asyncio.run(serving(args.quick, only, args.cpu_gemm, args.device)) if only - {"p6"} else {}
+    results = asyncio.run(serving(args.quick, only, args.cpu_gemm, args.device, args.lora_page_rank)) \
+        if only - {"p6"} else {}
     results.update(training(args.quick) if "p6" in only else {"p6_train_over_stock": None})
     results["wall_s"] = time.monotonic() - started
     print(table(results))
