@@ -144,6 +144,9 @@ class ServerMetrics(EngineObserver):
         self.resident_bytes = Gauge("adapterctl_adapter_resident_bytes", "Bytes of resident adapters, by tier.",
                                     ["tier"], registry=reg)
         self.pinned = Gauge("adapterctl_adapters_pinned", "Adapters pinned, by tier.", ["tier"], registry=reg)
+        self.device_pages = Gauge("adapterctl_device_lora_pages", "Pages of the device LoRA memory (--lora-page-rank "
+                                  "rank rows each): held by resident adapters (used) and in all (total).", ["state"],
+                                  registry=reg)
         self.running = Gauge("adapterctl_engine_running_requests", "Requests in the running batch.", registry=reg)
         self.waiting = Gauge("adapterctl_engine_waiting_requests", "Requests waiting for a batch slot.", registry=reg)
         self.batch_size = Histogram("adapterctl_engine_batch_size", "Sequences per engine step.",
@@ -229,6 +232,10 @@ class ServerMetrics(EngineObserver):
         self.resident.labels(tier=tier).set(adapters)
         self.resident_bytes.labels(tier=tier).set(nbytes)
         self.pinned.labels(tier=tier).set(pinned)
+
+    def on_device_pages(self, used: int, total: int) -> None:
+        self.device_pages.labels(state="used").set(used)
+        self.device_pages.labels(state="total").set(total)
 
     def on_queue_rejected(self) -> None:
         self.rejections.inc()

@@ -255,6 +255,9 @@ class EngineObserver:
 
     def on_residency(self, tier: str, adapters: int, nbytes: int, pinned: int) -> None: ...
 
+    def on_device_pages(self, used: int, total: int) -> None:
+        """Pages of the device LoRA memory held by resident adapters, of ``total`` (slots.py)."""
+
     def on_queue_rejected(self) -> None: ...
 
     def on_prefix_cache(self, restored: int, prompt_tokens: int, nbytes: int) -> None:

@@ -148,6 +148,7 @@ class DeviceSlots:
         # page counts known not to fit until something is released, unpinned or evicted (the scheduler asks
         # once per waiting request and step; loads and acquires only take pages, so a "no" stays true)
         self._no_fit: set[int] = set()
+        self.observer.on_device_pages(0, bank.num_pages)
 
     def lookup(self, served: ServedAdapter) -> Resident | None:
         """The resident entry (marked recently used) or None."""
@@ -262,3 +263,4 @@ class DeviceSlots:
     def _report(self) -> None:
         items = self.lru.items()
         self.observer.on_residency("device", len(items), sum(r.nbytes for _, r in items), self.lru.pinned_count)
+        self.observer.on_device_pages(sum(r.pages for _, r in items), self.bank.num_pages)

@@ -53,6 +53,10 @@ def test_cache_engine_and_info_metrics(traffic, metrics_of, tiny_base):
     assert _get(m, "adapterctl_adapter_load_duration_seconds_count", source="registry") >= 4
     assert _get(m, "adapterctl_adapters_resident", tier="device") >= 1
     assert _get(m, "adapterctl_adapter_resident_bytes", tier="device") > 0
+    # 8 slots of max rank 8 in pages of 8: one page per slot, one page per resident adapter (ranks <= 8)
+    assert _get(m, "adapterctl_device_lora_pages", state="total") == 8
+    resident = _get(m, "adapterctl_adapters_resident", tier="device")
+    assert resident >= 1 and _get(m, "adapterctl_device_lora_pages", state="used") == resident
     assert _get(m, "adapterctl_engine_batch_size_count") > 0
     assert _get(m, "adapterctl_engine_running_requests") == 0
     assert _get(m, "adapterctl_prefix_cache_tokens_total", result="miss") > 0  # "hi" is shorter than a block
