@@ -37,6 +37,8 @@ class LoraWeights:
     ranks: list[int] = field(default_factory=list)  # [num_pages + 1] rank written per first page; 0 = none
     # ``ranks`` as int64 [num_pages + 1] on the CPU, for the C kernels (lora_cpu); :meth:`set_rank` keeps both
     rank_table: torch.Tensor = field(init=False)
+    # a copy of rank_table on the slots' device for the ATen gather (no host copy per step on CUDA); None: stale
+    _ranks_here: torch.Tensor | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.rank_table = torch.tensor(self.ranks, dtype=torch.int64)
@@ -44,6 +46,7 @@ class LoraWeights:
     def set_rank(self, slot: int, rank: int) -> None:
         self.ranks[slot] = rank
         self.rank_table[slot] = rank
+        self._ranks_here = None
 
     @property
     def page(self) -> int:
@@ -63,7 +66,9 @@ class LoraWeights:
         a, bt = self.A.view(-1, self.A.shape[-1]), self.Bt.view(-1, self.Bt.shape[-1])
         j = torch.arange(rank, device=slots.device)
         idx = (slots.unsqueeze(1) * self.page + j).clamp_(max=a.shape[0] - 1)  # [n, rank]
-        own = torch.tensor(self.ranks, device=slots.device).index_select(0, slots)  # [n]
+        if self._ranks_here is None or self._ranks_here.device != slots.device:  # copied once per change
+            self._ranks_here = self.rank_table.to(slots.device, copy=True)
+        own = self._ranks_here.index_select(0, slots)  # [n]
         past = (j >= own.unsqueeze(1)).unsqueeze(2)  # [n, rank, 1]
         return a[idx].masked_fill_(past, 0), bt[idx].masked_fill_(past, 0)
 

@@ -84,6 +84,26 @@ def test_backends_read_a_paged_bank_as_the_formula_says(backend, token_slots, ke
         assert kernel and all(kernel)  # the C kernel read the pages in place
 
 
+@pytest.mark.parametrize("backend", ["gather", "auto"])
+def test_a_rewritten_slot_is_read_with_its_new_rank(backend, kernel):
+    """Slot 2 held a rank-16 adapter (pages 2-5), then a rank-3 one: pages 3-5 keep the old rows, and
+    a gather over 8 rows (slot 6's rank) must stop at the new rank (the rank table is re-read)."""
+    bank = _bank(num_slots=3, max_rank=16, page_rank=4)
+    big, small, other = _adapter("big", 16, seed=21), _adapter("small", 3, seed=22, scale=0.5), _adapter("o", 8, 23)
+    w = None
+    x = torch.randn(2, D_IN, generator=torch.Generator().manual_seed(3))
+    for current in (big, small):
+        bank.write(2, current)
+        bank.write(6, other)
+        w = bank.modules[PATH].weights
+        y = torch.zeros(2, D_OUT)
+        make_backend(backend).apply(y, x, w, LoraBatch.from_token_slots([2, 6]))
+        want = torch.stack([current.scale * (x[0] @ current.weights[PATH][0].T) @ current.weights[PATH][1].T,
+                            other.scale * (x[1] @ other.weights[PATH][0].T) @ other.weights[PATH][1].T])
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert w is not None and w.A.view(-1, D_IN)[12:24].any()  # the old rows are there to be masked
+
+
 def _check(slots: DeviceSlots) -> None:
     """Every resident adapter owns exactly its run of pages; no page has two owners."""
     owner = slots._owner
