@@ -148,6 +148,7 @@ class DeviceSlots:
         # page counts known not to fit until something is released, unpinned or evicted (the scheduler asks
         # once per waiting request and step; loads and acquires only take pages, so a "no" stays true)
         self._no_fit: set[int] = set()
+        self._pinned_out: dict[int, bool] = {}  # blocked_by_pins per page count, until a pin or eviction changes it
         self.observer.on_device_pages(0, bank.num_pages)
 
     def lookup(self, served: ServedAdapter) -> Resident | None:
@@ -165,8 +166,12 @@ class DeviceSlots:
         return True
 
     def blocked_by_pins(self, adapter: HostAdapter) -> bool:
-        """No run of pages for ``adapter`` avoids pinned adapters: it cannot load until one is unpinned."""
-        return self._window(self.bank.pages_of(adapter), evictable_only=False) is None
+        """No run of pages for ``adapter`` avoids pinned adapters: it cannot load until one is unpinned.
+        Only pins (and evictions) change the answer, so it is kept per page count until they do."""
+        pages = self.bank.pages_of(adapter)
+        if pages not in self._pinned_out:
+            self._pinned_out[pages] = self._window(pages, evictable_only=False) is None
+        return self._pinned_out[pages]
 
     def ensure(self, adapter: HostAdapter) -> Resident | None:
         """Resident entry for ``adapter``, loading it into free pages (evicting LRU adapters if
@@ -202,6 +207,7 @@ class DeviceSlots:
     def pin(self, served: ServedAdapter, pinned: bool) -> None:
         (self.lru.pin if pinned else self.lru.unpin)(served)
         self._no_fit.clear()
+        self._pinned_out.clear()
         self._report()
 
     def unload(self, served: ServedAdapter) -> None:
@@ -258,6 +264,7 @@ class DeviceSlots:
     def _on_evict(self, served: ServedAdapter, entry: Resident) -> None:
         self._owner[entry.slot: entry.slot + entry.pages] = [None] * entry.pages
         self._no_fit.clear()
+        self._pinned_out.clear()
         self.observer.on_cache("device", "evict", entry.label)
 
     def _report(self) -> None:

@@ -116,10 +116,10 @@ def _check(slots: DeviceSlots) -> None:
     assert seen == owner
 
 
-def _fits(slots: DeviceSlots, pages: int) -> bool:
-    """Brute force: some run of ``pages`` pages is free or held by idle, unpinned adapters only."""
+def _fits(slots: DeviceSlots, pages: int, pins_only: bool = False) -> bool:
+    """Brute force: some run of ``pages`` pages is free or held by idle (``pins_only``: any), unpinned adapters."""
     n = slots.bank.num_pages
-    return any(all(o is None or (slots.lru.refcount(o) == 0 and not slots.lru.is_pinned(o))
+    return any(all(o is None or ((pins_only or slots.lru.refcount(o) == 0) and not slots.lru.is_pinned(o))
                    for o in slots._owner[lo: lo + pages]) for lo in range(1, n - pages + 2))
 
 
@@ -141,6 +141,8 @@ def test_the_page_allocator_keeps_its_invariants(seed):
             could = resident or _fits(slots, slots.bank.pages_of(adapter))
             if not resident:
                 assert slots.can_load(adapter) == could
+                pinned_out = not _fits(slots, slots.bank.pages_of(adapter), pins_only=True)
+                assert slots.blocked_by_pins(adapter) == pinned_out
             entry = slots.ensure(adapter)
             assert (entry is not None) == could
             assert all(s in slots.lru and slots.lru.peek(s).slot == before[s] for s in busy)  # never evicted, moved
