@@ -125,9 +125,9 @@ class GatherBackend(LoraBackend):
         if rank == 0:
             return
         full = meta.all_tokens_lora
-        if y.device.type == "cpu" and rank <= lora_cpu.MAX_RANK and lora_cpu.add(y, x, w.A, w.Bt, w.rank_table, w.scale,
-                                                   meta.token_slots if full else meta.lora_token_slots,
-                                                   None if full else meta.lora_tokens):
+        if y.device.type == "cpu" and rank <= lora_cpu.MAX_RANK and lora_cpu.add(
+                y, x, w.A, w.Bt, w.rank_table, w.scale, meta.token_slots if full else meta.lora_token_slots,
+                None if full else meta.lora_tokens):
             return
         slots = meta.token_slots if full else meta.lora_token_slots
         xs = x if full else x.index_select(0, meta.lora_tokens)

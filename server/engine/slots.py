@@ -155,9 +155,9 @@ class DeviceSlots:
         """The resident entry (marked recently used) or None."""
         return self.lru.get(served)
 
-    def can_load(self, adapter: HostAdapter | None = None) -> bool:
-        """``adapter`` (None: a one-page adapter) would find pages, free or held by evictable adapters."""
-        pages = 1 if adapter is None else self.bank.pages_of(adapter)
+    def can_load(self, adapter: HostAdapter) -> bool:
+        """``adapter`` would find pages, free or held by evictable adapters."""
+        pages = self.bank.pages_of(adapter)
         if pages in self._no_fit:
             return False
         if self._window(pages, evictable_only=True) is None:
