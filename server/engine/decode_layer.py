@@ -13,16 +13,16 @@ It applies where the runner is bf16 on CPU with a C GEMV for its GEMM (``kernels
 1-4 rows; ``kernels.upcast_linear``: 1-32), or fp32 with the panel GEMM of :mod:`panel_gemm`
 (AVX-512F; 1-64 rows, the fused kernels' limit at Gemma 3 270M's 4 heads), the model is Gemma 3's
 layout (sandwich norms, q/k norms, tanh GELU, no biases) with every norm on the C kernel, and the
-step's tokens are decode tokens (no prompt chunk; ``runner.Forward`` decides). Adapter tokens take it too: after each
-projection the C call adds each token's LoRA delta from its slot's bank (:class:`~.slots.SlotBank`,
-re-pointed when a bank is allocated), rounded in PEFT's bf16 order as :mod:`~.lora` adds it (a
-delta's fp32 sums may differ from ATen's bmm by a bf16 ulp). Elsewhere :meth:`PlannedLayers.build`
-is None and every layer runs as before.
+step's tokens are decode tokens (no prompt chunk; ``runner.Forward`` decides). Adapter tokens
+take it too: after each projection the C call adds each token's LoRA delta from its adapter's
+pages of the bank (:class:`~.slots.SlotBank`, re-pointed when a bank is allocated), rounded in
+PEFT's bf16 order as :mod:`~.lora` adds it (a delta's fp32 sums may differ from ATen's bmm by a
+bf16 ulp). Elsewhere :meth:`PlannedLayers.build` is None and every layer runs as before.
 
 In fp32 the same kernels' fp32 variants run (norms, RoPE, the K/V writes, the panel GEMM and the
 LoRA kernel, so those are bitwise the Python path's); attention (a token's query heads of a KV
-group read each K/V row once, q.k in four FMA chains) and GELU are fp32 in C, within a few fp32 ulps of ATen's. On the
-2-core Xeon without bf16 units (``bench.step_bench --baseline unplanned``, full head) steps ran
+group read each K/V row once, q.k in four FMA chains) and GELU are fp32 in C, within a few fp32
+ulps of ATen's. On the 2-core Xeon without bf16 units (``bench.step_bench --baseline unplanned``, full head) steps ran
 1.25-1.30x faster at 1 row, 1.20-1.22x at 16, 1.09-1.13x at 32 and 1.07-1.10x at 64 (three runs).
 """
 from __future__ import annotations

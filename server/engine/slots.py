@@ -160,7 +160,7 @@ class DeviceSlots:
         pages = self.bank.pages_of(adapter)
         if pages in self._no_fit:
             return False
-        if self._window(pages, evictable_only=True) is None:
+        if self._window(pages) is None:
             self._no_fit.add(pages)
             return False
         return True
@@ -170,7 +170,7 @@ class DeviceSlots:
         Only pins (and evictions) change the answer, so it is kept per page count until they do."""
         pages = self.bank.pages_of(adapter)
         if pages not in self._pinned_out:
-            self._pinned_out[pages] = self._window(pages, evictable_only=False) is None
+            self._pinned_out[pages] = not self.unpinned_runs(adapter)
         return self._pinned_out[pages]
 
     def ensure(self, adapter: HostAdapter) -> Resident | None:
@@ -183,7 +183,7 @@ class DeviceSlots:
             return hit
         self.bank.check(adapter)
         pages = self.bank.pages_of(adapter)
-        first = self._window(pages, evictable_only=True)
+        first = self._window(pages)
         if first is None or not self._evict_range(first, pages):
             return None
         self.observer.on_cache("device", "miss", label)
@@ -232,22 +232,21 @@ class DeviceSlots:
     def _any_pinned(self, held: frozenset[ServedAdapter]) -> bool:
         return any(self.lru.is_pinned(o) for o in held)
 
-    def _window(self, pages: int, evictable_only: bool) -> int | None:
-        """First page of the best run of ``pages`` pages: a free run first; else (``evictable_only``)
-        the run whose occupants are all evictable and were used least recently (oldest last use,
-        then fewest to evict), or (not ``evictable_only``) any run free of pinned occupants; None if none."""
+    def _window(self, pages: int) -> int | None:
+        """First page of the best run of ``pages`` pages: a free run first; else the run whose
+        occupants are all evictable and were used least recently (oldest last use, then fewest to
+        evict); None if none."""
         run = 0
         for page in range(1, self.bank.num_pages + 1):  # a free run first (no sets built)
             run = run + 1 if self._owner[page] is None else 0
             if run == pages:
                 return page - pages + 1
-        runs = self._runs(pages)
         order = {k: i for i, k in enumerate(self.lru.keys())}  # LRU first
         best: tuple[tuple[int, int], int] | None = None
-        for lo, held in runs:
-            if self._any_pinned(held) or (evictable_only and any(self.lru.refcount(o) for o in held)):
+        for lo, held in self._runs(pages):
+            if self._any_pinned(held) or any(self.lru.refcount(o) for o in held):
                 continue
-            score = (max(order.get(o, -1) for o in held), len(held))
+            score = (max(order[o] for o in held), len(held))
             if best is None or score < best[0]:
                 best = (score, lo)
         return None if best is None else best[1]
