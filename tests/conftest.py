@@ -99,50 +99,32 @@ def gemma_base(adapterctl_home):
 
 
 @pytest.fixture(scope="session")
-def tiny_base(gemma_base):
-    """A tiny random-weight Gemma 3 (2 layers, hidden 64) with the real tokenizer and chat template."""
+def tiny_base(request):
+    """A tiny random-weight Gemma 3 (2 layers, hidden 64) with the real tokenizer and chat template.
+
+    Built once from the real Gemma 3 270M's tokenizer (bench/random_base.py) and cached; a
+    machine without the converted Gemma (the device check) builds it into the cache beforehand."""
     from adapterctl.basemodel import resolve_base_model
 
     target = TEST_CACHE / "models" / "tiny-gemma3"
     if not (target / "config.json").is_file():
-        _build_tiny_gemma(gemma_base.path, target)
+        from bench import random_base
+
+        random_base.build(target, request.getfixturevalue("gemma_base").path, random_base.tiny_config())
     return resolve_base_model(str(target), progress=False)
 
 
-def _build_tiny_gemma(real_dir: Path, target: Path) -> None:
-    import shutil
-    import tempfile
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """The torch device of the engine parity tests' models and engines: ``ADAPTERCTL_TEST_DEVICE``
+    (default cpu; cuda on a GPU machine, bench/device_check.py). On CUDA, fp32 matmuls run
+    without TF32, so fp32 parity stays within the same bounds as on the CPU."""
+    device = os.environ.get("ADAPTERCTL_TEST_DEVICE", "cpu")
+    if device != "cpu":
+        import torch
 
-    import torch
-    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        vocab_size=262144,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=64,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-        bos_token_id=2,
-        eos_token_id=1,
-        pad_token_id=0,
-    )
-    model = Gemma3ForCausalLM(config).eval()
-    # Random init gives near-uniform logits; scale up so greedy decoding is decisive
-    # and parity tests compare real token choices, not ties.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0) if p.dim() > 1 else None
-    model.generation_config.eos_token_id = [1, 106]
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-"))
-    model.save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(str(real_dir)).save_pretrained(str(tmp))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+        if not (device.startswith("cuda") and torch.cuda.is_available()):
+            pytest.exit(f"ADAPTERCTL_TEST_DEVICE={device}: torch sees no such device", returncode=2)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return device

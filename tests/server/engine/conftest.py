@@ -21,11 +21,11 @@ ADAPTER_SPECS: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_base):
-    """The tiny base model loaded once (fp32, CPU); deep-copy before changing it."""
+def tiny_model(tiny_base, test_device):
+    """The tiny base model loaded once (fp32, on ``test_device``: the CPU unless set); deep-copy before changing it."""
     from adapterctl.basemodel import load_model
 
-    return load_model(tiny_base, device="cpu")
+    return load_model(tiny_base, device=test_device)
 
 
 @pytest.fixture(scope="session")
@@ -77,9 +77,9 @@ def loaded_adapters(peft_dirs, tiny_base) -> dict[str, Any]:
 
 
 @pytest.fixture
-def make_engine(tiny_base, tiny_model, tiny_tokenizer):
+def make_engine(tiny_base, tiny_model, tiny_tokenizer, test_device):
     """``make_engine(store=None, **EngineConfig fields)`` -> a started BatchingEngine on a copy of
-    the tiny model; stopped at teardown."""
+    the tiny model (on ``test_device`` unless ``device`` is given); stopped at teardown."""
     from adapterctl.server.engine.config import EngineConfig
     from adapterctl.server.engine.engine import BatchingEngine
 
@@ -87,7 +87,7 @@ def make_engine(tiny_base, tiny_model, tiny_tokenizer):
     loop = asyncio.new_event_loop()
 
     def make(store=None, **config):
-        config.setdefault("device", "cpu")
+        config.setdefault("device", test_device)
         config.setdefault("dtype", "float32")  # exact parity with fp32 PEFT, whatever "auto" picks here
         engine = BatchingEngine(tiny_base, store, EngineConfig(**config), model=copy.deepcopy(tiny_model),
                                 tokenizer=tiny_tokenizer)
@@ -146,11 +146,13 @@ def dict_store(loaded_adapters):
 
 
 @pytest.fixture(params=["c", "aten"])
-def kernel(request, monkeypatch):
+def kernel(request, monkeypatch, test_device):
     """"c": the CPU LoRA kernel where it loads (lora_cpu; the calls that took it are counted in the
     returned list), "aten": it made unavailable, so the backends' ATen ops (CUDA's path) run."""
     from adapterctl.server.engine import lora_cpu
 
+    if request.param == "c" and test_device != "cpu":
+        pytest.skip("the CPU LoRA kernel takes CPU tensors only")
     if request.param == "aten":
         monkeypatch.setattr(lora_cpu, "library", lambda: None)
         return None

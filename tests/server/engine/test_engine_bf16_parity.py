@@ -35,7 +35,7 @@ def peft_bf16(tiny_model, peft_dirs):
         if name not in models:
             peft = PeftModel.from_pretrained(copy.deepcopy(base), str(peft_dirs[name]))
             models[name] = peft.to(torch.bfloat16).eval()
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=base.device)
         with torch.no_grad():
             gen = models[name].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
                                         do_sample=False, eos_token_id=None, pad_token_id=0)

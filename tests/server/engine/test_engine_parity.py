@@ -32,7 +32,7 @@ def peft_reference(tiny_model, peft_dirs):
     for name, prompt in _prompts():
         if name not in models:
             models[name] = PeftModel.from_pretrained(copy.deepcopy(tiny_model), str(peft_dirs[name])).eval()
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=tiny_model.device)
         with torch.no_grad():
             gen = models[name].generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW,
                                         do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -96,5 +96,5 @@ def test_adapters_change_the_output(peft_reference, tiny_model):
         if name is None:
             continue
         with torch.no_grad():
-            base = tiny_model(torch.tensor([prompt])).logits[0, -1]
+            base = tiny_model(torch.tensor([prompt], device=tiny_model.device)).logits[0, -1]
         assert (base - want_logits[0]).abs().max().item() > 0.5, name

@@ -28,9 +28,9 @@ def _adapter(name: str, rank: int, seed: int, scale: float = 1.0, targets: bool 
                                  target_modules=("q_proj",), weights=weights, nbytes=4 * rank * (D_IN + D_OUT))
 
 
-def _bank(num_slots: int = 2, max_rank: int = 16, page_rank: int = 4) -> SlotBank:
+def _bank(num_slots: int = 2, max_rank: int = 16, page_rank: int = 4, device: str = "cpu") -> SlotBank:
     module = LoraLinear(nn.Linear(D_IN, D_OUT, bias=False), PATH, make_backend("auto"))
-    return SlotBank({PATH: module}, num_slots, max_rank, torch.device("cpu"), torch.float32, page_rank)
+    return SlotBank({PATH: module}, num_slots, max_rank, torch.device(device), torch.float32, page_rank)
 
 
 def test_pages_and_their_invariants():
@@ -63,8 +63,8 @@ LAYOUT = {1: (4, 11, 2.0), 2: (16, 12, 0.5), 6: (8, 13, 1.0), 8: (3, 14, 0.25), 
     [2] * 9 + [1, 9],  # a long run (segment matmul in "auto") and decode rows
     [9, 9, 8],
 ])
-def test_backends_read_a_paged_bank_as_the_formula_says(backend, token_slots, kernel):
-    bank = _bank(num_slots=3, max_rank=16, page_rank=4)  # 12 pages
+def test_backends_read_a_paged_bank_as_the_formula_says(backend, token_slots, kernel, test_device):
+    bank = _bank(num_slots=3, max_rank=16, page_rank=4, device=test_device)  # 12 pages
     adapters = {}
     for slot, (rank, seed, scale) in LAYOUT.items():
         adapters[slot] = _adapter(f"a{slot}", rank, seed, scale)
@@ -77,18 +77,18 @@ def test_backends_read_a_paged_bank_as_the_formula_says(backend, token_slots, ke
         if s:
             a, b = adapters[s].weights[PATH]
             want[t] += adapters[s].scale * (x[t] @ a.T) @ b.T
-    y = y0.clone()
-    make_backend(backend).apply(y, x, w, LoraBatch.from_token_slots(token_slots))
-    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    y = y0.to(test_device)
+    make_backend(backend).apply(y, x.to(test_device), w, LoraBatch.from_token_slots(token_slots, test_device))
+    torch.testing.assert_close(y.cpu(), want, atol=1e-5, rtol=1e-5)
     if kernel is not None and backend == "gather":
         assert kernel and all(kernel)  # the C kernel read the pages in place
 
 
 @pytest.mark.parametrize("backend", ["gather", "auto"])
-def test_a_rewritten_slot_is_read_with_its_new_rank(backend, kernel):
+def test_a_rewritten_slot_is_read_with_its_new_rank(backend, kernel, test_device):
     """Slot 2 held a rank-16 adapter (pages 2-5), then a rank-3 one: pages 3-5 keep the old rows, and
     a gather over 8 rows (slot 6's rank) must stop at the new rank (the rank table is re-read)."""
-    bank = _bank(num_slots=3, max_rank=16, page_rank=4)
+    bank = _bank(num_slots=3, max_rank=16, page_rank=4, device=test_device)
     big, small, other = _adapter("big", 16, seed=21), _adapter("small", 3, seed=22, scale=0.5), _adapter("o", 8, 23)
     w = None
     x = torch.randn(2, D_IN, generator=torch.Generator().manual_seed(3))
@@ -96,11 +96,11 @@ def test_a_rewritten_slot_is_read_with_its_new_rank(backend, kernel):
         bank.write(2, current)
         bank.write(6, other)
         w = bank.modules[PATH].weights
-        y = torch.zeros(2, D_OUT)
-        make_backend(backend).apply(y, x, w, LoraBatch.from_token_slots([2, 6]))
+        y = torch.zeros(2, D_OUT, device=test_device)
+        make_backend(backend).apply(y, x.to(test_device), w, LoraBatch.from_token_slots([2, 6], test_device))
         want = torch.stack([current.scale * (x[0] @ current.weights[PATH][0].T) @ current.weights[PATH][1].T,
                             other.scale * (x[1] @ other.weights[PATH][0].T) @ other.weights[PATH][1].T])
-        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y.cpu(), want, atol=1e-5, rtol=1e-5)
     assert w is not None and w.A.view(-1, D_IN)[12:24].any()  # the old rows are there to be masked
 
 
