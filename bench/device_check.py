@@ -3,18 +3,20 @@ a lent GPU machine (the ``device`` tool). That machine's image has torch, transf
 and pytest, but neither adapterctl (not installed) nor the converted Gemma 3 270M (1 GB; a
 call carries at most 64 MiB) nor a network.
 
-``pack DIR`` (here, once): the default base's config, generation config, tokenizer config,
-  chat template and tokenizer.json (gzipped, ~6 MB) into DIR (``.devcache``: git-ignored).
+``pack DIR [--wheels]`` (here, once): the default base's config, generation config, tokenizer
+  config, chat template and tokenizer.json (gzipped, ~5 MB) into DIR (``.devcache``: git-ignored);
+  ``--wheels`` adds DIR/wheels (~36 MB): WHEELS for CPython 3.12, what p4 and p5 need there.
 ``run --pack DIR --out OUT`` (there, carrying DIR):
-  1. maps this checkout onto ``adapterctl.*`` with links in a temp folder (setup.py's ROOTS);
+  1. installs DIR/wheels, if any, into a temp folder and maps this checkout onto ``adapterctl.*``
+     with links in the same folder (setup.py's ROOTS);
   2. builds the tests' tiny model into the test cache and a random-weight model of Gemma 3
      270M's shape (bench/random_base.py): the tokenizer is the real one, the weights are not;
   3. runs the engine tests of PARITY with ``ADAPTERCTL_TEST_DEVICE`` set (fp32 parity, bf16
-     >= 90 %, prefix-cache identity, paged LoRA banks on the ATen path);
+     >= 90 %, prefix-cache identity, paged LoRA banks on the ATen path, requests, admin, fairness);
   4. runs ``python -m bench.run --device DEVICE --only BENCH`` on the random-weight model with
-     ``ADAPTERCTL_BASE_MODEL`` pointing at it. Ratios and rates there are the engine's speed,
-     which does not depend on weight values (greedy, ``ignore_eos``); p4 and p5 need FastAPI
-     and moto, which the image lacks, and p6 trains (not the serving path).
+     ``ADAPTERCTL_BASE_MODEL`` pointing at it, then (with the wheels) ``--only p4,p5`` as a second
+     run. Rates and ratios there are the engine's speed, which does not depend on weight values
+     (greedy, ``ignore_eos``); p6 trains (not the serving path).
   Each step is bounded in time; logs go to OUT. ``--device cpu`` rehearses it on a CPU.
 """
 from __future__ import annotations
@@ -35,6 +37,16 @@ BASE_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", 
 PARITY = ("test_engine_parity.py", "test_engine_bf16_parity.py", "test_prefix_cache.py", "test_paged_slots.py",
           "test_engine_requests.py", "test_engine_admin.py", "test_engine_fairness.py")
 BENCH = "p1,p2,b64,p3,p8,roof"
+WITH_WHEELS = "p4,p5"  # bench.run workloads that need the carried wheels (FastAPI, moto)
+# What the GPU image lacks for the front ends (p4) and the S3 registry (p5), with their needs
+# that it lacks too; ``wheels`` fetches each at the version installed where it runs.
+WHEELS = ("fastapi", "starlette", "uvicorn", "sse-starlette", "pydantic", "pydantic-core", "annotated-types",
+          "typing-inspection", "opentelemetry-api", "grpcio-health-checking",
+          "grpcio-reflection", "protobuf", "llguidance", "boto3", "botocore", "s3transfer", "jmespath", "moto",
+          "responses", "xmltodict", "flask", "flask-cors", "blinker", "itsdangerous", "cryptography", "cffi",
+          "pycparser")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_24_x86_64")
 
 
 def pack(out: Path) -> Path:
@@ -47,6 +59,19 @@ def pack(out: Path) -> Path:
         shutil.copyfile(base / name, out / name)
     with open(base / "tokenizer.json", "rb") as src, gzip.open(out / "tokenizer.json.gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
+    return out
+
+
+def wheels(out: Path, python: str = "3.12") -> Path:
+    """Download WHEELS (the versions installed here) for CPython ``python`` on x86-64 Linux into ``out``."""
+    from importlib.metadata import version
+
+    out.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}=={version(name)}" for name in WHEELS]
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", python, "--implementation", "cp", *platforms, "-d", str(out), *pins],
+                   check=True)
     return out
 
 
@@ -115,14 +140,20 @@ def run(packed: Path, out: Path, device: str, work: Path, parity_timeout: int, b
         bench: str = BENCH, quick: bool = False, parity: tuple[str, ...] = PARITY) -> int:
     """Steps 1-4 of the module docstring; 0 when every step exited 0."""
     out.mkdir(parents=True, exist_ok=True)
-    site = namespace(work / "site")
+    site = work / "site"
+    carried = sorted((packed / "wheels").glob("*.whl"))
+    if carried:  # into the same folder as the links; nothing of the image's is changed
+        shutil.rmtree(site, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--target", str(site), *map(str, carried)], check=True)
+    namespace(site)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO)]), PYTHONUNBUFFERED="1",
                ADAPTERCTL_HOME=str(work / "home"), ADAPTERCTL_TEST_CACHE=str(work / "test-cache"),
                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     base_files = unpack(packed, work / "base-files")
     codes = {"environment": _step("environment", [sys.executable, "-c", (
-        "import torch, transformers, peft, adapterctl.server.engine.engine as e; "
-        "print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__); "
+        "import importlib.metadata as m, torch, adapterctl.server.engine.engine; "
+        "print(*(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'peft', 'protobuf', 'grpcio')), sep=', '); "
         "print('cuda', torch.cuda.is_available(), torch.cuda.is_available() and torch.cuda.get_device_name())")],
         env, out, 120)}
     codes["models"] = _step("models", [sys.executable, "-m", "bench.device_check", "models", str(base_files),
@@ -131,9 +162,11 @@ def run(packed: Path, out: Path, device: str, work: Path, parity_timeout: int, b
     codes["parity"] = _step("parity", [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                                        "-m", "not slow", *tests], dict(env, ADAPTERCTL_TEST_DEVICE=device),
                             out, parity_timeout)
-    codes["bench"] = _step("bench", [sys.executable, "-m", "bench.run", "--device", device, "--only", bench,
-                                     *(["--quick"] if quick else [])],
-                           dict(env, ADAPTERCTL_BASE_MODEL=str(work / "gemma-random")), out, bench_timeout)
+    runs = {"bench": bench, **({"bench-wheels": WITH_WHEELS} if carried and bench == BENCH else {})}
+    for name, only in runs.items():  # separate runs: a timeout in the second keeps the first's figures
+        codes[name] = _step(name, [sys.executable, "-m", "bench.run", "--device", device, "--only", only,
+                                   *(["--quick"] if quick else [])],
+                            dict(env, ADAPTERCTL_BASE_MODEL=str(work / "gemma-random")), out, bench_timeout)
     print("\n" + "  ".join(f"{k}={v}" for k, v in codes.items()), flush=True)
     return 0 if not any(codes.values()) else 1
 
@@ -143,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("pack", help="copy the base's config and tokenizer into DIR (here)")
     p.add_argument("dir", type=Path)
+    p.add_argument("--wheels", action="store_true",
+                   help="also DIR/wheels: what p4 and p5 need that the GPU image lacks (~30 MB, CPython 3.12)")
     m = sub.add_parser("models", help="run's step 2 alone: build the models from an unpacked base into WORK")
     m.add_argument("base_files", type=Path)
     m.add_argument("work", type=Path)
@@ -152,13 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--device", default="cuda")
     r.add_argument("--work", type=Path, default=Path("/tmp/adapterctl-device-check"))
     r.add_argument("--parity-timeout", type=int, default=180)
-    r.add_argument("--bench-timeout", type=int, default=300)
+    r.add_argument("--bench-timeout", type=int, default=240, help="seconds for each bench.run (default 240)")
     r.add_argument("--bench", default=BENCH, help=f"bench.run --only (default {BENCH})")
     r.add_argument("--quick", action="store_true", help="bench.run --quick (a rehearsal, says nothing of speed)")
     r.add_argument("--tests", default=",".join(PARITY), help="test files of tests/server/engine (default: PARITY)")
     args = parser.parse_args(argv)
     if args.verb == "pack":
         print(pack(args.dir))
+        if args.wheels:
+            print(wheels(args.dir / "wheels"))
         return
     if args.verb == "models":
         models(args.base_files, args.work)
