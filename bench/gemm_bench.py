@@ -3,7 +3,7 @@ engine's GEMM kernels against ATen's ``F.linear`` on the base model's projection
 (packed q/k/v, o, packed gate/up, down, the LM head), in one process, alternating, best
 of three rounds. Random weights of the model's shapes; only the config is read.
 
-* fp32: ``kernels.pick_gemm("auto")`` (the panel GEMM on AVX-512F CPUs, else oneDNN) on the
+* fp32: ``kernels.pick_gemm("auto")`` (the panel GEMM on AVX-512F or AVX2 CPUs, else oneDNN) on the
   weight the engine gives it (``kernels.prepare``: its panels, or oneDNN's blocked layout) vs
   ``F.linear`` (ATen's MKL sgemm).
 * bf16: ``pick_gemm("auto")`` (oneDNN bf16 where the CPU has bf16 arithmetic, else
@@ -12,7 +12,7 @@ of three rounds. Random weights of the model's shapes; only the config is read.
   (``kernels.upcast_blocks``) on the same rows, and where that GEMV is the AVX-512 one, vs the
   AVX2 one.
 
-* fp32 where ``auto`` is the panel GEMM (AVX-512F): also every layer's projections in one pass,
+* fp32 where ``auto`` is the panel GEMM (AVX-512F or AVX2): also every layer's projections in one pass,
   one set of weights per layer so they stream from memory as in a step, against oneDNN's
   prepacked GEMM (``gemm_layers_streamed_over_onednn_fp32_b<rows>``: oneDNN ÷ panel time).
 

@@ -9,7 +9,7 @@ hits both. Base rows, prompts of ``--prompt`` tokens (20), then decode. Baseline
 * ``torch``: the same step with every GEMM through ``F.linear`` (``cpu_gemm="torch"``): ATen's
   MKL in fp32, ATen's bf16 GEMV/GEMM in bf16, against oneDNN and the AVX2 bf16 GEMV;
 * ``onednn``: the same step with every GEMM through oneDNN (``cpu_gemm="onednn"``), against
-  ``auto``'s choice (fp32 on AVX-512F: the panel GEMM of ``panel_gemm``; bf16 on AVX512-BF16,
+  ``auto``'s choice (fp32 on AVX-512F or AVX2: the panel GEMM of ``panel_gemm``; bf16 on AVX512-BF16,
   AMX or not: the AVX512-BF16 GEMV at 1-4 rows; on other CPUs, where oneDNN may emulate bf16,
   ``upcast_linear``);
 * ``fp32``: the same step in fp32 (``--dtype float32``'s path) against bf16 (``--dtype bfloat16``

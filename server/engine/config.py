@@ -44,7 +44,7 @@ class EngineConfig:
                                         "layers (0: never, 1: up to its final norm); later ones wait for their "
                                         "own forward.")
     lora_backend: str = option("auto", "LoRA compute: auto | gather | segment.")
-    cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (fp32 with AVX-512F: our panel GEMM, each row's "
+    cpu_gemm: str = option("auto", "Dense matmul on CPU: auto (fp32 with AVX-512F or AVX2: our panel GEMM, each row's "
                            "result independent of the batch; "
                            "else oneDNN, measured faster than MKL; bf16 without "
                            "native bf16: weight blocks upcast to fp32; bf16 with AVX512-BF16, AMX or not: 1-4 rows "
@@ -60,9 +60,9 @@ class EngineConfig:
                                    "the candidates a rounding bound keeps (the full head's token; +1 byte per head "
                                    "weight of memory, 160 MiB for Gemma 3 270M).")
     cpu_planned_layers: bool = option(True, "CPU, bf16 with a C GEMV (AVX512-BF16: 1-4 rows; AVX2: 1-32) or fp32 with "
-                                      "the panel GEMM (AVX-512F: 1-64 rows): each Gemma 3 layer of a decode step "
-                                      "(base or adapter rows) as one C call (norms, projections, RoPE and K/V as the "
-                                      "step's other path computes them; attention, GELU and bf16 LoRA deltas in C, "
+                                      "the panel GEMM (AVX-512F or AVX2: 1-64 rows): each Gemma 3 layer of a decode "
+                                      "step (base or adapter rows) as one C call (norms, projections, RoPE and K/V as "
+                                      "the step's other path computes them; attention, GELU and bf16 LoRA deltas in C, "
                                       "which may differ from ATen's by a bf16 ulp, or in fp32 by a few fp32 ulps).")
     lora_modules: tuple[str, ...] = option(LORA_MODULE_TYPES, "Linear layers that accept LoRA.")
     device: str | None = option(None, "Torch device (default: cuda when available, else cpu).")

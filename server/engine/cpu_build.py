@@ -89,12 +89,12 @@ def main() -> None:
     images do this at build time, then drop the compiler) and print each library's path."""
     from adapterctl.server.engine import amx_head, cpu_fused, cpu_gemv, decode_layer, int8_gemv, lora_cpu, panel_gemm
 
-    gemvs = (cpu_gemv.AVX2, cpu_gemv.AVX512, cpu_gemv.AVX512_BF16)
-    for source, flags in (*((g.source, g.flags) for g in gemvs), (cpu_fused.SOURCE, cpu_fused.FLAGS),
+    kernels = (cpu_gemv.AVX2, cpu_gemv.AVX512, cpu_gemv.AVX512_BF16, *panel_gemm.VARIANTS)
+    for source, flags in (*((g.source, g.flags) for g in kernels), (cpu_fused.SOURCE, cpu_fused.FLAGS),
                           (int8_gemv.SOURCE, int8_gemv.FLAGS), (int8_gemv.AMX_SOURCE, int8_gemv.AMX_FLAGS),
                           (int8_gemv.VNNI_SOURCE, int8_gemv.VNNI_FLAGS),
                           (decode_layer.SOURCE, decode_layer.FLAGS), (lora_cpu.SOURCE, lora_cpu.FLAGS),
-                          (amx_head.SOURCE, amx_head.FLAGS), (panel_gemm.SOURCE, panel_gemm.FLAGS)):
+                          (amx_head.SOURCE, amx_head.FLAGS)):
         print(build(source, flags))
 
 

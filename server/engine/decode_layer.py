@@ -11,7 +11,7 @@ rounds them, and may differ from ATen's by a bf16 ulp (``decode_layer.c``).
 
 It applies where the runner is bf16 on CPU with a C GEMV for its GEMM (``kernels.small_rows_linear``:
 1-4 rows; ``kernels.upcast_linear``: 1-32), or fp32 with the panel GEMM of :mod:`panel_gemm`
-(AVX-512F; 1-64 rows, the fused kernels' limit at Gemma 3 270M's 4 heads), the model is Gemma 3's
+(AVX-512F or AVX2; 1-64 rows, the fused kernels' limit at Gemma 3 270M's 4 heads), the model is Gemma 3's
 layout (sandwich norms, q/k norms, tanh GELU, no biases) with every norm on the C kernel, and the
 step's tokens are decode tokens (no prompt chunk; ``runner.Forward`` decides). Adapter tokens
 take it too: after each projection the C call adds each token's LoRA delta from its adapter's

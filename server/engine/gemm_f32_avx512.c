@@ -13,14 +13,8 @@
    every row of x runs over a chunk while it is in L1, so the FMAs of all rows overlap the stream.
    The register block is R x 32 outputs (R <= 12: 24 accumulators): per input two weight vectors
    and one broadcast of x per row, so the FMAs, not the loads, bound it. */
-#include <immintrin.h>
-#include <omp.h>
-
-#define NR 32 /* outputs per panel */
-#define KC 64 /* inputs per chunk */
-#define RG 36 /* rows of x per pass over a thread's panels (more: x and the partial sums leave L1/L2) */
-#define CHUNK_BYTES (KC * NR * 4)
 #define BLOCK_BYTES (1024 * 1024) /* panels a thread runs every row group over before the next (in L2) */
+#include "panel_gemm.h"
 
 /* R rows of x (at the chunk's first input) over one chunk c [len][NR], adding to the partial
    sums s [R][NR]; ahead: the next chunk to prefetch, or NULL. */
@@ -45,21 +39,6 @@ BLOCK(8)
 BLOCK(4)
 BLOCK(2)
 BLOCK(1)
-
-/* Plain rows n .. n + 31 (those below n_out; zeros past it), inputs i0 .. i0 + len - 1, into
-   buf [len][NR]; prefetches the next chunk of those rows. */
-static void gather(const float *w, long ldw, long n, long n_out, long i0, long len, long k, float *buf) {
-    for (long j = 0; j < NR; j++) {
-        if (n + j >= n_out) {
-            for (long i = 0; i < len; i++) buf[i * NR + j] = 0.0f;
-            continue;
-        }
-        const float *row = w + (n + j) * ldw + i0;
-        if (i0 + len < k)
-            for (long b = 0; b < 4 * len; b += 64) _mm_prefetch((const char *)(row + len) + b, _MM_HINT_T0);
-        for (long i = 0; i < len; i++) buf[i * NR + j] = row[i];
-    }
-}
 
 /* One panel (outputs n .. n + 31) for rows of x: chunk by chunk, every block of rows over the
    chunk. p: the packed panel, or NULL and w / ldw the plain rows. s: [rows][NR] scratch. */
@@ -91,34 +70,5 @@ static void panel(const float *p, const float *w, long ldw, long n, long n_out, 
         const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + lo) : _mm512_setzero_ps();
         for (long r = 0; r < rows; r++)
             _mm512_mask_storeu_ps(y + r * ldy + lo, keep, _mm512_add_ps(_mm512_loadu_ps(s + r * NR + 16 * h), b));
-    }
-}
-
-/* wp: fp32 panels [ceil(n_out / 32)][k][32] (rows past n_out zero), or NULL and w: fp32 plain
-   rows [n_out][k] with row stride ldw; x: fp32 [rows, k], row stride ldx; bias: fp32 [n_out] or
-   NULL; y: fp32 [rows, n_out], row stride ldy. 1 <= rows, 1 <= k. Each thread takes a contiguous
-   run of panels, and block by block of them (<= BLOCK_BYTES) runs every group of up to RG rows in
-   turn, so a block read again comes from L2. */
-void gemm_f32(const float *wp, const float *w, long ldw, long n_out, long k, const float *x, long ldx,
-              const float *bias, long rows, float *y, long ldy, int threads) {
-    const long panels = (n_out + NR - 1) / NR;
-    if (threads > panels) threads = (int)panels;
-    long per_block = BLOCK_BYTES / (k * NR * 4);
-    if (per_block < 1) per_block = 1;
-#pragma omp parallel num_threads(threads)
-    {
-        const long t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const long q0 = panels * t / nt, q1 = panels * (t + 1) / nt;
-        float s[RG * NR] __attribute__((aligned(64)));
-        float buf[KC * NR] __attribute__((aligned(64)));
-        for (long b0 = q0; b0 < q1; b0 += per_block) {
-            const long b1 = b0 + per_block < q1 ? b0 + per_block : q1;
-            for (long r0 = 0; r0 < rows; r0 += RG) {
-                const long rr = rows - r0 < RG ? rows - r0 : RG;
-                for (long q = b0; q < b1; q++)
-                    panel(wp ? wp + q * k * NR : 0, w, ldw, q * NR, n_out, k, x + r0 * ldx, ldx, bias, rr, y + r0 * ldy,
-                          ldy, s, buf);
-            }
-        }
     }
 }

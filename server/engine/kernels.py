@@ -2,9 +2,10 @@
 inductor emits for CPU linears) measured 1.3-2.4x faster than ATen's default MKL sgemm
 for decode-sized inputs on this project's AMD host, with the same fp32 accuracy
 (max |diff| ~1e-4 on Gemma logits); elsewhere (CUDA, builds without oneDNN) F.linear. On
-CPUs with AVX-512F, fp32 goes to the panel GEMM of :mod:`panel_gemm` instead
+CPUs with AVX-512F or AVX2 + FMA, fp32 goes to the panel GEMM of :mod:`panel_gemm` instead
 (:func:`panel_linear`): 1.13-1.25x faster than oneDNN's at 1-32 rows on a Xeon without bf16
-units, 0.98-1.06x at 64-512, and each row's result independent of the rest of the batch.
+units, 0.98-1.06x at 64-512; its AVX2 build 1.06-1.20x at 1-32 rows on a Zen 3 EPYC, 0.99x at
+64; each row's result independent of the rest of the batch.
 oneDNN has no bf16 inner product on AVX2-only CPUs ("could not create a primitive
 descriptor"), and on AVX-512 CPUs without AVX512-BF16/AMX it runs bf16 emulated (Dec 6, an
 Intel Xeon without them: bf16 steps 2.0-3.0x slower at 1-64 rows than the path below), so
@@ -42,9 +43,10 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def panel_linear(x: torch.Tensor, weight: "torch.Tensor | panel_gemm.Panels", bias: torch.Tensor | None = None
                  ) -> torch.Tensor:
-    """``x @ weight.T + bias`` in fp32, ``x`` [..., in] on CPU: through the AVX-512 panel GEMM of
+    """``x @ weight.T + bias`` in fp32, ``x`` [..., in] on CPU: through the panel GEMM of
     :mod:`panel_gemm` (``weight`` its panels, :func:`prepare`'s, or plain fp32 rows: bitwise the
-    same result, each row's independent of the others), else oneDNN's."""
+    same result, each row's independent of the others), else oneDNN's (fp32) or ATen's (other
+    dtypes, which oneDNN may not run here: no bf16 inner product on AVX2-only CPUs)."""
     if x.dim() != 2:
         return panel_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
     y = panel_gemm.linear(x if x.stride(1) == 1 else x.contiguous(), weight, bias)
@@ -52,7 +54,7 @@ def panel_linear(x: torch.Tensor, weight: "torch.Tensor | panel_gemm.Panels", bi
         return y
     if isinstance(weight, panel_gemm.Panels):  # only the kernel reads panels: an input it refuses is an error
         raise RuntimeError(f"panel GEMM does not take x {tuple(x.shape)} {x.dtype} against {weight.shape}")
-    return onednn_linear(x, weight, bias)
+    return onednn_linear(x, weight, bias) if x.dtype == torch.float32 else F.linear(x, weight, bias)
 
 
 def torch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,7 +188,7 @@ def native_bf16() -> bool:
 
 def pick_gemm(name: str, device: torch.device, dtype: torch.dtype) -> Gemm:
     """The GEMM for ``name``. "auto": on CPU for fp32, :func:`panel_linear` where its kernel loads
-    (AVX-512F), else oneDNN where it runs; oneDNN for bf16 where
+    (AVX-512F or AVX2 + FMA), else oneDNN where it runs; oneDNN for bf16 where
     :func:`native_bf16` (:func:`small_rows_linear` where the AVX512-BF16 GEMV loads); bf16 on
     any other CPU where oneDNN's fp32 GEMM runs, :func:`upcast_linear`; else torch (CUDA, other
     dtypes). "onednn": oneDNN wherever it runs ``dtype``, emulated bf16 included, else an error.

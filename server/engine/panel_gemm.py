@@ -1,7 +1,8 @@
-"""The fp32 GEMM of ``gemm_f32_avx512.c`` for CPUs with AVX-512F: weights in panels of 32
-output rows (:func:`pack`, once at load time), every output a sum in input order (so a row's
-result is bitwise the same whatever else is in the batch, and whether the weight is packed
-or plain).
+"""The fp32 panel GEMM: ``gemm_f32_avx512.c`` on CPUs with AVX-512F, ``gemm_f32_avx2.c`` (the same
+contract on 256-bit registers) on AVX2 + FMA ones. Weights in panels of 32 output rows
+(:func:`pack`, once at load time), every output a sum in input order (so a row's result is
+bitwise the same whatever else is in the batch, whether the weight is packed or plain, and which
+of the two kernels ran it).
 
 On a 2-core Intel Xeon without bf16 units (Dec 6, ``python -m bench.gemm_bench --dtypes float32``:
 all 18 layers' projections of Gemma 3 270M's shapes, one weight set per layer, so they stream from
@@ -23,9 +24,23 @@ from adapterctl.server.engine import cpu_build
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemm_f32_avx512.c")
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 NR = 32  # output rows per panel
+_SO = ("-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+
+
+class Variant(NamedTuple):
+    """One build of the kernel: its source, compiler flags and the CPU flag it needs."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    cpu_flag: str
+
+
+AVX512 = Variant("AVX-512 fp32 panel GEMM", Path(__file__).with_name("gemm_f32_avx512.c"), ("-O3", "-mavx512f", *_SO),
+                 "avx512f")
+AVX2 = Variant("AVX2 fp32 panel GEMM", Path(__file__).with_name("gemm_f32_avx2.c"), ("-O3", "-mavx2", *_SO), "avx2")
+VARIANTS = (AVX512, AVX2)  # best first
 
 
 class Panels(NamedTuple):
@@ -41,18 +56,32 @@ class Panels(NamedTuple):
 
 
 @functools.cache
+def variant() -> Variant | None:
+    """The best variant that loads on this CPU (AVX-512F, else AVX2 + FMA), or None."""
+    return next((v for v in VARIANTS if build(v) is not None), None)
+
+
+@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel after a passing probe, or None (no AVX-512F, no compiler; logged once)."""
-    if not cpu_build.has_cpu_flag("avx512f"):
+    """The loaded kernel of :func:`variant`, or None (neither loads here)."""
+    best = variant()
+    return None if best is None else build(best)
+
+
+@functools.cache
+def build(which: Variant) -> ctypes.CDLL | None:
+    """``which`` built and loaded after a passing probe, or None (the CPU lacks its flag, no
+    compiler, the probe failed; logged once)."""
+    if not cpu_build.has_cpu_flag(which.cpu_flag) or not cpu_build.has_cpu_flag("fma"):
         return None
-    lib = cpu_build.load(SOURCE, FLAGS, "AVX-512 fp32 panel GEMM")
+    lib = cpu_build.load(which.source, which.flags, which.name)
     if lib is None:
         return None
     p, n = ctypes.c_void_p, ctypes.c_long
     lib.gemm_f32.argtypes = [p, p, n, n, n, p, n, p, n, p, n, ctypes.c_int]
     lib.gemm_f32.restype = None
     if not _probe(lib):
-        log.warning("AVX-512 fp32 panel GEMM failed its probe against fp64 arithmetic; not using it")
+        log.warning("%s failed its probe against fp64 arithmetic; not using it", which.name)
         return None
     return lib
 

@@ -259,7 +259,7 @@ def test_the_c_fp32_gelu_is_within_a_few_ulps_of_atens():
 @pytest.mark.parametrize("rows,slots", [(2, [0, 0]), (2, [1, 2]), (9, [0, 0, 0, 1, 1, 1, 2, 2, 2])])
 def test_fp32_with_the_panel_gemm_takes_the_planned_layer_close_to_the_python_path(tiny_base, loaded_adapters,
                                                                                      rows, slots):
-    """fp32 where the panel GEMM loads (AVX-512F): every layer of 12 teacher-forced decode steps
+    """fp32 where the panel GEMM loads (AVX-512F or AVX2): every layer of 12 teacher-forced decode steps
     of two rows, or nine (whose row-wise kernels the layer splits over threads), base or each
     row its adapter (rank 8 on q/k/v/o, rank 16 on every projection), takes
     the C call, writes layer 0's K/V bitwise as the Python path does (the same norm, GEMM, LoRA and
@@ -268,7 +268,7 @@ def test_fp32_with_the_panel_gemm_takes_the_planned_layer_close_to_the_python_pa
     from adapterctl.server.engine import kernels, panel_gemm
 
     if panel_gemm.library() is None:
-        pytest.skip("no AVX-512F panel GEMM here")
+        pytest.skip("no panel GEMM here (it needs AVX2 + FMA and a C compiler)")
     args = dict(max_rank=16, lora_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                            "down_proj"), dtype="float32")
     planned, python = _runner(tiny_base, rows=rows, **args), _runner(tiny_base, rows=rows, planned_layers=False, **args)

@@ -95,7 +95,7 @@ def test_auto_gemm_runs_in_every_serving_dtype_on_this_cpu(dtype_name):
 
 
 def _fp32_auto(kernels):
-    """fp32 "auto" on this CPU: the AVX-512 panel GEMM where it loads, else oneDNN."""
+    """fp32 "auto" on this CPU: the panel GEMM where it loads, else oneDNN."""
     return kernels.panel_linear if kernels.panel_gemm.library() is not None else kernels.onednn_linear
 
 

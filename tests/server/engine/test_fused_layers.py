@@ -255,13 +255,13 @@ def test_prepacked_step_matches_the_plain_layout(tiny_base, rows, monkeypatch):
 
 
 def test_fp32_runners_get_panels_and_step_as_onednn_does(tiny_base):
-    """``auto`` on an AVX-512 CPU: fp32 runners use :func:`kernels.panel_linear`; the packs, the
+    """``auto`` on an AVX-512F or AVX2 CPU: fp32 runners use :func:`kernels.panel_linear`; the packs, the
     other projections and the LM head slices hold panels, and the steps' logits (a 4-token prefill,
     then decode) are fp32-close to the oneDNN runner's."""
     from adapterctl.server.engine import kernels, panel_gemm
 
     if panel_gemm.library() is None:
-        pytest.skip("the fp32 panel GEMM does not load here (it needs avx512f and a C compiler)")
+        pytest.skip("the fp32 panel GEMM does not load here (it needs AVX2 + FMA and a C compiler)")
     assert kernels.pick_gemm("auto", torch.device("cpu"), torch.float32) is kernels.panel_linear
     assert kernels.pick_gemm("onednn", torch.device("cpu"), torch.float32) is kernels.onednn_linear
     runner, got = _step_logits(tiny_base, 3, True)

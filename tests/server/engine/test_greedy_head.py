@@ -84,14 +84,14 @@ def test_fp32_tokens_are_the_full_heads(est):
 
 @pytest.mark.parametrize("est", ESTIMATORS)
 def test_fp32_logits_through_the_panel_gemm_are_the_full_heads_bitwise(est):
-    """fp32 where the head's GEMM is the AVX-512 panel GEMM: the candidates' logits (plain rows
+    """fp32 where the head's GEMM is the panel GEMM: the candidates' logits (plain rows
     gathered from the head) are bitwise the full head's through its panels, as the engine's
     prepared head slices compute them, since each output is the same sum whichever rows and
     outputs share the call."""
     from adapterctl.server.engine import panel_gemm
 
     if panel_gemm.library() is None:
-        pytest.skip("the fp32 panel GEMM does not load here (it needs avx512f and a C compiler)")
+        pytest.skip("the fp32 panel GEMM does not load here (it needs AVX2 + FMA and a C compiler)")
     w = _head(8192 + 5, 640, 8, near=2 ** -12)  # Gemma 3 270M's width: a blocked GEMM sums it in another order
     head, panels = GreedyHead(w, kernels.panel_linear, est), panel_gemm.pack(w)
     g = torch.Generator().manual_seed(9)
