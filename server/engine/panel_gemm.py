@@ -7,8 +7,9 @@ of the two kernels ran it).
 On a 2-core Intel Xeon without bf16 units (Dec 6, ``python -m bench.gemm_bench --dtypes float32``:
 all 18 layers' projections of Gemma 3 270M's shapes, one weight set per layer, so they stream from
 memory as in a step) it ran 1.13-1.25x faster than oneDNN's prepacked fp32 GEMM at 1-32 rows,
-1.06x at 64, 1.01x at 128 and 0.98x at 512 (prefills). ``kernels.pick_gemm`` takes it for fp32
-on CPUs where it loads.
+1.06x at 64, 1.01x at 128 and 0.98x at 512 (prefills); the AVX2 build on a 2-core Zen 3 EPYC
+(Dec 7) 1.06-1.20x at 1-32 rows, 0.99x at 64 and 1.06x at 512. ``kernels.pick_gemm`` takes it
+for fp32 on CPUs where one loads.
 """
 from __future__ import annotations
 
