@@ -21,6 +21,7 @@ import torch
 from adapterctl.basemodel import BaseModel
 from adapterctl.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from adapterctl.server import omp
+from adapterctl.server.engine import gc_heap
 from adapterctl.server.engine.admin import AdapterAdmin
 from adapterctl.server.engine.config import EngineConfig
 from adapterctl.server.engine.dtypes import resolve_dtype
@@ -83,6 +84,7 @@ class BatchingEngine:
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._commands_lock = threading.Lock()
         self.admin = AdapterAdmin(self)
+        self._gc_held = False  # this engine holds a gc_heap freeze (from start() to stop())
         self._trimmer = IdleTrimmer()  # gives freed heap back to the OS when idle (see heap.py)
         # Test/debug hook: called on the decode thread with (sampled sequences, their logits [n, vocab]).
         self.logits_hook: Callable[[list[Sequence], torch.Tensor], None] | None = None
@@ -104,6 +106,9 @@ class BatchingEngine:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
             raise
+        if self.config.gc_freeze:
+            gc_heap.hold()
+            self._gc_held = True
 
     def _run(self, loaded: concurrent.futures.Future) -> None:
         """The decode thread: load (all of the engine's compute runs on this thread), then serve."""
@@ -159,6 +164,9 @@ class BatchingEngine:
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        if self._gc_held:
+            self._gc_held = False
+            gc_heap.release()
         sched = self.scheduler
         for seq in list(sched.waiting) + list(sched.running):
             self._finish(seq, FINISH_CANCELLED)

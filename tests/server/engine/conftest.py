@@ -89,6 +89,7 @@ def make_engine(tiny_base, tiny_model, tiny_tokenizer, test_device):
     def make(store=None, **config):
         config.setdefault("device", test_device)
         config.setdefault("dtype", "float32")  # exact parity with fp32 PEFT, whatever "auto" picks here
+        config.setdefault("gc_freeze", False)  # a full collection per start; test_gc_freeze.py tests the freeze
         engine = BatchingEngine(tiny_base, store, EngineConfig(**config), model=copy.deepcopy(tiny_model),
                                 tokenizer=tiny_tokenizer)
         loop.run_until_complete(engine.start())
