@@ -79,7 +79,7 @@ def _log(msg: str) -> None:
 
 
 async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str,
-                  lora_page_rank: int | None = None) -> dict[str, Any]:
+                  lora_page_rank: int | None = None, gc_freeze: bool = True) -> dict[str, Any]:
     import torch
     from peft import PeftModel
 
@@ -98,7 +98,7 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str,
     def engine_config(**fields: Any) -> EngineConfig:  # every engine of this run: same device, gemm, fp32, pages
         if lora_page_rank is not None:
             fields.setdefault("lora_page_rank", lora_page_rank)
-        return EngineConfig(device=device, dtype="float32", cpu_gemm=cpu_gemm, **fields)
+        return EngineConfig(device=device, dtype="float32", cpu_gemm=cpu_gemm, gc_freeze=gc_freeze, **fields)
 
     out: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
@@ -145,8 +145,8 @@ async def serving(quick: bool, only: set[str], cpu_gemm: str, device: str,
             _log(f"p8 prefix TTFT gain {out['p8_prefix_ttft_gain']:.2f}")
         if "roof" in only:
             def roof_engine(dtype: str) -> BatchingEngine:  # 64 base rows and one adapter, in ``dtype``
-                config = EngineConfig(device=device, dtype=dtype, cpu_gemm=cpu_gemm, max_running_requests=64,
-                                      max_waiting=64, ignore_eos=True)
+                config = EngineConfig(device=device, dtype=dtype, cpu_gemm=cpu_gemm, gc_freeze=gc_freeze,
+                                      max_running_requests=64, max_waiting=64, ignore_eos=True)
                 return BatchingEngine(base, MemoryStore(load_dirs(dirs[:1], base)), config, tokenizer=tok)
 
             out.update(await roofline.roofline(tok, quick, _log, roof_engine, device, names[0]))
@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lora-page-rank", type=int, default=None,
                         help="EngineConfig.lora_page_rank of the engines (default: its default; 64, the default max "
                              "rank: one adapter per device slot, the layout before paging)")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="EngineConfig.gc_freeze=False: the engines leave Python's garbage collector as it is")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING)
@@ -199,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: torch sees no CUDA device (is this a CUDA build of torch?)")
-    results = asyncio.run(serving(args.quick, only, args.cpu_gemm, args.device, args.lora_page_rank)) \
+    results = asyncio.run(serving(args.quick, only, args.cpu_gemm, args.device, args.lora_page_rank,
+                                  not args.no_gc_freeze)) \
         if only - {"p6"} else {}
     results.update(training(args.quick) if "p6" in only else {"p6_train_over_stock": None})
     results["wall_s"] = time.monotonic() - started

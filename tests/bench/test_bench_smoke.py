@@ -75,3 +75,16 @@ def test_gemm_bench_streams_every_layer_through_the_panel_gemm_and_onednn():
         assert got is None
         return
     assert got is not None and set(got) == {"auto_ms", "onednn_ms"} and all(v > 0 for v in got.values())
+
+
+def test_gc_bench_forces_collections_on_a_frozen_and_an_unfrozen_engine(gemma_base):
+    """``bench.gc_bench`` (one stream per mode) prints each mode's collection time and token gaps
+    (machine-dependent: only that both modes were measured is checked)."""
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "bench.gc_bench", "--rounds", "1"], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    keys = [f"{k}_{mode}" for k in ("gc_full_ms", "itl_max_ms", "itl_p50_ms") for mode in ("frozen", "unfrozen")]
+    assert all(isinstance(last[k], float) and last[k] > 0 for k in keys + ["gc_itl_max_unfrozen_over_frozen"])
+    assert last["objects_tracked"] > 0
