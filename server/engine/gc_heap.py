@@ -6,7 +6,8 @@ the model's modules and parameters, the tokenizer, torch's and transformers' mod
 decode thread between its kernels included. Measured on Gemma 3 270M with a started engine
 (2-vCPU AMD EPYC): 391k objects, a full collection 311-536 ms; after ``gc.freeze()``, under 1 ms.
 CPython starts one on its own whenever the objects that survived into generation 2 since the last
-grow by a quarter; in ``bench.run`` p5 one came every few minutes of serving and took 585 ms.
+grow by a quarter: in one full ``bench.run`` one fell inside p5's ~4 minutes of serving (585 ms),
+none inside p3's 5 minutes in four runs. Rare, but each stalls every stream.
 
 So the engine, once loaded, collects and then freezes: everything alive moves to the permanent
 generation, which collections skip; objects made later are tracked and collected as before.
