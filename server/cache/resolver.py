@@ -16,10 +16,11 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, TypeVar
 
 from adapterctl.errors import NotFound, Unavailable
 from adapterctl.refs import LATEST, AdapterRef, parse_ref
+from adapterctl.server.cache.flight import SingleFlight
 from adapterctl.server.lru import LRUCache
 from adapterctl.server.types import ServedAdapter
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from adapterctl.registry import Manifest, RegistryReader
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def canary_bucket(alias: str, routing_key: str) -> float:
@@ -87,6 +89,9 @@ class RefResolver:
         self._by_version: LRUCache[tuple[str, int], str] = LRUCache(max_items=max_entries)
         self._aliases: LRUCache[tuple[str, str], _AliasEntry] = LRUCache(max_items=max_entries)
         self._refresh_lock = threading.Lock()
+        # concurrent misses on one ref share one registry read: N requests hitting a cold
+        # (or just expired) alias at once cost one list + get, not N (a thundering herd)
+        self._reads: SingleFlight[Hashable, Any] = SingleFlight()
 
     def cached(self, ref: str | AdapterRef, routing_key: str = "") -> "Manifest | None":
         """The answer :meth:`resolve` would give without any registry call, or None
@@ -117,7 +122,7 @@ class RefResolver:
         if entry is not None and self._clock() - entry.resolved_at < self._refresh_seconds:
             return entry.pick("%s:%s" % key, routing_key)
         try:
-            fresh = self._fetch_alias(parsed)
+            fresh, read = self._shared(key, lambda: self._fetch_alias(parsed))
         except Unavailable as exc:
             if entry is None:
                 raise
@@ -126,9 +131,10 @@ class RefResolver:
         except NotFound:
             self._aliases.pop(key)
             raise
-        if entry is not None and entry.targets() != fresh.targets():
-            log.info("alias %s:%s moved from %s to %s", *key, entry.describe(), fresh.describe())
-        self._aliases.put(key, fresh)
+        if read:  # the caller that read the registry records the answer, once
+            if entry is not None and entry.targets() != fresh.targets():
+                log.info("alias %s:%s moved from %s to %s", *key, entry.describe(), fresh.describe())
+            self._aliases.put(key, fresh)
         return fresh.pick("%s:%s" % key, routing_key)
 
     def manifest_for(self, served: ServedAdapter) -> "Manifest":
@@ -178,7 +184,20 @@ class RefResolver:
     def _immutable(self, ref: AdapterRef, cached: "Manifest | None") -> "Manifest":
         if cached is not None:
             return cached
-        return self._fetch(ref)
+        return self._shared(ref, lambda: self._fetch(ref))[0]
+
+    def _shared(self, key: Hashable, read: Callable[[], T]) -> tuple[T, bool]:
+        """``read()`` once for all threads missing ``key`` (an alias's ``(name, alias)``, else
+        the ref) at the same time; True for the one that ran it. Its exception (NotFound,
+        Unavailable) reaches every one of them."""
+        return self._reads.do(key, read)
+
+    def waiting(self, ref: str | AdapterRef) -> int:
+        """Threads blocked on a registry read of ``ref`` that another thread is running."""
+        parsed = parse_ref(ref) if isinstance(ref, str) else ref
+        if parsed.digest is None and parsed.version is None:
+            return self._reads.waiters((parsed.name, parsed.alias or LATEST))
+        return self._reads.waiters(parsed)
 
     def _fetch_alias(self, ref: AdapterRef) -> _AliasEntry:
         """Primary and canary of an alias from one registry read; readers without
