@@ -28,6 +28,8 @@ def test_quick_bench_prints_every_key(gemma_base):
     assert set(last) == KEYS
     assert all(last[k] is None or isinstance(last[k], (int, float)) for k in KEYS)
     assert all(isinstance(last[k], float) and last[k] > 0 for k in ROOF)  # measured, not skipped
+    table = dict(line.strip().split(" = ", 1) for line in done.stdout.splitlines() if " = " in line)
+    assert all(float(table[k]) > 0 for k in ("p5_zipf_first_token_s", "p5_hot_first_token_s"))
 
 
 def test_gemm_bench_times_the_engine_kernel_against_aten(gemma_base):
