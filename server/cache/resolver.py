@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Hashable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 from adapterctl.errors import NotFound, Unavailable
 from adapterctl.refs import LATEST, AdapterRef, parse_ref
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from adapterctl.registry import Manifest, RegistryReader
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 def canary_bucket(alias: str, routing_key: str) -> float:
@@ -89,8 +88,9 @@ class RefResolver:
         self._by_version: LRUCache[tuple[str, int], str] = LRUCache(max_items=max_entries)
         self._aliases: LRUCache[tuple[str, str], _AliasEntry] = LRUCache(max_items=max_entries)
         self._refresh_lock = threading.Lock()
-        # concurrent misses on one ref share one registry read: N requests hitting a cold
-        # (or just expired) alias at once cost one list + get, not N (a thundering herd)
+        # concurrent misses on one ref share one registry read and its answer or error: N requests
+        # hitting a cold (or just expired) alias at once cost one list + get, not N. Keyed by an
+        # alias's (name, alias), else by the ref.
         self._reads: SingleFlight[Hashable, Any] = SingleFlight()
 
     def cached(self, ref: str | AdapterRef, routing_key: str = "") -> "Manifest | None":
@@ -122,7 +122,7 @@ class RefResolver:
         if entry is not None and self._clock() - entry.resolved_at < self._refresh_seconds:
             return entry.pick("%s:%s" % key, routing_key)
         try:
-            fresh, read = self._shared(key, lambda: self._fetch_alias(parsed))
+            fresh, read = self._reads.do(key, lambda: self._fetch_alias(parsed))
         except Unavailable as exc:
             if entry is None:
                 raise
@@ -184,13 +184,7 @@ class RefResolver:
     def _immutable(self, ref: AdapterRef, cached: "Manifest | None") -> "Manifest":
         if cached is not None:
             return cached
-        return self._shared(ref, lambda: self._fetch(ref))[0]
-
-    def _shared(self, key: Hashable, read: Callable[[], T]) -> tuple[T, bool]:
-        """``read()`` once for all threads missing ``key`` (an alias's ``(name, alias)``, else
-        the ref) at the same time; True for the one that ran it. Its exception (NotFound,
-        Unavailable) reaches every one of them."""
-        return self._reads.do(key, read)
+        return self._reads.do(ref, lambda: self._fetch(ref))[0]
 
     def waiting(self, ref: str | AdapterRef) -> int:
         """Threads blocked on a registry read of ``ref`` that another thread is running."""
