@@ -17,33 +17,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 
 /* Bytes ahead in the packed stream, prefetched into L2 and spread over every group's pass over a
    pair (into L1, all in the first pass, the prefetches stalled the core: 48-64 rows 5-8 % slower). */
 #define PREFETCH 65536
 #define MAX_THREADS 256
 
-struct tilecfg {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-};
-
 /* Ask Linux for the AMX tile state (once per process). 0 when granted. */
-int amx_head_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023, 18); }
-
-static void configure(void) {
-    struct tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) { /* 0-3: C (16 x 16 fp32), 4-5: A (16 rows x 32 bf16), 6-7: B (16 x 16 x 2 bf16) */
-        cfg.rows[t] = 16;
-        cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
-}
+int amx_head_init(void) { return amx_request(); }
 
 /* w: packed [pairs][k / 32][2][16][16][2] bf16: per pair of 16-row vocabulary blocks and 32 inputs,
    the two B tiles (row i: inputs 2i, 2i + 1 of each of the 16 vocabulary rows), zero rows past n;

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,12 +21,8 @@ import torch
 
 from adapterctl.server.engine import cpu_build, cpu_gemv, kernels
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("amx_head.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
-         "-shared", "-fPIC")
-CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
+FLAGS = cpu_build.AMX_FLAGS
 K_MULTIPLE = 32  # inputs per A tile row
 _P, _L = ctypes.c_void_p, ctypes.c_long
 
@@ -44,21 +39,13 @@ class Part(NamedTuple):
 def library() -> ctypes.CDLL | None:
     """The kernel after Linux granted the tile state and it passed its probe, or None (no AMX-BF16
     here, no compiler that knows AMX, or the probe failed; logged when unexpected)."""
-    if not all(cpu_build.has_cpu_flag(f) for f in CPU_FLAGS):
-        return None
-    lib = cpu_build.load(SOURCE, FLAGS, "AMX bf16 LM head")
-    if lib is None:
-        return None
+    return cpu_build.load_amx(SOURCE, "AMX bf16 LM head", "the LM head stays on oneDNN", "amx_head_init", _setup,
+                              _probe)
+
+
+def _setup(lib: ctypes.CDLL) -> None:
     lib.amx_head_bf16.argtypes = [_P, _L, _L, _P, _L, _L, _P, _L, _P, _P, ctypes.c_int]
     lib.amx_head_bf16.restype = ctypes.c_int
-    lib.amx_head_init.argtypes, lib.amx_head_init.restype = [], ctypes.c_int
-    if lib.amx_head_init() != 0:
-        log.warning("Linux did not grant the AMX tile state; the LM head stays on oneDNN")
-        return None
-    if not _probe(lib):
-        log.warning("AMX bf16 LM head failed its probe; the LM head stays on oneDNN")
-        return None
-    return lib
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -84,17 +85,54 @@ def load(source: Path, flags: tuple[str, ...], what: str) -> ctypes.CDLL | None:
         return None
 
 
+# what the AMX kernels (amx_head.c, gemm_bf16_amx.c) are built with and need of the CPU
+AMX_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp",
+             "-shared", "-fPIC")
+AMX_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512bw", "avx512vl")
+
+
+def load_amx(source: Path, what: str, fallback: str, init: str, setup: Callable[[ctypes.CDLL], None],
+             probe: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
+    """An AMX kernel ``source`` built and loaded, ``setup`` (its argtypes), Linux asked for the tile
+    state through its ``init`` function, and ``probe`` passed; else None (no AMX-BF16 here, no
+    compiler that knows AMX; a warning ending in ``fallback`` where Linux refused or the probe failed)."""
+    if not all(has_cpu_flag(f) for f in AMX_CPU_FLAGS):
+        return None
+    lib = load(source, AMX_FLAGS, what)
+    if lib is None:
+        return None
+    setup(lib)
+    request = getattr(lib, init)
+    request.argtypes, request.restype = [], ctypes.c_int
+    if request() != 0:
+        log.warning("Linux did not grant the AMX tile state to the %s; %s", what, fallback)
+        return None
+    if not probe(lib):
+        log.warning("%s failed its probe; %s", what, fallback)
+        return None
+    return lib
+
+
 def main() -> None:
     """``python -m adapterctl.server.engine.cpu_build``: build every kernel of the package (the
     images do this at build time, then drop the compiler) and print each library's path."""
-    from adapterctl.server.engine import amx_head, cpu_fused, cpu_gemv, decode_layer, int8_gemv, lora_cpu, panel_gemm
+    from adapterctl.server.engine import (
+        amx_gemm,
+        amx_head,
+        cpu_fused,
+        cpu_gemv,
+        decode_layer,
+        int8_gemv,
+        lora_cpu,
+        panel_gemm,
+    )
 
     kernels = (cpu_gemv.AVX2, cpu_gemv.AVX512, cpu_gemv.AVX512_BF16, *panel_gemm.VARIANTS)
     for source, flags in (*((g.source, g.flags) for g in kernels), (cpu_fused.SOURCE, cpu_fused.FLAGS),
                           (int8_gemv.SOURCE, int8_gemv.FLAGS), (int8_gemv.AMX_SOURCE, int8_gemv.AMX_FLAGS),
                           (int8_gemv.VNNI_SOURCE, int8_gemv.VNNI_FLAGS),
                           (decode_layer.SOURCE, decode_layer.FLAGS), (lora_cpu.SOURCE, lora_cpu.FLAGS),
-                          (amx_head.SOURCE, amx_head.FLAGS)):
+                          (amx_head.SOURCE, amx_head.FLAGS), (amx_gemm.SOURCE, amx_gemm.FLAGS)):
         print(build(source, flags))
 
 

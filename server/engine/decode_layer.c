@@ -46,7 +46,7 @@
 KERNEL_TYPES(uint16_t, bf16)
 KERNEL_TYPES(float, f32)
 
-/* bf16: a C GEMV of cpu_gemv (plain rows); fp32: the panel GEMM (gemm_f32_avx512.c): wp its
+/* bf16: a C GEMV of cpu_gemv or the AMX GEMM of amx_gemm (plain rows); fp32: the panel GEMM (gemm_f32_avx512.c): wp its
    panels, w/ldw plain rows (NULL here). */
 typedef int (*gemv_fn)(const uint16_t *w, long ldw, const uint16_t *x, long ldx, const uint16_t *bias, long rows,
                        long n_out, long k, uint16_t *y, long ldy, int threads);
@@ -62,6 +62,8 @@ typedef struct {
     long hidden, heads, kvh, d, inter, max_rows;
     const float *lora_scale;
     long max_rank; /* the banks' rows per page (slots.SlotBank.page_rank): a slot's rank rows start there */
+    void *gemm;     /* bf16: a gemv_fn for more than gemv_rows rows (the AMX GEMM), or NULL: gemv takes all */
+    long gemv_rows;
 } Plan;
 
 /* One projection's LoRA page bank (slots.SlotBank): a [pages + 1, page_rank, in], bt [pages + 1,
@@ -108,8 +110,8 @@ LORA_ADD(float, f32) /* lora_cpu.c's lora_fp32 */
    lo..pos[t] (lo = pos[t] - window + 1 with a window), g = h / (heads / kvh). Scores and sums in
    fp32; each softmax weight rounds to bf16 before it weighs V (ATen's CPU flash attention does),
    the sum of weights does not; the output rounds once. q, out: contiguous [n, heads, d]. */
-static int attend_bf16(const Plan *p, const Layer *l, long n, const uint16_t *q, const int64_t *rows,
-                  const int64_t *pos, uint16_t *out, int threads) {
+static int attend_bf16_heads(const Plan *p, const Layer *l, long n, const uint16_t *q, const int64_t *rows,
+                             const int64_t *pos, uint16_t *out, int threads) {
     const long heads = p->heads, d = p->d, group = heads / p->kvh;
     long span = 1;
     for (long t = 0; t < n; t++) span = pos[t] + 1 > span ? pos[t] + 1 : span;
@@ -169,26 +171,45 @@ static inline __m256 exp8(__m256 x) {
    tanh, Sleef's, so 1 + tanh(u) rounds alike in the negative tail where it cancels), rounded, then
    ATen's bf16 multiply. Eight lanes at a time
    (libm's scalar tanhf was ~0.7 ms of a Gemma 3 270M step). Exported for decode_layer.py's probe. */
+/* 8 fp32 lanes -> 8 lanes whose high 16 bits are to_bf16's rounding of each (bf16.h), low bits kept. */
+static inline __m256i round8(__m256 f) {
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                           _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan); /* NaN stays quiet */
+}
+static inline __m256 bf16_of8(__m256i r) { /* the fp32 value of round8's bf16s */
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u)));
+}
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
 void gelu_mul_bf16(const uint16_t *gate_up, long n, long inter, uint16_t *act) {
     const __m256 beta = _mm256_set1_ps((float)(M_SQRT2 * M_2_SQRTPI * 0.5)), kappa = _mm256_set1_ps(0.044715f);
     const __m256 one = _mm256_set1_ps(1.0f), two = _mm256_set1_ps(2.0f), half = _mm256_set1_ps(0.5f);
     for (long t = 0; t < n; t++) {
         const uint16_t *g = gate_up + t * 2 * inter, *u = g + inter;
         for (long i = 0; i < inter; i += 8) {
-            uint16_t lanes[8] = {0};
+            uint16_t lanes[8] = {0}, ups[8] = {0}, res[8];
             const long m = inter - i < 8 ? inter - i : 8;
-            memcpy(lanes, g + i, sizeof(uint16_t) * (size_t)m);
-            const __m256 x = _mm256_castsi256_ps(
-                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)lanes)), 16));
+            if (m < 8) { /* the ragged end through zero-padded lanes */
+                memcpy(lanes, g + i, sizeof(uint16_t) * (size_t)m);
+                memcpy(ups, u + i, sizeof(uint16_t) * (size_t)m);
+            }
+            const __m256 x = load8_bf16(m < 8 ? lanes : g + i), up = load8_bf16(m < 8 ? ups : u + i);
             const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
             const __m256 inner = _mm256_mul_ps(beta, _mm256_add_ps(x, _mm256_mul_ps(kappa, cube)));
             const __m256 sign = _mm256_and_ps(inner, _mm256_set1_ps(-0.0f));
             const __m256 d = _mm256_sub_ps(exp8(_mm256_mul_ps(two, _mm256_xor_ps(inner, sign))), one);  /* expm1(2|u|) */
             const __m256 th = _mm256_xor_ps(_mm256_div_ps(d, _mm256_add_ps(d, two)), sign);
-            float gelu[8];
-            _mm256_storeu_ps(gelu, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, th)));
-            for (long j = 0; j < m; j++)
-                act[t * inter + i + j] = to_bf16(bf16_to_float(to_bf16(gelu[j])) * bf16_to_float(u[i + j]));
+            const __m256 gelu = bf16_of8(round8(_mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, th))));
+            const __m256i r = _mm256_srli_epi32(round8(_mm256_mul_ps(gelu, up)), 16);
+            const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+            _mm_storeu_si128((__m128i *)(m < 8 ? res : act + t * inter + i), packed);
+            if (m < 8) memcpy(act + t * inter + i, res, sizeof(uint16_t) * (size_t)m);
         }
     }
 }
@@ -199,29 +220,42 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 
-/* s[j] = scale * q . k_j for the keys k_j (row stride c_pos) j = 0..m-1, d a multiple of 8: four
-   keys at a time, so four independent FMA chains run (one chain was bound by its add latency). */
-static void scores_f32(const float *q, const float *k, long c_pos, long m, long d, float scale, float *s) {
-    long j = 0;
-    for (; j + 4 <= m; j += 4) {
-        const float *k0 = k + j * c_pos, *k1 = k0 + c_pos, *k2 = k1 + c_pos, *k3 = k2 + c_pos;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (long i = 0; i < d; i += 8) {
-            const __m256 qv = _mm256_loadu_ps(q + i);
-            a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + i), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + i), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + i), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + i), a3);
-        }
-        s[j] = hsum8(a0) * scale, s[j + 1] = hsum8(a1) * scale, s[j + 2] = hsum8(a2) * scale;
-        s[j + 3] = hsum8(a3) * scale;
+/* s[j] = scale * q . k_j for the keys k_j of type T (row stride c_pos) j = 0..m-1, q fp32, d a
+   multiple of 8, LOAD8 reading 8 of a key as fp32: four keys at a time, so four independent FMA
+   chains run (one chain was bound by its add latency). scores_f32, and scores_bf16 for bf16 keys. */
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+#define SCORES(SFX, T, LOAD8)                                                                                      \
+    static void scores_##SFX(const float *q, const T *k, long c_pos, long m, long d, float scale, float *s) {      \
+        long j = 0;                                                                                                \
+        for (; j + 4 <= m; j += 4) {                                                                               \
+            const T *k0 = k + j * c_pos, *k1 = k0 + c_pos, *k2 = k1 + c_pos, *k3 = k2 + c_pos;                     \
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                           \
+            for (long i = 0; i < d; i += 8) {                                                                      \
+                const __m256 qv = _mm256_loadu_ps(q + i);                                                          \
+                a0 = _mm256_fmadd_ps(qv, LOAD8(k0 + i), a0);                                                       \
+                a1 = _mm256_fmadd_ps(qv, LOAD8(k1 + i), a1);                                                       \
+                a2 = _mm256_fmadd_ps(qv, LOAD8(k2 + i), a2);                                                       \
+                a3 = _mm256_fmadd_ps(qv, LOAD8(k3 + i), a3);                                                       \
+            }                                                                                                      \
+            s[j] = hsum8(a0) * scale, s[j + 1] = hsum8(a1) * scale, s[j + 2] = hsum8(a2) * scale;                  \
+            s[j + 3] = hsum8(a3) * scale;                                                                          \
+        }                                                                                                          \
+        for (; j < m; j++) {                                                                                       \
+            const T *kj = k + j * c_pos;                                                                           \
+            __m256 a = _mm256_setzero_ps();                                                                        \
+            for (long i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), LOAD8(kj + i), a);         \
+            s[j] = hsum8(a) * scale;                                                                               \
+        }                                                                                                          \
     }
-    for (; j < m; j++) {
-        const float *kj = k + j * c_pos;
-        __m256 a = _mm256_setzero_ps();
-        for (long i = 0; i < d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i), a);
-        s[j] = hsum8(a) * scale;
-    }
+SCORES(f32, float, load8_f32)
+SCORES(bf16, uint16_t, load8_bf16)
+
+/* Scores of n tokens' heads, [n * heads][*span] fp32 (span: the longest context, pos[t] + 1), or
+   NULL when out of memory. */
+static float *score_rows(long n, long heads, const int64_t *pos, long *span) {
+    *span = 1;
+    for (long t = 0; t < n; t++) *span = pos[t] + 1 > *span ? pos[t] + 1 : *span;
+    return malloc(sizeof(float) * (size_t)(n * heads * *span));
 }
 
 /* fp32 attention as attend_bf16, without its roundings (scores, weights, sums and the output
@@ -234,9 +268,8 @@ static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, con
     const long heads = p->heads, d = p->d, kvh = p->kvh, group = heads / kvh;
     const long split = n * kvh < threads ? group : 1, per = group / split; /* heads of a group per unit */
     if (group * d > MAX_GD) return -1;
-    long span = 1;
-    for (long t = 0; t < n; t++) span = pos[t] + 1 > span ? pos[t] + 1 : span;
-    float *scores = malloc(sizeof(float) * (size_t)(n * heads * span));
+    long span;
+    float *scores = score_rows(n, heads, pos, &span);
     if (!scores) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long u = 0; u < n * kvh * split; u++) {
@@ -267,6 +300,66 @@ static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, con
         }
         for (long e = 0; e < per; e++)
             for (long i = 0; i < d; i++) out[(t * heads + h0 + e) * d + i] = acc[e * d + i] / sum[e];
+    }
+    free(scores);
+    return 0;
+}
+
+/* attend_bf16_heads' attention (each softmax weight rounded to bf16 before it weighs V, the output
+   rounded once) with a token's query heads of one KV group together, so each K/V row is read and
+   converted once for them, eight lanes at a time (at fewer tokens x groups than threads, each
+   head apart); q . k sums in four FMA chains, so a score may differ from attend_bf16_heads' in the
+   last fp32 bits. Where d is not a multiple of 8 or group * d > MAX_GD, attend_bf16_heads. (At 64
+   rows of Gemma 3 270M the per-head version was ~15 % of a bf16 step.) */
+static int attend_bf16(const Plan *p, const Layer *l, long n, const uint16_t *q, const int64_t *rows,
+                       const int64_t *pos, uint16_t *out, int threads) {
+    const long heads = p->heads, d = p->d, kvh = p->kvh, group = heads / kvh;
+    if (d % 8 || group * d > MAX_GD) return attend_bf16_heads(p, l, n, q, rows, pos, out, threads);
+    const long split = n * kvh < threads ? group : 1, per = group / split;
+    long span;
+    float *scores = score_rows(n, heads, pos, &span);
+    if (!scores) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long u = 0; u < n * kvh * split; u++) {
+        const long t = u / (kvh * split), g = (u / split) % kvh, h0 = g * group + (u % split) * per;
+        const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
+        const uint16_t *kb = (const uint16_t *)l->kc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
+        const uint16_t *vb = (const uint16_t *)l->vc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
+        float qf[MAX_GD] __attribute__((aligned(32))), acc[MAX_GD] __attribute__((aligned(32))), sum[MAX_GD / 8];
+        for (long i = 0; i < per * d; i++) {
+            qf[i] = bf16_to_float(q[(t * heads + h0) * d + i]);
+            acc[i] = 0.0f;
+        }
+        for (long e = 0; e < per; e++) {
+            float *s = scores + (t * heads + h0 + e) * span, top = -INFINITY;
+            scores_bf16(qf + e * d, kb, l->c_pos, hi - lo, d, l->scale, s);
+            for (long j = 0; j < hi - lo; j++) top = s[j] > top ? s[j] : top;
+            sum[e] = 0.0f;
+            for (long j = 0; j < hi - lo; j++) {
+                const float w = expf(s[j] - top);
+                sum[e] += w;
+                s[j] = bf16_to_float(to_bf16(w)); /* the weight V sees */
+            }
+        }
+        for (long j = 0; j < hi - lo; j++) { /* each V row once for the unit's heads */
+            const uint16_t *vr = vb + j * l->c_pos;
+            for (long i = 0; i < d; i += 8) {
+                const __m256 v = load8_bf16(vr + i);
+                for (long e = 0; e < per; e++) {
+                    const __m256 w = _mm256_set1_ps(scores[(t * heads + h0 + e) * span + j]);
+                    float *ae = acc + e * d + i;
+                    _mm256_store_ps(ae, _mm256_add_ps(_mm256_load_ps(ae), _mm256_mul_ps(w, v)));
+                }
+            }
+        }
+        for (long e = 0; e < per; e++) {
+            const __m256 inv = _mm256_set1_ps(sum[e]);
+            for (long i = 0; i < d; i += 8) {
+                const __m256i r = _mm256_srli_epi32(round8(_mm256_div_ps(_mm256_load_ps(acc + e * d + i), inv)), 16);
+                _mm_storeu_si128((__m128i *)(out + (t * heads + h0 + e) * d + i),
+                                 _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+            }
+        }
     }
     free(scores);
     return 0;
@@ -306,8 +399,12 @@ void gelu_mul_f32(const float *gate_up, long n, long inter, float *act, int thre
 }
 
 static inline void gelu_bf16(const uint16_t *gate_up, long n, long inter, uint16_t *act, int threads) {
-    (void)threads; /* at the bf16 plan's 1-32 rows one thread is enough */
-    gelu_mul_bf16(gate_up, n, inter, act);
+#pragma omp parallel num_threads(threads) if (n >= 8) /* ROW_SPLIT_MIN */
+    {
+        const long part = omp_get_thread_num(), parts = omp_get_num_threads();
+        const long t0 = n * part / parts, nn = n * (part + 1) / parts - t0;
+        if (nn > 0) gelu_mul_bf16(gate_up + t0 * 2 * inter, nn, inter, act + t0 * inter);
+    }
 }
 static inline void gelu_f32(const float *gate_up, long n, long inter, float *act, int threads) {
     gelu_mul_f32(gate_up, n, inter, act, threads);
@@ -316,7 +413,7 @@ static inline void gelu_f32(const float *gate_up, long n, long inter, float *act
 /* A projection y [n, n_out] = x [n, k] W^T through the dtype's GEMM (bf16: plain rows; fp32: panels). */
 static inline void proj_bf16(const Plan *p, const void *w, long n_out, long k, long n, const uint16_t *x,
                              uint16_t *y, int threads) {
-    ((gemv_fn)p->gemv)(w, k, x, k, NULL, n, n_out, k, y, n_out, threads);
+    ((gemv_fn)(p->gemm && n > p->gemv_rows ? p->gemm : p->gemv))(w, k, x, k, NULL, n, n_out, k, y, n_out, threads);
 }
 static inline void proj_f32(const Plan *p, const void *w, long n_out, long k, long n, const float *x, float *y,
                             int threads) {

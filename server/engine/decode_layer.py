@@ -10,7 +10,8 @@ are bitwise the Python path's; attention and GELU are computed in C in fp32, rou
 rounds them, and may differ from ATen's by a bf16 ulp (``decode_layer.c``).
 
 It applies where the runner is bf16 on CPU with a C GEMV for its GEMM (``kernels.small_rows_linear``:
-1-4 rows; ``kernels.upcast_linear``: 1-32), or fp32 with the panel GEMM of :mod:`panel_gemm`
+1-4 rows, and on AMX hosts 5-64 through the AMX GEMM of :mod:`amx_gemm`, which that GEMM sends those
+rows to as well; ``kernels.upcast_linear``: 1-32), or fp32 with the panel GEMM of :mod:`panel_gemm`
 (AVX-512F or AVX2; 1-64 rows, the fused kernels' limit at Gemma 3 270M's 4 heads), the model is Gemma 3's
 layout (sandwich norms, q/k norms, tanh GELU, no biases) with every norm on the C kernel, and the
 step's tokens are decode tokens (no prompt chunk; ``runner.Forward`` decides). Adapter tokens
@@ -22,8 +23,11 @@ bf16 ulp). Elsewhere :meth:`PlannedLayers.build` is None and every layer runs as
 In fp32 the same kernels' fp32 variants run (norms, RoPE, the K/V writes, the panel GEMM and the
 LoRA kernel, so those are bitwise the Python path's); attention (a token's query heads of a KV
 group read each K/V row once, q.k in four FMA chains) and GELU are fp32 in C, within a few fp32
-ulps of ATen's. On the 2-core Xeon without bf16 units (``bench.step_bench --baseline unplanned``, full head) steps ran
-1.25-1.30x faster at 1 row, 1.20-1.22x at 16, 1.09-1.13x at 32 and 1.07-1.10x at 64 (three runs).
+ulps of ATen's. On the 2-core AMX Xeon (Dec 7, ``bench.step_bench --dtype bfloat16 --baseline onednn``,
+which keeps the Python path and oneDNN's GEMM at 5-64 rows) bf16 steps ran 1.37x faster at 8 rows,
+1.40x at 16, 1.37x at 32 and 1.26x at 64. In fp32, on the 2-core Xeon without bf16 units
+(``bench.step_bench --baseline unplanned``, full head), steps ran 1.25-1.30x faster at 1 row,
+1.20-1.22x at 16, 1.09-1.13x at 32 and 1.07-1.10x at 64 (three runs).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adapterctl.server.engine import cpu_build, cpu_fused, cpu_gemv, kernels, lora_cpu, panel_gemm
+from adapterctl.server.engine import amx_gemm, cpu_build, cpu_fused, cpu_gemv, kernels, lora_cpu, panel_gemm
 
 if TYPE_CHECKING:
     from adapterctl.server.engine.lora import LoraLinear
@@ -52,7 +56,7 @@ _P, _L, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
 class _Plan(ctypes.Structure):
     _fields_ = [("gemv", _P), ("norm", _P), ("residual", _P), ("prep", _P), ("lora", _P), ("hidden", _L),
                 ("heads", _L), ("kvh", _L), ("d", _L), ("inter", _L), ("max_rows", _L), ("lora_scale", _P),
-                ("max_rank", _L)]
+                ("max_rank", _L), ("gemm", _P), ("gemv_rows", _L)]
 
 
 class _Lora(ctypes.Structure):
@@ -213,7 +217,7 @@ class PlannedLayers:
         lib = library()
         if kernels_ is None or lib is None:
             return None
-        fns, max_rows = kernels_
+        fns, max_rows, wide = kernels_
         keep: list[torch.Tensor] = [bank.scale]
         layers, lora = [], []
         for i, layer in enumerate(runner.layers):
@@ -224,17 +228,19 @@ class PlannedLayers:
             layers.append(planned)
             lora.append(mods)
         plan = _Plan(*(ctypes.cast(f, ctypes.c_void_p).value for f in fns), hidden, heads, kvh, d, inter,
-                     min(max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.page_rank)
+                     min(max_rows, cpu_fused.MAX_ROWS // heads), bank.scale.data_ptr(), bank.page_rank, *wide)
         log.info("decoder layers planned as one C call each for 1-%d %s decode rows (base or adapter)",
                  plan.max_rows, str(runner.dtype).rsplit(".", 1)[-1])
         return cls(lib, plan, layers, keep, bank, lora, runner.dtype)
 
     @staticmethod
-    def _kernels(runner: "ModelRunner", widths: tuple[int, ...]) -> tuple[tuple[Any, ...], int] | None:
+    def _kernels(runner: "ModelRunner", widths: tuple[int, ...]
+                 ) -> tuple[tuple[Any, ...], int, tuple[int | None, int]] | None:
         """(the GEMM, norm, residual norm, attention prep and LoRA kernels of the runner's dtype, the
-        most rows its GEMM takes), or None where its dtype and GEMM have none here: bf16 with a C
-        GEMV (its ``k_multiple``; the LoRA kernel wants inputs of a multiple of 8), fp32 with the
-        panel GEMM."""
+        most rows its GEMMs take, (the bf16 GEMM for more rows than the first takes or None, those
+        rows)), or None where its dtype and GEMM have none here: bf16 with a C GEMV (its
+        ``k_multiple``; the LoRA kernel wants inputs of a multiple of 8), with the AMX GEMM beyond it
+        where :func:`kernels.small_rows_linear` sends those rows there; fp32 with the panel GEMM."""
         fused, lora_lib = cpu_fused.library(), lora_cpu.library()
         if fused is None or lora_lib is None:
             return None
@@ -243,13 +249,19 @@ class PlannedLayers:
             if panel is None:
                 return None
             return (panel.gemm_f32, fused.rms_norm_f32, fused.residual_norm_f32, fused.attention_prep_f32,
-                    lora_lib.lora_fp32), cpu_fused.MAX_ROWS
+                    lora_lib.lora_fp32), cpu_fused.MAX_ROWS, (None, cpu_fused.MAX_ROWS)
         kernel = _gemv_kernel(runner.gemm, widths)
         gemv = None if kernel is None or runner.dtype != torch.bfloat16 else cpu_gemv.library(kernel)
         if kernel is None or gemv is None or any(k % kernel.k_multiple for k in widths):
             return None
-        return (gemv.gemv_bf16, fused.rms_norm_bf16, fused.residual_norm_bf16, fused.attention_prep_bf16,
-                lora_lib.lora_bf16), kernel.max_rows
+        fns = (gemv.gemv_bf16, fused.rms_norm_bf16, fused.residual_norm_bf16, fused.attention_prep_bf16,
+               lora_lib.lora_bf16)
+        amx = amx_gemm.library() if runner.gemm is kernels.small_rows_linear else None
+        hidden, qw, inter = widths
+        outs = (qw + 2 * runner.kv_heads * runner.head_dim, hidden, 2 * inter)
+        if amx is not None and not any(w % amx_gemm.MULTIPLE for w in (*widths, *outs)):
+            return fns, amx_gemm.MAX_ROWS, (ctypes.cast(amx.amx_gemm_bf16, ctypes.c_void_p).value, kernel.max_rows)
+        return fns, kernel.max_rows, (None, kernel.max_rows)
 
     @staticmethod
     def _lora_modules(runner: "ModelRunner", i: int) -> list["LoraLinear"] | None:

@@ -58,32 +58,37 @@ def _counting(r):
     return calls
 
 
-@pytest.mark.parametrize("gemm", ["auto", "upcast"])
-def test_a_planned_layer_writes_the_python_paths_kv_and_stays_as_close_to_fp32(tiny_base, gemm, monkeypatch):
-    """Teacher-forced decode of both rows for 12 steps: every step's K/V of layer 0 (its inputs
+@pytest.mark.parametrize("gemm,rows", [("auto", 2), ("upcast", 2), ("amx", 9)])
+def test_a_planned_layer_writes_the_python_paths_kv_and_stays_as_close_to_fp32(tiny_base, gemm, rows, monkeypatch):
+    """Teacher-forced decode of the rows for 12 steps: every step's K/V of layer 0 (its inputs
     are the same) is bitwise the Python path's, and the planned logits are no further from fp32
     arithmetic on the same bf16 weights than the Python path's (attention and GELU in C). With
-    ``auto``'s GEMM here, and with ``kernels.upcast_linear`` (the AVX-512 or AVX2 GEMV's, which
-    hosts without native bf16 pick) forced."""
+    ``auto``'s GEMM here, with ``kernels.upcast_linear`` (the AVX-512 or AVX2 GEMV's, which
+    hosts without native bf16 pick) forced, and on AMX hosts at nine rows, which the planned
+    layer's AMX GEMM takes (the GEMV takes 1-4)."""
     from adapterctl.basemodel import load_model
-    from adapterctl.server.engine import cpu_gemv, kernels, runner
+    from adapterctl.server.engine import amx_gemm, cpu_gemv, kernels, runner
 
+    if gemm == "amx" and (amx_gemm.library() is None or not kernels.native_bf16()):
+        pytest.skip("no AMX bf16 GEMM here")
     if gemm == "upcast":
         if cpu_gemv.library(cpu_gemv.AVX2) is None:
             pytest.skip("no AVX2 bf16 GEMV here")
         monkeypatch.setattr(runner, "pick_gemm", lambda *a: kernels.upcast_linear)
-    planned, python = _runner(tiny_base), _runner(tiny_base, planned_layers=False)
+    planned, python = _runner(tiny_base, rows=rows), _runner(tiny_base, rows=rows, planned_layers=False)
     if gemm == "upcast":
         assert planned.planned.max_rows == min(cpu_gemv.upcast_kernel().max_rows, 256 // planned.num_heads)
+    if gemm == "amx":
+        assert planned.planned.max_rows == amx_gemm.MAX_ROWS and planned.planned.plan.gemm
     monkeypatch.undo()  # the fp32 reference keeps its own GEMM
     # fp32 arithmetic on the same bf16-rounded weights
-    ref = _runner(tiny_base, dtype="float32", model=load_model(tiny_base, "cpu", "bfloat16").float())
+    ref = _runner(tiny_base, dtype="float32", rows=rows, model=load_model(tiny_base, "cpu", "bfloat16").float())
     calls = _counting(planned)
     err_planned = err_python = 0.0
     for step in range(12):
-        pos = [len(p) + step for p in PROMPTS[:2]]
-        tokens = [100 + 7 * step, 900 + 3 * step]
-        got, want, exact = (_decode(r, 2, pos, tokens) for r in (planned, python, ref))
+        pos = [len(p) + step for p in PROMPTS[:rows]]
+        tokens = [100 + 7 * step, 900 + 3 * step, *(200 + 5 * step + 40 * i for i in range(rows - 2))]
+        got, want, exact = (_decode(r, rows, pos, tokens) for r in (planned, python, ref))
         for row, p in enumerate(pos):
             assert torch.equal(planned.kv.k[0][row, :, p], python.kv.k[0][row, :, p])
             assert torch.equal(planned.kv.v[0][row, :, p], python.kv.v[0][row, :, p])
