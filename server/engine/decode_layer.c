@@ -305,16 +305,105 @@ static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, con
     return 0;
 }
 
+/* One unit of attend_bf16: PER query heads (fp32 rows qf + e * d) of one KV group against its m
+   keys and values (bf16 rows kb, vb, stride c_pos), scores into s + e * span, output rows out +
+   e * d (bf16). Each K and V row is converted once for the PER heads: two keys at a time into
+   2 * PER accumulators, each key's q . k in one FMA chain as scores_bf16 sums it; the softmax's
+   e^x eight at a time (exp8); V sixteen lanes at a time into 2 * PER accumulators over every key
+   (each a product, then a sum, in key order). d a multiple of 16. */
+#define ATTEND_UNIT(PER)                                                                                           \
+    static void attend_unit_x##PER(const float *qf, const uint16_t *kb, const uint16_t *vb, long c_pos, long m,   \
+                                   long d, float scale, float *s, long span, uint16_t *out) {                     \
+        long j = 0;                                                                                                \
+        for (; j + 2 <= m; j += 2) {                                                                               \
+            const uint16_t *k0 = kb + j * c_pos, *k1 = k0 + c_pos;                                                 \
+            __m256 a0[PER], a1[PER];                                                                               \
+            for (int e = 0; e < PER; e++) a0[e] = a1[e] = _mm256_setzero_ps();                                     \
+            for (long i = 0; i < d; i += 8) {                                                                      \
+                if (!(i & 31)) { /* a line of the keys two steps on, and of these keys' values for below */       \
+                    _mm_prefetch((const char *)(k0 + 4 * c_pos + i), _MM_HINT_T0);                                \
+                    _mm_prefetch((const char *)(k1 + 4 * c_pos + i), _MM_HINT_T0);                                \
+                    _mm_prefetch((const char *)(vb + j * c_pos + i), _MM_HINT_T1);                                \
+                    _mm_prefetch((const char *)(vb + (j + 1) * c_pos + i), _MM_HINT_T1);                          \
+                }                                                                                                  \
+                const __m256 x0 = load8_bf16(k0 + i), x1 = load8_bf16(k1 + i);                                     \
+                for (int e = 0; e < PER; e++) {                                                                    \
+                    const __m256 qv = _mm256_loadu_ps(qf + e * d + i);                                             \
+                    a0[e] = _mm256_fmadd_ps(qv, x0, a0[e]);                                                        \
+                    a1[e] = _mm256_fmadd_ps(qv, x1, a1[e]);                                                        \
+                }                                                                                                  \
+            }                                                                                                      \
+            for (int e = 0; e < PER; e++) {                                                                        \
+                s[e * span + j] = hsum8(a0[e]) * scale;                                                            \
+                s[e * span + j + 1] = hsum8(a1[e]) * scale;                                                        \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (; j < m; j++)                                                                                         \
+            for (int e = 0; e < PER; e++) scores_bf16(qf + e * d, kb + j * c_pos, c_pos, 1, d, scale, s + e * span + j); \
+        float sum[PER];                                                                                            \
+        for (int e = 0; e < PER; e++) sum[e] = softmax_weights(s + e * span, m);                                   \
+        for (long i = 0; i < d; i += 16) {                                                                         \
+            __m256 a0[PER], a1[PER];                                                                               \
+            for (int e = 0; e < PER; e++) a0[e] = a1[e] = _mm256_setzero_ps();                                     \
+            for (long jj = 0; jj < m; jj++) {                                                                      \
+                const uint16_t *vr = vb + jj * c_pos + i;                                                          \
+                const __m256 v0 = load8_bf16(vr), v1 = load8_bf16(vr + 8);                                         \
+                for (int e = 0; e < PER; e++) {                                                                    \
+                    const __m256 w = _mm256_broadcast_ss(s + e * span + jj);                                       \
+                    a0[e] = _mm256_add_ps(a0[e], _mm256_mul_ps(w, v0));                                            \
+                    a1[e] = _mm256_add_ps(a1[e], _mm256_mul_ps(w, v1));                                            \
+                }                                                                                                  \
+            }                                                                                                      \
+            for (int e = 0; e < PER; e++) {                                                                        \
+                const __m256 inv = _mm256_set1_ps(sum[e]);                                                         \
+                store8_bf16(out + e * d + i, _mm256_div_ps(a0[e], inv));                                           \
+                store8_bf16(out + e * d + i + 8, _mm256_div_ps(a1[e], inv));                                       \
+            }                                                                                                      \
+        }                                                                                                          \
+    }
+
+/* s[0..m-1] (scores) -> the softmax weights each rounded to bf16 (the weights V sees); returns the
+   sum of the unrounded ones. e^x eight at a time (exp8). */
+static float softmax_weights(float *s, long m) {
+    float top = -INFINITY;
+    for (long j = 0; j < m; j++) top = s[j] > top ? s[j] : top;
+    __m256 total = _mm256_setzero_ps();
+    const __m256 t = _mm256_set1_ps(top);
+    long j = 0;
+    for (; j + 8 <= m; j += 8) {
+        const __m256 w = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), t));
+        total = _mm256_add_ps(total, w);
+        _mm256_storeu_ps(s + j, bf16_of8(round8(w)));
+    }
+    float sum = hsum8(total);
+    for (; j < m; j++) {
+        float lanes[8] = {s[j] - top}, w[8];
+        _mm256_storeu_ps(w, exp8(_mm256_loadu_ps(lanes)));
+        sum += w[0];
+        s[j] = bf16_to_float(to_bf16(w[0]));
+    }
+    return sum;
+}
+
+static inline void store8_bf16(uint16_t *p, __m256 v) {
+    const __m256i r = _mm256_srli_epi32(round8(v), 16);
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+ATTEND_UNIT(1)
+ATTEND_UNIT(2)
+ATTEND_UNIT(4)
+
 /* attend_bf16_heads' attention (each softmax weight rounded to bf16 before it weighs V, the output
-   rounded once) with a token's query heads of one KV group together, so each K/V row is read and
-   converted once for them, eight lanes at a time (at fewer tokens x groups than threads, each
-   head apart); q . k sums in four FMA chains, so a score may differ from attend_bf16_heads' in the
-   last fp32 bits. Where d is not a multiple of 8 or group * d > MAX_GD, attend_bf16_heads. (At 64
-   rows of Gemma 3 270M the per-head version was ~15 % of a bf16 step.) */
+   rounded once) by units of one token's query heads of one KV group (attend_unit_x4 for four of
+   them, x2, x1 for the rest; at fewer tokens x groups than threads, each head apart), so each K/V
+   row is read and converted once per unit; q . k in one FMA chain per key and e^x from exp8, so a
+   weight may differ from attend_bf16_heads' in the last bits. Where d is not a multiple of 16 or
+   group * d > MAX_GD, attend_bf16_heads. (At 64 rows of Gemma 3 270M the per-head version was
+   ~15 % of a bf16 step.) */
 static int attend_bf16(const Plan *p, const Layer *l, long n, const uint16_t *q, const int64_t *rows,
                        const int64_t *pos, uint16_t *out, int threads) {
     const long heads = p->heads, d = p->d, kvh = p->kvh, group = heads / kvh;
-    if (d % 8 || group * d > MAX_GD) return attend_bf16_heads(p, l, n, q, rows, pos, out, threads);
+    if (d % 16 || group * d > MAX_GD) return attend_bf16_heads(p, l, n, q, rows, pos, out, threads);
     const long split = n * kvh < threads ? group : 1, per = group / split;
     long span;
     float *scores = score_rows(n, heads, pos, &span);
@@ -325,40 +414,18 @@ static int attend_bf16(const Plan *p, const Layer *l, long n, const uint16_t *q,
         const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
         const uint16_t *kb = (const uint16_t *)l->kc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
         const uint16_t *vb = (const uint16_t *)l->vc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
-        float qf[MAX_GD] __attribute__((aligned(32))), acc[MAX_GD] __attribute__((aligned(32))), sum[MAX_GD / 8];
-        for (long i = 0; i < per * d; i++) {
-            qf[i] = bf16_to_float(q[(t * heads + h0) * d + i]);
-            acc[i] = 0.0f;
-        }
-        for (long e = 0; e < per; e++) {
-            float *s = scores + (t * heads + h0 + e) * span, top = -INFINITY;
-            scores_bf16(qf + e * d, kb, l->c_pos, hi - lo, d, l->scale, s);
-            for (long j = 0; j < hi - lo; j++) top = s[j] > top ? s[j] : top;
-            sum[e] = 0.0f;
-            for (long j = 0; j < hi - lo; j++) {
-                const float w = expf(s[j] - top);
-                sum[e] += w;
-                s[j] = bf16_to_float(to_bf16(w)); /* the weight V sees */
-            }
-        }
-        for (long j = 0; j < hi - lo; j++) { /* each V row once for the unit's heads */
-            const uint16_t *vr = vb + j * l->c_pos;
-            for (long i = 0; i < d; i += 8) {
-                const __m256 v = load8_bf16(vr + i);
-                for (long e = 0; e < per; e++) {
-                    const __m256 w = _mm256_set1_ps(scores[(t * heads + h0 + e) * span + j]);
-                    float *ae = acc + e * d + i;
-                    _mm256_store_ps(ae, _mm256_add_ps(_mm256_load_ps(ae), _mm256_mul_ps(w, v)));
-                }
-            }
-        }
-        for (long e = 0; e < per; e++) {
-            const __m256 inv = _mm256_set1_ps(sum[e]);
-            for (long i = 0; i < d; i += 8) {
-                const __m256i r = _mm256_srli_epi32(round8(_mm256_div_ps(_mm256_load_ps(acc + e * d + i), inv)), 16);
-                _mm_storeu_si128((__m128i *)(out + (t * heads + h0 + e) * d + i),
-                                 _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
-            }
+        float qf[MAX_GD] __attribute__((aligned(32)));
+        for (long i = 0; i < per * d; i++) qf[i] = bf16_to_float(q[(t * heads + h0) * d + i]);
+        for (long e = 0; e < per;) {
+            const long th = t * heads + h0 + e, left = per - e;
+            float *sc = scores + th * span;
+            if (left >= 4)
+                attend_unit_x4(qf + e * d, kb, vb, l->c_pos, hi - lo, d, l->scale, sc, span, out + th * d);
+            else if (left >= 2)
+                attend_unit_x2(qf + e * d, kb, vb, l->c_pos, hi - lo, d, l->scale, sc, span, out + th * d);
+            else
+                attend_unit_x1(qf + e * d, kb, vb, l->c_pos, hi - lo, d, l->scale, sc, span, out + th * d);
+            e += left >= 4 ? 4 : left >= 2 ? 2 : 1;
         }
     }
     free(scores);
