@@ -5,6 +5,12 @@ and :meth:`StopTextStream.finish` equals :attr:`StopTextStream.text`, which is t
 decoded completion cut before the first stop sequence. Text that might still turn
 into a stop sequence (a suffix that is a prefix of one) or an incomplete UTF-8
 character is held back until it cannot.
+
+A push decodes only a window of the latest tokens, with a few tokens before them as
+context (the offsets vLLM and TGI use): decoding every id so far cost each push time in
+the length of the completion, ~30 us at 40 tokens of Gemma 3 (~2 ms a step at 64 rows)
+and growing. Where the context's text is not a prefix of the window's (a tokenizer that
+rewrites across the boundary) it decodes everything, as before.
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ class StopTextStream:
         self._emitted = 0  # characters of the decoded text already returned
         self._text = ""
         self.stopped = False
+        # ids[:read] decode to committed (complete characters); ids[prefix:read] are the window's context
+        self._prefix = self._read = 0
+        self._committed = self._context = ""
 
     @property
     def token_ids(self) -> list[int]:
@@ -39,7 +48,7 @@ class StopTextStream:
         if self.stopped:
             return ""
         self._ids.extend(token_ids)
-        full = self._tok.decode(self._ids, skip_special_tokens=True)
+        full = self._decoded()
         cut = self._first_stop(full)
         if cut is not None:
             self.stopped = True
@@ -47,6 +56,19 @@ class StopTextStream:
             return self._take(cut)
         self._text = full
         return self._take(len(full) - self._holdback(full))
+
+    def _decoded(self) -> str:
+        """The text of every id so far, from a window after the committed text."""
+        window = self._tok.decode(self._ids[self._prefix:], skip_special_tokens=True)
+        if not window.startswith(self._context):
+            full = self._tok.decode(self._ids, skip_special_tokens=True)
+            self._prefix, self._read, self._committed, self._context = 0, 0, "", ""
+        else:
+            full = self._committed + window[len(self._context):]
+        if not full.endswith(_REPLACEMENT):  # complete characters: commit, the new tokens become the context
+            self._context = self._tok.decode(self._ids[self._read:], skip_special_tokens=True)
+            self._prefix, self._read, self._committed = self._read, len(self._ids), full
+        return full
 
     def finish(self) -> str:
         """The remaining text once generation has ended (nothing is held back any more)."""
