@@ -19,8 +19,8 @@ runs bf16 natively (AVX512-BF16, with or without AMX), 1-4 rows go to the AVX512
 :mod:`cpu_gemv` instead (:func:`small_rows_linear`), which streams the weights faster than
 oneDNN's GEMM does at those sizes (a one-row bf16 step 1.3x faster on Zen 4, 1.5x on an AMX
 Xeon, with the planned layers it enables), and on AMX hosts 5-64 rows go to the AMX GEMM of
-:mod:`amx_gemm` on the same plain rows (the 18 layers' GEMMs of Gemma 3 270M 1.09-1.26x faster
-than oneDNN's at 5-32 rows, 1.03x at 64, 0.83x at 256, so more rows keep oneDNN).
+:mod:`amx_gemm` on the same plain rows (the 18 layers' GEMMs of Gemma 3 270M 1.25-1.34x faster
+than oneDNN's at 5-32 rows, 1.11x at 64, 1.04x at 128, 0.94x at 256, so more rows keep oneDNN).
 """
 from __future__ import annotations
 
