@@ -258,6 +258,21 @@ static float *score_rows(long n, long heads, const int64_t *pos, long *span) {
     return malloc(sizeof(float) * (size_t)(n * heads * *span));
 }
 
+/* Unit u of a grouped attention (units: n tokens x kvh groups x split parts of a group, per heads
+   each): its token t, KV group g, first query head h0, and the element offset `at` of its first
+   key and value (position lo) in the layer's caches; keys lo .. hi - 1 (the sliding window's). */
+typedef struct {
+    long t, g, h0, lo, hi, at;
+} Unit;
+static inline Unit unit_of(const Layer *l, long u, long kvh, long split, long group, long per, const int64_t *rows,
+                           const int64_t *pos) {
+    Unit x;
+    x.t = u / (kvh * split), x.g = (u / split) % kvh, x.h0 = x.g * group + (u % split) * per;
+    x.hi = pos[x.t] + 1, x.lo = l->window > 0 && x.hi > l->window ? x.hi - l->window : 0;
+    x.at = rows[x.t] * l->c_row + x.g * l->c_head + x.lo * l->c_pos;
+    return x;
+}
+
 /* fp32 attention as attend_bf16, without its roundings (scores, weights, sums and the output
    in fp32, products fused into FMAs), a token's query heads of one KV group together so each
    K/V row is read once for them (at fewer tokens x groups than threads, each head apart).
@@ -273,10 +288,9 @@ static int attend_f32(const Plan *p, const Layer *l, long n, const float *q, con
     if (!scores) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long u = 0; u < n * kvh * split; u++) {
-        const long t = u / (kvh * split), g = (u / split) % kvh, h0 = g * group + (u % split) * per;
-        const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
-        const float *kb = (const float *)l->kc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
-        const float *vb = (const float *)l->vc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
+        const Unit x = unit_of(l, u, kvh, split, group, per, rows, pos);
+        const long t = x.t, h0 = x.h0, hi = x.hi, lo = x.lo;
+        const float *kb = (const float *)l->kc + x.at, *vb = (const float *)l->vc + x.at;
         float acc[MAX_GD] __attribute__((aligned(32))), top[MAX_GD / 8], sum[MAX_GD / 8];
         for (long i = 0; i < per * d; i++) acc[i] = 0.0f;
         for (long e = 0; e < per; e++) {
@@ -410,10 +424,9 @@ static int attend_bf16(const Plan *p, const Layer *l, long n, const uint16_t *q,
     if (!scores) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long u = 0; u < n * kvh * split; u++) {
-        const long t = u / (kvh * split), g = (u / split) % kvh, h0 = g * group + (u % split) * per;
-        const long hi = pos[t] + 1, lo = l->window > 0 && hi > l->window ? hi - l->window : 0;
-        const uint16_t *kb = (const uint16_t *)l->kc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
-        const uint16_t *vb = (const uint16_t *)l->vc + rows[t] * l->c_row + g * l->c_head + lo * l->c_pos;
+        const Unit x = unit_of(l, u, kvh, split, group, per, rows, pos);
+        const long t = x.t, h0 = x.h0, hi = x.hi, lo = x.lo;
+        const uint16_t *kb = (const uint16_t *)l->kc + x.at, *vb = (const uint16_t *)l->vc + x.at;
         float qf[MAX_GD] __attribute__((aligned(32)));
         for (long i = 0; i < per * d; i++) qf[i] = bf16_to_float(q[(t * heads + h0) * d + i]);
         for (long e = 0; e < per;) {
